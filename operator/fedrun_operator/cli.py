@@ -1,0 +1,174 @@
+"""The ``fedrun`` command: one entry point, a subcommand per job.
+
+- ``fedrun render FILE``: the Kubernetes manifests for a FederatedRun (a review aid for GitOps)
+- ``fedrun local FILE --out DIR``: run the FederatedRun on this machine as local processes
+- ``fedrun server`` / ``fedrun client``: what the server and hospital pods run
+- ``fedrun budget FILE``: the noise multiplier and ε per round each hospital will get
+- ``fedrun demo-data DIR``: synthetic (or real, split) hospital files for the demo
+
+Heavy imports (torch, Flower) happen inside the subcommands that need them, so the
+operator image and ``fedrun render`` work without the trainer extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedrun_operator.logs import setup_logging
+
+
+def _render(args: argparse.Namespace) -> int:
+    from fedrun_operator.api import load_run
+    from fedrun_operator.render import render_run, to_yaml
+
+    sys.stdout.write(to_yaml(render_run(load_run(Path(args.file)))))
+    return 0
+
+
+def _local(args: argparse.Namespace) -> int:
+    from fedrun_operator.local import LocalOptions, run_local
+
+    return run_local(
+        LocalOptions(
+            file=Path(args.file),
+            out=Path(args.out),
+            data_dir=Path(args.data_dir) if args.data_dir else None,
+            progress=not args.no_progress,
+            timeout_s=args.timeout,
+        )
+    )
+
+
+def _server(args: argparse.Namespace) -> int:
+    from fedrun_trainer.server import ServerOptions, main_server
+
+    return main_server(
+        ServerOptions(
+            config=args.config,
+            state_dir=Path(args.state_dir),
+            fleet_port=args.fleet_port,
+            status_port=args.status_port,
+            host=args.host,
+        )
+    )
+
+
+def _client(args: argparse.Namespace) -> int:
+    from fedrun_trainer.client import ClientOptions, run_client
+
+    return run_client(
+        ClientOptions(
+            config=args.config,
+            hospital=args.hospital,
+            server=args.server,
+            state_dir=Path(args.state_dir),
+            server_lost_timeout_s=args.server_lost_timeout,
+            termination_log=Path(args.termination_log) if args.termination_log else None,
+        )
+    )
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from fedrun_trainer.synthetic import split_real_stroke, write_demo_hospitals
+
+    out = Path(args.dir)
+    if args.real:
+        real = Path(args.real)
+        if not real.is_file():
+            sys.stderr.write(f"fedrun: {real}: no such file (the Kaggle stroke CSV)\n")
+            return 2
+        paths = split_real_stroke(real, out, seed=args.seed)
+        kind = f"the real data in {real}, split by label skew"
+    else:
+        paths = write_demo_hospitals(out, seed=args.seed)
+        kind = "SYNTHETIC stroke-like records (not real patients)"
+    for name, path in sorted(paths.items()):
+        sys.stdout.write(f"{name}: {path}\n")
+    sys.stdout.write(f"wrote {len(paths)} hospital files: {kind}\n")
+    return 0
+
+
+def _budget(args: argparse.Namespace) -> int:
+    from fedrun_operator.budget import print_budget
+
+    return print_budget(Path(args.file), rows=args.rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="fedrun", description="Privacy-preserving federated learning across hospitals."
+    )
+    parser.add_argument("--log-format", choices=["json", "text"], default=None,
+                        help="log format (default: json, text for `fedrun local`)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("render", help="print the Kubernetes manifests for a FederatedRun")
+    p.add_argument("file", help="FederatedRun YAML")
+    p.set_defaults(func=_render)
+
+    p = sub.add_parser("local", help="run a FederatedRun on this machine, no cluster")
+    p.add_argument("file", help="FederatedRun YAML")
+    p.add_argument("--out", default="out/local", help="output directory (default: out/local)")
+    p.add_argument("--data-dir", default=None,
+                   help="read each hospital's data from DIR/<hospital>.csv (or .parquet) "
+                        "instead of its dataUri")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines, no live bar")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="give up after this many seconds (default: from the spec)")
+    p.set_defaults(func=_local)
+
+    p = sub.add_parser("server", help="the server pod: Flower SuperLink + run driver")
+    p.add_argument("--config", required=True, help="the run's config.json (from its ConfigMap)")
+    p.add_argument("--state-dir", default="/var/lib/fedrun")
+    p.add_argument("--fleet-port", type=int, default=9092)
+    p.add_argument("--status-port", type=int, default=9100)
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.set_defaults(func=_server)
+
+    p = sub.add_parser("client", help="a hospital pod: Flower SuperNode + wrapper")
+    p.add_argument("--config", required=True)
+    p.add_argument("--hospital", required=True)
+    p.add_argument("--server", required=True, help="host:port of the server's fleet API")
+    p.add_argument("--state-dir", default="/var/lib/fedrun")
+    p.add_argument("--server-lost-timeout", type=float, default=300.0,
+                   help="exit 3 after the server is unreachable this long (seconds)")
+    p.add_argument("--termination-log", default=None,
+                   help="write the final message here (e.g. /dev/termination-log)")
+    p.set_defaults(func=_client)
+
+    p = sub.add_parser("demo-data", help="write demo hospital files (synthetic, or a real split)")
+    p.add_argument("dir", help="directory for <hospital>.csv files")
+    p.add_argument("--real", default=None,
+                   help="split this Kaggle stroke CSV into 3 hospitals instead of synthesising")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("budget", help="noise multiplier and ε per round for each hospital")
+    p.add_argument("file", help="FederatedRun YAML")
+    p.add_argument("--rows", type=int, default=None,
+                   help="training rows per hospital (default: read each hospital's data)")
+    p.set_defaults(func=_budget)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedrun`` console script."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_format or ("text" if args.command in ("local", "budget") else "json"))
+    from fedrun_operator.api import SpecError
+
+    try:
+        code: int = args.func(args)
+    except SpecError as err:
+        sys.stderr.write(f"fedrun: invalid FederatedRun: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What runs in fedrun's pods: the Flower server and hospital apps, data, model, DP-SGD."""

@@ -1,0 +1,486 @@
+"""The ServerApp's round loop: who trains, what comes back, when the run ends.
+
+It talks to hospitals only through Flower's public ``Grid`` (push/pull with a short
+poll instead of ``send_and_receive``'s 3 s one), attributes every reply to a hospital
+by name (a restarted hospital comes back with a new node id), accounts each hospital's
+ε on its own from (σ, q, steps), and stops with ``BudgetExhausted`` rather than let a
+round take a hospital over its target.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedrun_trainer import protocol
+from fedrun_trainer.protocol import HospitalReply, Outcome
+from fedrun_trainer.run_state import RoundRecord, RunState, now_rfc3339
+
+log = logging.getLogger("fedrun.server")
+
+Weights = list[np.ndarray]
+POLL_S = 0.05
+NODE_REFRESH_S = 1.0
+TRAIN_TTL_S = 3600.0
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    """The parts of the spec the round loop needs."""
+
+    rounds: int
+    min_hospitals: int
+    round_timeout_s: float
+    join_grace_s: float
+    privacy_enabled: bool
+    target_epsilon: float | None
+    delta: float
+    accountant: str
+
+
+def decode_reply(msg: Message) -> HospitalReply | None:
+    """The hospital's reply, or ``None`` when Flower delivered an error instead."""
+    if msg.has_error():
+        return None
+    info = msg.content.config_records.get(protocol.INFO)
+    if info is None:
+        return None
+    metric = msg.content.metric_records
+
+    def numbers(key: str) -> dict[str, float]:
+        rec = metric.get(key)
+        return {k: float(v) for k, v in rec.items()} if rec is not None else {}  # type: ignore[arg-type]
+
+    return HospitalReply(
+        hospital=str(info["hospital"]),
+        outcome=Outcome(str(info["outcome"])),
+        message=str(info.get("message", "")),
+        incarnation=str(info.get("incarnation", "")),
+        metrics=numbers(protocol.METRICS),
+        evaluation=numbers(protocol.EVAL),
+        privacy=numbers(protocol.PRIVACY),
+        weights=(
+            msg.content.array_records[protocol.WEIGHTS].to_numpy_ndarrays()
+            if protocol.WEIGHTS in msg.content.array_records
+            else None
+        ),
+    )
+
+
+def weighted_mean(values: Iterable[tuple[float | None, float]]) -> float | None:
+    """Mean of ``(value, weight)`` pairs, skipping missing values; ``None`` if nothing is left."""
+    pairs = [(v, w) for v, w in values if v is not None and w > 0]
+    total = sum(w for _, w in pairs)
+    return None if total == 0 else sum(v * w for v, w in pairs) / total
+
+
+def aggregate_evaluation(per_hospital: dict[str, dict[str, float]]) -> dict[str, float | None]:
+    """Example-weighted means of each hospital's held-out metrics."""
+    keys = ("loss", "auroc", "auprc", "accuracy")
+    out: dict[str, float | None] = {}
+    for key in keys:
+        out[key] = weighted_mean(
+            (ev.get(key), ev.get("num_examples", 0.0)) for ev in per_hospital.values()
+        )
+    return out
+
+
+class Coordinator:
+    """Drives one run over a Flower ``Grid``; state changes are published via ``publish``."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        state: RunState,
+        settings: CoordinatorSettings,
+        aggregate: Callable[[Weights, list[tuple[Weights, int]]], Weights],
+        epsilon_of: Callable[[list[tuple[float, float, int]]], float],
+        publish: Callable[[RunState], None],
+        on_round: Callable[[RunState, RoundRecord], None] | None = None,
+    ) -> None:
+        self.grid = grid
+        self.state = state
+        self.settings = settings
+        self.aggregate = aggregate
+        self.epsilon_of = epsilon_of
+        self.publish = publish
+        self.on_round = on_round
+        self._node_hospital: dict[int, str] = {}
+        self._dead_nodes: set[int] = set()
+        self._last_refresh = 0.0
+
+    # -- nodes ------------------------------------------------------------------------
+    def _send(
+        self, node_id: int, message_type: str, content: RecordDict, ttl: float = TRAIN_TTL_S
+    ) -> str:
+        msg = Message(content=content, dst_node_id=node_id, message_type=message_type, ttl=ttl)
+        return next(iter(self.grid.push_messages([msg])))
+
+    def refresh_nodes(self, force: bool = False) -> None:
+        """Greet nodes that appeared since last time and attribute them to hospitals."""
+        if not force and time.monotonic() - self._last_refresh < NODE_REFRESH_S:
+            return
+        self._last_refresh = time.monotonic()
+        current = set(self.grid.get_node_ids())
+        for node_id, hospital in list(self._node_hospital.items()):
+            if node_id not in current:
+                self._dead_nodes.add(node_id)
+                h = self.state.hospitals.get(hospital)
+                if h is not None and h.node_id == node_id and h.state not in ("Done", "Failed"):
+                    h.state, h.node_id = "Pending", None
+                    h.message = "lost connection; waiting for the hospital to rejoin"
+                    self.publish(self.state)
+        new = [n for n in current if n not in self._node_hospital and n not in self._dead_nodes]
+        if not new:
+            return
+        ids = {self._send(n, protocol.HELLO, RecordDict(), ttl=60.0): n for n in new}
+        for reply_msg in self._collect(list(ids), timeout_s=30.0):
+            node_id = reply_msg.metadata.src_node_id
+            reply = decode_reply(reply_msg)
+            if reply is None:
+                self._dead_nodes.add(node_id)
+                continue
+            self._node_hospital[node_id] = reply.hospital
+            self._attach(node_id, reply)
+        for node_id in new:
+            if node_id not in self._node_hospital:
+                self._dead_nodes.add(node_id)  # never answered: ignore, it can reconnect
+
+    def _attach(self, node_id: int, reply: HospitalReply) -> None:
+        h = self.state.hospitals.get(reply.hospital)
+        if h is None:
+            log.warning("node %s says it is unknown hospital %r; ignored", node_id, reply.hospital)
+            return
+        if h.incarnation and reply.incarnation != h.incarnation:
+            h.restarts += 1
+            log.info("hospital %s rejoined (restart %d)", h.name, h.restarts)
+        h.incarnation = reply.incarnation
+        h.node_id = node_id
+        h.num_train = int(reply.metrics.get("num_train", h.num_train))
+        h.num_test = int(reply.metrics.get("num_test", h.num_test))
+        h.num_features = int(reply.metrics.get("num_features", h.num_features))
+        if reply.outcome is Outcome.FAILED:
+            self._fail_hospital(h.name, reply.message)
+        elif h.state in ("Pending", "Connected"):
+            h.state, h.message = "Connected", ""
+        self.publish(self.state)
+
+    def _fail_hospital(self, name: str, message: str) -> None:
+        h = self.state.hospitals[name]
+        h.state, h.message = "Failed", message
+        log.error("hospital %s failed: %s", name, message)
+
+    def _collect(self, message_ids: list[str], timeout_s: float) -> list[Message]:
+        got: dict[str, Message] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(got) < len(message_ids) and time.monotonic() < deadline:
+            for m in self.grid.pull_messages([i for i in message_ids if i not in got]):
+                got[m.metadata.reply_to_message_id] = m
+            if len(got) < len(message_ids):
+                time.sleep(POLL_S)
+        return list(got.values())
+
+    def connected(self) -> list[str]:
+        """Hospitals that have a live node and can still train."""
+        return [n for n, h in self.state.hospitals.items() if h.node_id is not None and h.active]
+
+    def wait_for_hospitals(self) -> bool:
+        """Wait until every hospital joined, or ``minHospitals`` did and the grace ran out."""
+        start = time.monotonic()
+        hard = start + self.settings.round_timeout_s
+        while True:
+            self.refresh_nodes(force=True)
+            ready = self.connected()
+            alive = [h for h in self.state.hospitals.values() if h.state != "Failed"]
+            elapsed = time.monotonic() - start
+            if len(ready) == len(alive) and len(ready) >= self.settings.min_hospitals:
+                return True
+            if len(ready) >= self.settings.min_hospitals and elapsed >= self.settings.join_grace_s:
+                return True
+            if len(alive) < self.settings.min_hospitals:
+                return False
+            if time.monotonic() >= hard:
+                return False
+            self.state.message = (
+                f"waiting for hospitals: {len(ready)}/{len(self.state.hospitals)} connected, "
+                f"{self.settings.min_hospitals} needed"
+            )
+            self.publish(self.state)
+            time.sleep(0.2)
+
+    # -- privacy ----------------------------------------------------------------------
+    def can_afford_round(self, name: str) -> bool:
+        """Server-side budget check from (σ, q, steps): would one more round overspend?"""
+        h = self.state.hospitals[name]
+        target = self.settings.target_epsilon
+        if not self.settings.privacy_enabled or target is None or h.steps_per_round == 0:
+            return True
+        projected = self.epsilon_of(
+            [*h.history, (h.noise_multiplier, h.sample_rate, h.steps_per_round)]
+        )
+        return projected <= target + 1e-9
+
+    def _record_privacy(self, name: str, privacy: dict[str, float]) -> None:
+        h = self.state.hospitals[name]
+        if not privacy:
+            return
+        h.epsilon_reported = max(h.epsilon_reported, privacy.get("epsilon", 0.0))
+        sigma, q = privacy.get("noise_multiplier", 0.0), privacy.get("sample_rate", 0.0)
+        steps = int(privacy.get("steps", 0))
+        if steps > 0 and sigma > 0:
+            h.noise_multiplier, h.sample_rate, h.steps_per_round = sigma, q, steps
+            h.history.append((sigma, q, steps))
+            h.epsilon_accounted = self.epsilon_of(h.history)
+        elif sigma > 0:
+            h.noise_multiplier = sigma
+            h.sample_rate = q
+            h.steps_per_round = int(privacy.get("steps_per_round", h.steps_per_round))
+
+    # -- rounds -----------------------------------------------------------------------
+    def _train_content(
+        self, weights: Weights, server_round: int, evaluate_first: bool
+    ) -> RecordDict:
+        return RecordDict(
+            {
+                protocol.WEIGHTS: ArrayRecord(weights),
+                protocol.CONFIG: ConfigRecord(
+                    {"server_round": server_round, "evaluate_first": evaluate_first}
+                ),
+            }
+        )
+
+    def _exchange(
+        self, names: list[str], message_type: str, content: RecordDict, timeout_s: float
+    ) -> dict[str, HospitalReply]:
+        """Send to each named hospital, re-sending to a hospital that rejoined meanwhile."""
+        pending: dict[str, tuple[int, str]] = {}
+        for name in names:
+            node = self.state.hospitals[name].node_id
+            if node is not None:
+                pending[name] = (node, self._send(node, message_type, content))
+        replies: dict[str, HospitalReply] = {}
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            by_id = {mid: name for name, (_, mid) in pending.items()}
+            for msg in self.grid.pull_messages(list(by_id)):
+                name = by_id[msg.metadata.reply_to_message_id]
+                reply = decode_reply(msg)
+                del pending[name]
+                if reply is None:
+                    err = msg.error.reason if msg.has_error() else "malformed reply"
+                    replies[name] = HospitalReply(name, Outcome.FAILED, f"client error: {err}")
+                else:
+                    replies[name] = reply
+            self.refresh_nodes()
+            for name, (node, _) in list(pending.items()):
+                h = self.state.hospitals[name]
+                if h.state == "Failed":
+                    del pending[name]
+                elif h.node_id is not None and h.node_id != node:
+                    log.info("re-sending %s to %s on its new node", message_type, name)
+                    pending[name] = (h.node_id, self._send(h.node_id, message_type, content))
+            if pending:
+                time.sleep(POLL_S)
+        return replies
+
+    def run(self, make_initial: Callable[[int], Weights]) -> Weights | None:
+        """Run every round; returns the final global weights. The outcome is in ``state``.
+
+        ``make_initial`` builds the round-0 model for the number of features the hospitals
+        reported when they joined (they must agree).
+        """
+        st, cfg = self.state, self.settings
+        st.phase, st.reason, st.start_time = "Running", "WaitingForHospitals", now_rfc3339()
+        self.publish(st)
+        if not self.wait_for_hospitals():
+            ready = len(self.connected())
+            st.finish(
+                "Failed",
+                "TooFewHospitals",
+                f"{ready} of {len(st.hospitals)} hospitals could take part; "
+                f"minHospitals is {cfg.min_hospitals}. {self._failures()}".strip(),
+            )
+            self.publish(st)
+            return None
+        sizes = {h.name: h.num_features for h in st.hospitals.values() if h.active and h.num_features}
+        if len(set(sizes.values())) != 1:
+            st.finish("Failed", "InconsistentData",
+                      f"hospitals disagree on the number of model features: {sizes}")
+            self.publish(st)
+            return None
+        weights = make_initial(next(iter(sizes.values())))
+        for server_round in range(1, cfg.rounds + 1):
+            outcome = self._round(server_round, weights)
+            if outcome is None:
+                return weights
+            weights = outcome
+        self._final_evaluation(weights)
+        st.finish(
+            "Succeeded",
+            "RoundsCompleted",
+            f"{cfg.rounds} rounds completed; ε spent {self._epsilon_text()}",
+        )
+        self.publish(st)
+        return weights
+
+    def _round(self, server_round: int, weights: Weights) -> Weights | None:
+        st, cfg = self.state, self.settings
+        t0 = time.monotonic()
+        st.current_round = server_round - 1
+        st.reason = "Training"
+        self.refresh_nodes(force=True)
+        # Wait for a hospital that is restarting, up to the round timeout.
+        deadline = time.monotonic() + cfg.round_timeout_s
+        while True:
+            for name in self.connected():
+                if not self.can_afford_round(name):
+                    st.hospitals[name].budget_exhausted = True
+                    st.hospitals[name].state = "Done"
+                    st.hospitals[name].message = "privacy budget reached; no more rounds"
+            eligible = self.connected()
+            if len(eligible) >= cfg.min_hospitals:
+                break
+            if self._budget_bound():
+                self._stop_for_budget(server_round)
+                return None
+            waiting = [h for h in st.hospitals.values() if h.active and h.node_id is None]
+            if not waiting or time.monotonic() >= deadline:
+                st.finish(
+                    "Failed",
+                    "TooFewHospitals",
+                    f"round {server_round}: {len(eligible)} hospitals available, "
+                    f"minHospitals is {cfg.min_hospitals}. {self._failures()}".strip(),
+                )
+                self.publish(st)
+                return None
+            st.message = f"round {server_round}: waiting for hospitals to rejoin"
+            self.publish(st)
+            time.sleep(0.2)
+            self.refresh_nodes()
+        for name in eligible:
+            st.hospitals[name].state = "Training"
+        st.message = f"round {server_round}/{cfg.rounds}: training at {len(eligible)} hospitals"
+        self.publish(st)
+        content = self._train_content(weights, server_round, evaluate_first=server_round > 1)
+        replies = self._exchange(eligible, protocol.TRAIN, content, cfg.round_timeout_s)
+        # The replies' "evaluate_first" figures judge the previous round's global model.
+        results: list[tuple[Weights, int]] = []
+        record = RoundRecord(round=server_round)
+        prev = st.rounds[-1] if st.rounds else None
+        per_eval: dict[str, dict[str, float]] = {}
+        losses: list[tuple[float | None, float]] = []
+        for name in eligible:
+            h = st.hospitals[name]
+            reply = replies.get(name)
+            if reply is None:
+                h.state = "Pending" if h.node_id is None else "Connected"
+                h.message = f"no reply in round {server_round} within {cfg.round_timeout_s:.0f}s"
+                continue
+            self._record_privacy(name, reply.privacy)
+            if reply.evaluation:
+                per_eval[name] = reply.evaluation
+            if reply.outcome is Outcome.FAILED:
+                self._fail_hospital(name, reply.message)
+            elif reply.outcome is Outcome.BUDGET:
+                h.budget_exhausted, h.state, h.message = True, "Done", reply.message
+            else:
+                h.state, h.message = "Connected", ""
+                h.rounds_trained += 1
+                n = int(reply.metrics.get("num_examples", 0))
+                if reply.weights is None:
+                    self._fail_hospital(name, "reply carried no model update")
+                    continue
+                results.append((reply.weights, n))
+                record.hospitals_trained.append(name)
+                losses.append((reply.metrics.get("loss"), float(n)))
+        if prev is not None and per_eval:
+            prev.per_hospital_eval = dict(per_eval)
+            prev.evaluation = aggregate_evaluation(per_eval)
+        for h in st.hospitals.values():
+            record.epsilon[h.name] = h.epsilon
+        if len(results) < cfg.min_hospitals:
+            if self._budget_bound():
+                self._stop_for_budget(server_round)
+            else:
+                st.finish(
+                    "Failed",
+                    "TooFewHospitals",
+                    f"round {server_round}: {len(results)} hospitals returned an update, "
+                    f"minHospitals is {cfg.min_hospitals}. {self._failures()}".strip(),
+                )
+            self.publish(st)
+            return None
+        new_weights = self.aggregate(weights, results)
+        record.train_loss = weighted_mean(losses)
+        record.duration_s = time.monotonic() - t0
+        st.rounds.append(record)
+        st.current_round = server_round
+        st.message = f"round {server_round}/{cfg.rounds} done; ε spent {self._epsilon_text()}"
+        self.publish(st)
+        if self.on_round is not None:
+            self.on_round(st, prev if prev is not None else record)
+        return new_weights
+
+    def _final_evaluation(self, weights: Weights) -> None:
+        st = self.state
+        names = [
+            n for n, h in st.hospitals.items() if h.node_id is not None and h.state != "Failed"
+        ]
+        content = RecordDict({protocol.WEIGHTS: ArrayRecord(weights)})
+        replies = self._exchange(names, protocol.EVALUATE, content, self.settings.round_timeout_s)
+        per_eval = {n: r.evaluation for n, r in replies.items() if r.evaluation}
+        if st.rounds and per_eval:
+            st.rounds[-1].per_hospital_eval = per_eval
+            st.rounds[-1].evaluation = aggregate_evaluation(per_eval)
+            if self.on_round is not None:
+                self.on_round(st, st.rounds[-1])
+        for name, h in st.hospitals.items():
+            if h.state != "Failed" and name in replies:
+                h.state = "Done"
+
+    def shutdown_hospitals(self) -> None:
+        """Tell every connected hospital the run is over, so its wrapper exits 0."""
+        nodes = [h.node_id for h in self.state.hospitals.values() if h.node_id is not None]
+        ids = [self._send(n, protocol.SHUTDOWN, RecordDict(), ttl=60.0) for n in nodes]
+        self._collect(ids, timeout_s=15.0)
+
+    def _budget_bound(self) -> bool:
+        """Whether too few hospitals remain because of their privacy budgets."""
+        st = self.state
+        capable = [h for h in st.hospitals.values() if h.state != "Failed"]
+        exhausted = [h for h in capable if h.budget_exhausted]
+        return bool(exhausted) and len(capable) - len(exhausted) < self.settings.min_hospitals
+
+    def _stop_for_budget(self, server_round: int) -> None:
+        st = self.state
+        st.finish(
+            "BudgetExhausted",
+            "BudgetExhausted",
+            f"stopped before round {server_round}: another round would take hospitals "
+            f"over targetEpsilon {self.settings.target_epsilon}; ε spent "
+            f"{self._epsilon_text()}",
+        )
+        self.publish(st)
+
+    def _epsilon_text(self) -> str:
+        spent = max((h.epsilon for h in self.state.hospitals.values()), default=0.0)
+        target = self.settings.target_epsilon
+        return f"{spent:.3f}" + (f" of {target}" if target is not None else "")
+
+    def _failures(self) -> str:
+        failed = [
+            f"{h.name}: {h.message}" for h in self.state.hospitals.values() if h.state == "Failed"
+        ]
+        return ("Failed hospitals: " + "; ".join(failed)) if failed else ""
+
+
+def status_extra(state: RunState) -> dict[str, Any]:
+    """A short machine-readable summary for logs."""
+    return {"phase": state.phase, "round": state.current_round, "message": state.message}

@@ -1,0 +1,138 @@
+"""The ServerApp's body: set up one FederatedRun, run the rounds, publish status and model.
+
+Runs inside the ``flwr-serverapp`` process that the SuperLink starts for the run. It
+publishes the run's ``.status`` and per-round history as JSON files in the server's state
+directory after every change; ``fedrun server`` serves them on ``/status`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid
+
+from fedrun_trainer import files
+from fedrun_trainer.coordinator import Coordinator, CoordinatorSettings, Weights
+from fedrun_trainer.run_state import RoundRecord, RunState, to_history, to_status
+from fedrun_trainer.settings import RunSettings
+from fedrun_trainer.tracking import Tracker, default_tracking_uri
+
+log = logging.getLogger("fedrun.server")
+
+STATUS_FILE = "status.json"
+HISTORY_FILE = "history.json"
+MODEL_FILE = "model.npz"
+JOIN_GRACE_S = 20.0
+
+
+def make_aggregator(settings: RunSettings) -> Any:
+    """The server-side update rule for the run's strategy."""
+    from fedrun_trainer.strategy import FedAdam, aggregate_fedavg
+
+    if settings.strategy == "FedAdam":
+        adam = FedAdam(learning_rate=settings.server_learning_rate)
+
+        def fedadam(current: Weights, results: list[tuple[Weights, int]]) -> Weights:
+            return adam.step(current, aggregate_fedavg(results))
+
+        return fedadam
+
+    def fedavg(current: Weights, results: list[tuple[Weights, int]]) -> Weights:
+        return aggregate_fedavg(results)
+
+    return fedavg
+
+
+def initial_weights(settings: RunSettings, n_features: int) -> Weights:
+    """The round-0 global model, from the spec's seed."""
+    from fedrun_trainer.model import build_model, get_weights
+
+    return get_weights(build_model(settings.model_spec(), n_features, seed=settings.seed))
+
+
+def run_federation(grid: Grid, context: Context) -> None:
+    """Entry point of the ServerApp: never raises; the outcome is in the status file."""
+    state_dir = Path(str(context.run_config["state-dir"]))
+    settings = RunSettings.load(str(context.run_config["fedrun-config"]))
+    state = RunState.new(
+        settings.run_name,
+        settings.hospital_names,
+        settings.rounds,
+        settings.target_epsilon if settings.privacy_enabled else None,
+        settings.delta if settings.privacy_enabled else None,
+    )
+    tracker = Tracker(
+        settings.mlflow_tracking_uri or default_tracking_uri(state_dir),
+        settings.mlflow_experiment,
+        state_dir / "mlartifacts",
+    )
+
+    def publish(st: RunState) -> None:
+        status = to_status(st)
+        if tracker.error and st.final:
+            status["message"] = f"{status['message']} ({tracker.error})"
+        files.write_json_atomic(state_dir / STATUS_FILE, status)
+        files.write_json_atomic(state_dir / HISTORY_FILE, to_history(st))
+
+    def on_round(st: RunState, record: RoundRecord) -> None:
+        metrics: dict[str, float | None] = {f"eval_{k}": v for k, v in record.evaluation.items()}
+        metrics["train_loss"] = record.train_loss
+        metrics["round_seconds"] = record.duration_s
+        for hospital, eps in record.epsilon.items():
+            metrics[f"epsilon_{hospital}"] = eps
+        metrics["epsilon_max"] = max(record.epsilon.values(), default=0.0)
+        tracker.log_metrics(record.round, metrics)
+
+    from fedrun_trainer.privacy import epsilon_of
+
+    coordinator = Coordinator(
+        grid=grid,
+        state=state,
+        settings=CoordinatorSettings(
+            rounds=settings.rounds,
+            min_hospitals=settings.min_hospitals,
+            round_timeout_s=settings.round_timeout_s,
+            join_grace_s=min(JOIN_GRACE_S, settings.round_timeout_s),
+            privacy_enabled=settings.privacy_enabled,
+            target_epsilon=settings.target_epsilon if settings.privacy_enabled else None,
+            delta=settings.delta,
+            accountant=settings.accountant,
+        ),
+        aggregate=make_aggregator(settings),
+        epsilon_of=lambda history: epsilon_of(history, settings.delta, settings.accountant),
+        publish=publish,
+        on_round=on_round,
+    )
+    publish(state)
+    state.mlflow_run_id = tracker.start(
+        settings.run_name, settings.mlflow_params(), {"fedrun.run": settings.run_name}
+    )
+    try:
+        weights = coordinator.run(lambda n: initial_weights(settings, n))
+        if weights is not None:
+            path = state_dir / MODEL_FILE
+            np.savez(path, *weights)
+            (state_dir / "model.json").write_text(
+                json.dumps(settings.mlflow_params(), indent=2, sort_keys=True), encoding="utf-8"
+            )
+            tracker.log_artifact(path)
+            tracker.log_artifact(state_dir / "model.json")
+    except Exception as err:  # a crash becomes a Failed status with the reason
+        log.error("%s", traceback.format_exc())
+        state.finish("Failed", "ServerError", f"server error: {type(err).__name__}: {err}")
+    finally:
+        publish(state)
+        tracker.log_artifact(state_dir / HISTORY_FILE)
+        tracker.finish(state.phase)
+        try:
+            coordinator.shutdown_hospitals()
+        except Exception:  # noqa: BLE001 - best effort: hospitals also time out on their own
+            log.warning("could not tell every hospital to shut down")
+        publish(state)
+

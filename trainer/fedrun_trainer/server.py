@@ -1,0 +1,263 @@
+"""``fedrun server``: the server pod's main process.
+
+It starts Flower's SuperLink, submits the run to it (the ServerApp in
+:mod:`fedrun_trainer.federation` does the rounds), follows the run with a deadline, and
+serves ``/status`` (the FederatedRun ``.status`` as JSON), ``/metrics`` (Prometheus) and
+``/healthz`` on its own port. After the run it stops the SuperLink but keeps serving the
+final status until it is terminated: a Deployment's pod must not exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fedrun_trainer import files, flwr_env
+from fedrun_trainer.federation import HISTORY_FILE, STATUS_FILE
+from fedrun_trainer.run_state import PHASES_FINAL, RunState, now_rfc3339, to_status
+from fedrun_trainer.server_metrics import render_metrics
+from fedrun_trainer.settings import RunSettings
+
+log = logging.getLogger("fedrun.server")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Command-line options of ``fedrun server``."""
+
+    config: str
+    state_dir: Path
+    fleet_port: int = 9092
+    status_port: int = 9100
+    host: str = "0.0.0.0"
+
+
+class StatusServer:
+    """The HTTP side: ``/status``, ``/metrics``, ``/healthz`` from the state directory."""
+
+    def __init__(self, state_dir: Path, host: str, port: int) -> None:
+        self.state_dir = state_dir
+        state_dir_ref = state_dir
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                path = self.path.split("?", 1)[0]
+                if path == "/healthz":
+                    self._send(200, "text/plain", b"ok\n")
+                elif path == "/status":
+                    status = files.read_json(state_dir_ref / STATUS_FILE) or {}
+                    self._send(200, "application/json", json.dumps(status).encode())
+                elif path == "/history":
+                    history = files.read_json(state_dir_ref / HISTORY_FILE) or {}
+                    self._send(200, "application/json", json.dumps(history).encode())
+                elif path == "/metrics":
+                    body = render_metrics(
+                        files.read_json(state_dir_ref / STATUS_FILE) or {},
+                        files.read_json(state_dir_ref / HISTORY_FILE) or {},
+                    )
+                    self._send(200, "text/plain; version=0.0.4", body)
+                else:
+                    self._send(404, "text/plain", b"not found\n")
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                return  # probes every few seconds would drown the run's own log
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+
+
+def _publish_failure(state_dir: Path, reason: str, message: str) -> None:
+    """Mark the run Failed unless the ServerApp already wrote a final phase."""
+    status: dict[str, Any] = files.read_json(state_dir / STATUS_FILE) or {}
+    if status.get("phase") in PHASES_FINAL:
+        return
+    status["phase"] = "Failed"
+    status["message"] = message
+    status["completionTime"] = now_rfc3339()
+    for cond in status.get("conditions", []):
+        is_failed = cond["type"] == "Failed"
+        cond["status"] = "True" if is_failed else "False"
+        if is_failed:
+            cond["reason"], cond["message"] = reason, message
+        cond["lastTransitionTime"] = status["completionTime"]
+    files.write_json_atomic(state_dir / STATUS_FILE, status)
+    log.error("run failed: %s", message)
+
+
+def _wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback URL
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _prepare_app(state_dir: Path) -> Path:
+    """Copy the code-free Flower App (one pyproject.toml) into the state directory."""
+    app_dir = state_dir / "app"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    source = resources.files("fedrun_trainer").joinpath("flower_app/pyproject.toml")
+    (app_dir / "pyproject.toml").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    return app_dir
+
+
+def run_server(opts: ServerOptions) -> int:
+    """Run the server until terminated; returns the process exit status."""
+    settings = RunSettings.load(opts.config)
+    state_dir = opts.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (STATUS_FILE, HISTORY_FILE):
+        (state_dir / stale).unlink(missing_ok=True)
+    initial = RunState.new(
+        settings.run_name, settings.hospital_names, settings.rounds,
+        settings.target_epsilon if settings.privacy_enabled else None,
+        settings.delta if settings.privacy_enabled else None,
+    )
+    files.write_json_atomic(state_dir / STATUS_FILE, to_status(initial))
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    http = StatusServer(state_dir, opts.host, opts.status_port)
+    http.start()
+    log.info("status on :%d (/status, /metrics, /healthz)", opts.status_port)
+
+    env = flwr_env.environment(state_dir / "flwr-home")
+    flwr_env.write_connection(state_dir / "flwr-home", f"127.0.0.1:{opts.fleet_port}")
+    app_dir = _prepare_app(state_dir)
+    superlink = subprocess.Popen(
+        [
+            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+            "--host", opts.host, "--port", str(opts.fleet_port),
+        ],
+        env=env,
+    )
+    code = 0
+    try:
+        if not _wait_http_ok(f"http://127.0.0.1:{opts.fleet_port}/health", 60, superlink):
+            _publish_failure(state_dir, "ServerError", "the Flower SuperLink did not start")
+            code = 1
+        else:
+            code = _submit_and_follow(settings, opts, state_dir, app_dir, env, superlink, stop)
+    finally:
+        flwr_env.terminate(superlink)
+    log.info("run over; serving the final status until terminated")
+    stop.wait()
+    http.stop()
+    return code
+
+
+def _flwr_json(args: list[str], env: dict[str, str], timeout_s: float = 60) -> dict[str, Any]:
+    out = subprocess.run(
+        ["flwr", *args, "--format", "json"], env=env, capture_output=True, text=True,
+        timeout=timeout_s, check=False,
+    )
+    try:
+        parsed: dict[str, Any] = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        parsed = {"success": False, "error-message": (out.stderr or out.stdout).strip()[-2000:]}
+    return parsed
+
+
+def run_deadline_s(settings: RunSettings) -> float:
+    """How long the server lets one run take: joining plus every round, with slack."""
+    budget = (settings.rounds + 3) * settings.round_timeout_s
+    active = settings.run.spec.active_deadline_seconds
+    return float(min(budget, active)) if active else budget
+
+
+def _submit_and_follow(
+    settings: RunSettings,
+    opts: ServerOptions,
+    state_dir: Path,
+    app_dir: Path,
+    env: dict[str, str],
+    superlink: subprocess.Popen[bytes],
+    stop: threading.Event,
+) -> int:
+    run_config = f'fedrun-config="{Path(opts.config).resolve()}" state-dir="{state_dir}"'
+    submitted = _flwr_json(["run", str(app_dir), "local", "--run-config", run_config], env)
+    if not submitted.get("success"):
+        _publish_failure(state_dir, "ServerError",
+                         f"could not submit the run to Flower: {submitted}")
+        return 1
+    run_id = str(submitted["run-id"])
+    log.info("submitted Flower run %s", run_id)
+    deadline = time.monotonic() + run_deadline_s(settings)
+    last_check = 0.0
+    while not stop.is_set():
+        status = files.read_json(state_dir / STATUS_FILE) or {}
+        if status.get("phase") in PHASES_FINAL and _flower_finished(run_id, env):
+            return 0 if status["phase"] == "Succeeded" else 1
+        if superlink.poll() is not None:
+            _publish_failure(state_dir, "ServerError",
+                             f"the Flower SuperLink exited with status {superlink.returncode}")
+            return 1
+        if time.monotonic() >= deadline:
+            _flwr_json(["stop", run_id, "local"], env)
+            _publish_failure(state_dir, "DeadlineExceeded",
+                             f"the run did not finish within {run_deadline_s(settings):.0f}s")
+            return 1
+        if time.monotonic() - last_check > 5:
+            last_check = time.monotonic()
+            flower_state = _flower_status(run_id, env)
+            status = files.read_json(state_dir / STATUS_FILE) or {}
+            if flower_state.startswith("finished") and status.get("phase") not in PHASES_FINAL:
+                # The ServerApp process is gone without a final status: it crashed.
+                _publish_failure(state_dir, "ServerError",
+                                 f"the ServerApp ended ({flower_state}) before the run finished")
+                return 1
+        stop.wait(0.5)
+    return 143
+
+
+def _flower_status(run_id: str, env: dict[str, str]) -> str:
+    listed = _flwr_json(["list", "--run-id", run_id, "local"], env)
+    runs = listed.get("runs") or []
+    return str(runs[0].get("status", "")) if runs else ""
+
+
+def _flower_finished(run_id: str, env: dict[str, str]) -> bool:
+    return _flower_status(run_id, env).startswith("finished")
+
+
+def main_server(opts: ServerOptions) -> int:
+    """CLI entry: logs to stderr, returns the exit status."""
+    code = run_server(opts)
+    sys.stderr.flush()
+    shutil.rmtree(opts.state_dir / "app", ignore_errors=True)
+    return code

@@ -1,0 +1,110 @@
+"""MLflow tracking for a run: parameters, per-round metrics and ε, the final model.
+
+The tracking URI comes from ``spec.mlflow.trackingUri``; without one, a local SQLite
+store in the server's state directory is used (artifacts beside it). Tracking is
+reporting, not training: if the store cannot be reached, the run goes on and the
+problem is logged and put in the run's status message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fedrun.mlflow")
+
+
+def default_tracking_uri(state_dir: Path) -> str:
+    """The local store used when the spec names none."""
+    return f"sqlite:///{(state_dir / 'mlflow.db').resolve()}"
+
+
+class Tracker:
+    """One MLflow run for one FederatedRun. Every method is a no-op after a failure."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_dir: Path) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.artifact_dir = artifact_dir
+        self.run_id: str | None = None
+        self.error: str | None = None
+
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.error is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            self.error = f"MLflow {what} failed: {type(err).__name__}: {err}"
+            log.warning("%s", self.error)
+            return None
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
+        """Start the MLflow run and log the parameters; returns its run id."""
+
+        def _start() -> str:
+            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+            import mlflow
+
+            mlflow.set_tracking_uri(self.tracking_uri)
+            client = mlflow.MlflowClient()
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                location = None
+                if self.tracking_uri.startswith("sqlite:"):
+                    self.artifact_dir.mkdir(parents=True, exist_ok=True)
+                    location = self.artifact_dir.resolve().as_uri()
+                exp_id = client.create_experiment(self.experiment, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
+            run = client.create_run(exp_id, run_name=run_name, tags=tags)
+            for key, value in sorted(params.items()):
+                client.log_param(run.info.run_id, key, value)
+            return str(run.info.run_id)
+
+        self.run_id = self._guard("start", _start)
+        return self.run_id
+
+    def log_metrics(self, step: int, metrics: dict[str, float | None]) -> None:
+        """Log one round's metrics (None values are skipped)."""
+        if self.run_id is None:
+            return
+
+        def _log() -> None:
+            import mlflow
+
+            client = mlflow.MlflowClient(self.tracking_uri)
+            for key, value in sorted(metrics.items()):
+                if value is not None:
+                    client.log_metric(self.run_id, key, float(value), step=step)
+
+        self._guard("log_metrics", _log)
+
+    def log_artifact(self, path: Path) -> None:
+        """Upload a file (the final model, the report) to the run's artifacts."""
+        if self.run_id is None:
+            return
+
+        def _log() -> None:
+            import mlflow
+
+            mlflow.MlflowClient(self.tracking_uri).log_artifact(self.run_id, str(path))
+
+        self._guard("log_artifact", _log)
+
+    def finish(self, phase: str) -> None:
+        """Close the MLflow run with a status that matches the FederatedRun's phase."""
+        if self.run_id is None:
+            return
+
+        def _end() -> None:
+            import mlflow
+
+            status = "FINISHED" if phase == "Succeeded" else "FAILED"
+            client = mlflow.MlflowClient(self.tracking_uri)
+            client.set_tag(self.run_id, "fedrun.phase", phase)
+            client.set_terminated(self.run_id, status=status)
+
+        self._guard("finish", _end)
