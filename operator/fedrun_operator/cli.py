@@ -13,6 +13,7 @@ operator image and ``fedrun render`` work without the trainer extra.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def _client(args: argparse.Namespace) -> int:
             state_dir=Path(args.state_dir),
             server_lost_timeout_s=args.server_lost_timeout,
             termination_log=Path(args.termination_log) if args.termination_log else None,
+            isolation=args.isolation,
         )
     )
 
@@ -135,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default="/var/lib/fedrun")
     p.add_argument("--server-lost-timeout", type=float, default=300.0,
                    help="exit 3 after the server is unreachable this long (seconds)")
+    p.add_argument("--isolation", choices=["warm", "subprocess"],
+                   default=os.environ.get("FEDRUN_ISOLATION", "warm"),
+                   help="warm: fork ClientApp tasks from a pre-imported executor (default); "
+                        "subprocess: Flower's stock process per message "
+                        "(env FEDRUN_ISOLATION sets the default)")
     p.add_argument("--termination-log", default=None,
                    help="write the final message here (e.g. /dev/termination-log)")
     p.set_defaults(func=_client)

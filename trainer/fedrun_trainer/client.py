@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class ClientOptions:
     state_dir: Path
     server_lost_timeout_s: float = 300.0
     termination_log: Path | None = None
+    isolation: str = "warm"  # "warm" (fork from a pre-imported executor) or "subprocess"
 
 
 def free_port() -> int:
@@ -101,16 +103,29 @@ def run_client(opts: ClientOptions) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     env = flwr_env.environment(state_dir / "flwr-home")
-    supernode = subprocess.Popen(
-        [
-            "flower-supernode", "--insecure", "--superlink", opts.server,
-            "--node-config", node_config(opts, incarnation),
-            "--port", str(free_port()),
-            "--max-wait-time", str(int(opts.server_lost_timeout_s)),
-        ],
-        env=env,
-    )
-    log.info("hospital %s joining %s", opts.hospital, opts.server)
+    runtime_port = free_port()
+    argv = [
+        "flower-supernode", "--insecure", "--superlink", opts.server,
+        "--node-config", node_config(opts, incarnation),
+        "--port", str(runtime_port),
+        "--max-wait-time", str(int(opts.server_lost_timeout_s)),
+    ]
+    executor: subprocess.Popen[bytes] | None = None
+    if opts.isolation == "warm":
+        secret = flwr_env.write_secret(state_dir / "superexec.secret")
+        argv += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+    supernode = subprocess.Popen(argv, env=env)
+    if opts.isolation == "warm":
+        executor = subprocess.Popen(
+            [
+                sys.executable, "-m", "fedrun_trainer.warm_executor",
+                "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure",
+                "--parent-pid", str(supernode.pid),
+                "--superexec-auth-secret-file", str(secret),
+            ],
+            env=env,
+        )
+    log.info("hospital %s joining %s (%s isolation)", opts.hospital, opts.server, opts.isolation)
     last_seen = time.monotonic()
     last_probe = 0.0
     try:
@@ -122,6 +137,10 @@ def run_client(opts: ClientOptions) -> int:
                 return _finish(opts, EXIT_FAILED, f"hospital {opts.hospital} failed: {message}")
             if done.exists():
                 return _finish(opts, EXIT_DONE, f"hospital {opts.hospital}: run finished")
+            if executor is not None and executor.poll() is not None:
+                return _finish(opts, EXIT_FAILED,
+                               f"hospital {opts.hospital}: the warm executor exited with "
+                               f"status {executor.returncode}")
             if supernode.poll() is not None:
                 return _finish(opts, supernode.returncode or EXIT_FAILED,
                                f"hospital {opts.hospital}: Flower SuperNode exited with "
@@ -139,3 +158,5 @@ def run_client(opts: ClientOptions) -> int:
         return _finish(opts, 143, f"hospital {opts.hospital}: terminated")
     finally:
         flwr_env.terminate(supernode)
+        if executor is not None:
+            flwr_env.terminate(executor)

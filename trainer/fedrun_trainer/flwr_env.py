@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def write_connection(flwr_home: Path, address: str, insecure: bool = True) -> Pa
         f'address = "{address}"\ninsecure = {"true" if insecure else "false"}\n',
         encoding="utf-8",
     )
+    return path
+
+
+def write_secret(path: Path) -> Path:
+    """A fresh random secret, readable by this user only (SuperNode <-> executor auth)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
     return path
 
 

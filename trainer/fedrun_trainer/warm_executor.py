@@ -1,0 +1,192 @@
+"""A Flower SuperExec that forks each ClientApp task from a warm, pre-imported parent.
+
+Stock Flower starts a fresh ``flwr-clientapp`` process for every message, and each one
+re-imports torch and Opacus (about 5 s on this project's 2-core machines). This
+executor imports them once, warms Opacus up, and then ``fork()``s a child per task that
+runs Flower's own ``run_clientapp`` with the task's one-time token. Every child reseeds
+Python, NumPy and torch from ``os.urandom``: a forked child inherits its parent's random
+state, and without the reseed every hospital and round would draw the same DP noise.
+
+It plugs into Flower through ``flwr.supercore.superexec.run_superexec.get_executor``, an
+internal hook. That is why flwr is pinned exactly and :func:`check_hook` (run at start
+and by the tests) refuses any other flwr version or a changed hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import random
+import signal
+import sys
+from typing import Any
+
+log = logging.getLogger("fedrun.warm_executor")
+
+PINNED_FLWR = "1.41.0"
+
+
+def check_hook() -> None:
+    """Raise ``RuntimeError`` unless Flower's internals are the ones this module was built on."""
+    import flwr
+    from flwr.supercore.superexec import run_superexec as rs
+    from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    version = getattr(flwr, "__version__", "")
+    problems = []
+    if version != PINNED_FLWR:
+        problems.append(f"flwr is {version}, the warm executor is built for {PINNED_FLWR}")
+    if "get_executor" not in rs.run_superexec.__code__.co_names:
+        problems.append("run_superexec no longer looks up get_executor by name")
+    fields = set(getattr(ExecutionSpec, "__dataclass_fields__", {}))
+    needed = {"task_type", "runtime_api_address", "token", "insecure", "root_certificates_path"}
+    if not needed <= fields:
+        problems.append(f"ExecutionSpec lacks {sorted(needed - fields)}")
+    params = set(inspect.signature(run_clientapp).parameters)
+    if not {"runtime_api_address", "token", "insecure", "certificates"} <= params:
+        problems.append(f"run_clientapp's parameters changed: {sorted(params)}")
+    if not hasattr(LaunchResult, "accepted"):
+        problems.append("LaunchResult.accepted is gone")
+    if problems:
+        raise RuntimeError("warm executor hook check failed: " + "; ".join(problems))
+
+
+def reseed() -> int:
+    """Seed Python, NumPy and torch from fresh OS entropy; returns the seed used."""
+    import numpy as np
+    import torch
+
+    seed = int.from_bytes(os.urandom(8), "little")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return seed
+
+
+def warm_up() -> None:
+    """Import and exercise what a ClientApp task needs, once, in the parent."""
+    import torch
+
+    # One intra-op thread: the models are small, the hospitals share the cores, and an
+    # OpenMP pool started before fork() can deadlock the children.
+    torch.set_num_threads(1)
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import fedrun_trainer.apps  # noqa: F401 - the ClientApp module the FAB points at
+    import fedrun_trainer.session  # noqa: F401 - data, model, privacy, training
+
+    model = torch.nn.Linear(3, 1)
+    data = TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)).float())
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(data, batch_size=8),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    for x, y in loader:
+        if len(x) == 0:
+            continue
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(-1), y).backward()
+        optimizer.step()
+    engine.accountant.get_epsilon(delta=1e-5)
+
+
+class ForkExecutor:
+    """Flower ``Executor`` that forks ClientApp tasks; other task types run as subprocesses."""
+
+    def __init__(self) -> None:
+        from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+        self.fallback = SubprocessExecutor()
+        self.children: set[int] = set()
+
+    def get_eligible_capacity(
+        self, supported_task_types: set[Any], *, insecure: bool = False,
+        root_certificates_path: str | None = None,
+    ) -> tuple[set[Any], set[str]]:
+        """Every task type can launch at once (no pool to wait for)."""
+        return supported_task_types, set()
+
+    def wait_for_capacity(self, task_type: Any = None, **_: Any) -> None:
+        """No capacity gate."""
+
+    def launch(self, spec: Any) -> Any:
+        """Fork a child that runs the task with Flower's own ``run_clientapp``."""
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return self.fallback.launch(spec)
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            _run_task(spec)
+        self.children.add(pid)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Reap finished children (nothing else would)."""
+        for pid in list(self.children):
+            with contextlib.suppress(ChildProcessError):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done == 0:
+                    continue
+            self.children.discard(pid)
+
+    def close(self) -> None:
+        """Stop children still running."""
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+def _run_task(spec: Any) -> None:
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        reseed()
+        from flwr.supercore.tls import validate_and_resolve_root_certificates
+        from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        run_clientapp(
+            runtime_api_address=spec.runtime_api_address,
+            token=spec.token,
+            insecure=spec.insecure,
+            certificates=validate_and_resolve_root_certificates(
+                spec.root_certificates_path, spec.insecure
+            ),
+            parent_pid=None,
+            runtime_dependency_install=False,
+        )
+        code = 0
+    except SystemExit as exc:  # flwr_exit() ends every task this way
+        code = exc.code if isinstance(exc.code, int) else 0
+    except BaseException:  # noqa: BLE001 - the child must never return into the parent's loop
+        log.exception("ClientApp task failed")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fedrun_trainer.warm_executor`` takes ``flower-superexec``'s arguments."""
+    check_hook()
+    warm_up()
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+    from flwr.supercore.superexec import run_superexec as rs
+
+    rs.get_executor = lambda *args, **kwargs: ForkExecutor()  # type: ignore[assignment]
+    sys.argv = ["flower-superexec", *(sys.argv[1:] if argv is None else argv)]
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    main()
