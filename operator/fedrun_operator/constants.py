@@ -1,0 +1,59 @@
+"""Names shared by the API models, the CRD, rendering and the operator.
+
+Changing a value here changes what users and clusters see: the API group, label keys
+and ports are part of fedrun's contract (see ARCHITECTURE.md).
+"""
+
+from typing import Final
+
+# The FederatedRun resource.
+GROUP: Final = "fedrun.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "FederatedRun"
+PLURAL: Final = "federatedruns"
+SINGULAR: Final = "federatedrun"
+SHORT_NAMES: Final = ("fedrun", "fr")
+CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+
+# Labels on every child object.
+LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_RUN: Final = f"{GROUP}/run"
+LABEL_HOSPITAL: Final = f"{GROUP}/hospital"
+LABEL_COMPONENT: Final = f"{GROUP}/component"
+PART_OF: Final = "fedrun"
+MANAGED_BY: Final = "fedrun-operator"
+COMPONENT_SERVER: Final = "server"
+COMPONENT_HOSPITAL: Final = "hospital"
+
+# Annotations.
+ANNOTATION_IRSA_ROLE: Final = "eks.amazonaws.com/role-arn"
+ANNOTATION_CONFIG_HASH: Final = f"{GROUP}/config-hash"
+
+# Ports of the server pod.
+FLEET_PORT: Final = 9092
+STATUS_PORT: Final = 9100
+FLEET_PORT_NAME: Final = "fleet"
+STATUS_PORT_NAME: Final = "status"
+HEALTH_PATH: Final = "/healthz"
+
+# Mount paths inside every fedrun pod.
+CONFIG_DIR: Final = "/etc/fedrun"
+CONFIG_FILE: Final = "config.json"
+CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_FILE}"
+STATE_DIR: Final = "/var/lib/fedrun"
+TMP_DIR: Final = "/tmp"
+
+# Pod identity: the trainer image runs as this unprivileged user.
+RUN_AS_USER: Final = 10001
+
+# Defaults a FederatedRun may leave out.
+DEFAULT_IMAGE: Final = "ghcr.io/fedrun/trainer:0.1.0"
+DEFAULT_NAMESPACE: Final = "default"
+JOB_BACKOFF_LIMIT: Final = 3
+
+# Kubernetes name limits: child names `<run>-<hospital>` must be DNS-1123 labels.
+MAX_LABEL_LENGTH: Final = 63
+SERVER_SUFFIX: Final = "-server"
+CONFIG_SUFFIX: Final = "-config"

@@ -1,0 +1,457 @@
+"""The generated CRD: no drift, structural, and it admits and refuses what the models do.
+
+There is no API server here, so `admit` below does what kube-apiserver does with a custom
+resource, in its order: prune nulls, apply schema defaults, validate the OpenAPI schema
+(with kubectl's strict field validation: unknown fields are errors), then evaluate every
+`x-kubernetes-validations` rule with cel-python, numbers typed as the schema says.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import pytest
+import yaml
+from celpy.adapter import json_to_cel
+
+from fedrun_operator import api
+from fedrun_operator.crd import build_crd, crd_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "federatedrun.yaml"
+EXAMPLES = sorted((ROOT / "examples").glob("federatedrun*.yaml"))
+
+CRD = build_crd()
+VERSION = CRD["spec"]["versions"][0]
+SCHEMA: dict[str, Any] = VERSION["schema"]["openAPIV3Schema"]
+CEL = celpy.Environment()
+
+
+# --------------------------------------------------------------------------- API server stand-in
+
+
+def to_jsonschema(node: Any) -> Any:
+    """OpenAPI v3 (Kubernetes flavour) to JSON Schema; objects refuse unknown fields."""
+    if isinstance(node, list):
+        return [to_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    for bound, key in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if out.get(bound) is True:
+            out[bound] = out.pop(key)
+    if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+JSON_SCHEMA = to_jsonschema(SCHEMA)
+
+
+def prune_nulls(obj: Any) -> Any:
+    """The API server drops nulls in non-nullable fields (no field here is nullable)."""
+    if isinstance(obj, dict):
+        return {k: prune_nulls(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [prune_nulls(v) for v in obj]
+    return obj
+
+
+def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:
+    if isinstance(obj, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name not in obj and "default" in sub:
+                obj[name] = copy.deepcopy(sub["default"])
+            if name in obj:
+                obj[name] = apply_defaults(sub, obj[name])
+        if "additionalProperties" in schema:
+            for key in obj:
+                obj[key] = apply_defaults(schema["additionalProperties"], obj[key])
+    elif isinstance(obj, list) and "items" in schema:
+        return [apply_defaults(schema["items"], item) for item in obj]
+    return obj
+
+
+def typed(schema: dict[str, Any], obj: Any) -> Any:
+    """Values as CEL sees them: `number` fields are doubles even when written as 1."""
+    if schema.get("type") == "number" and isinstance(obj, int) and not isinstance(obj, bool):
+        return float(obj)
+    if isinstance(obj, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties", {})
+        return {k: typed(props.get(k, extra), v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [typed(schema.get("items", {}), v) for v in obj]
+    return obj
+
+
+def rules_at(
+    schema: dict[str, Any], obj: Any, old: Any, path: str
+) -> Iterator[tuple[str, dict[str, str], Any, Any]]:
+    """(path, rule, self, oldSelf) for every rule that applies somewhere in `obj`."""
+    for rule in schema.get("x-kubernetes-validations", []):
+        yield path, rule, obj, old
+    if isinstance(obj, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name in obj:
+                sub_old = old.get(name) if isinstance(old, dict) else None
+                yield from rules_at(sub, obj[name], sub_old, f"{path}.{name}" if path else name)
+    elif isinstance(obj, list) and "items" in schema:
+        for i, item in enumerate(obj):
+            yield from rules_at(schema["items"], item, None, f"{path}[{i}]")
+
+
+@functools.cache
+def program(rule: str) -> Any:
+    return CEL.program(CEL.compile(rule))
+
+
+def evaluate(rule: str, self_: Any, old: Any = None) -> bool:
+    activation = {"self": json_to_cel(self_)}
+    if old is not None:
+        activation["oldSelf"] = json_to_cel(old)
+    result = program(rule).evaluate(activation)
+    if not isinstance(result, celpy.celtypes.BoolType):
+        raise AssertionError(f"rule {rule!r} did not give a bool: {result!r}")
+    return bool(result)
+
+
+def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """Problems kube-apiserver would report for a create (or an update from `old`)."""
+
+    def prepare(o: dict[str, Any]) -> Any:
+        return apply_defaults(SCHEMA, prune_nulls(copy.deepcopy(o)))
+
+    new = prepare(obj)
+    errors = [
+        f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"
+        for e in jsonschema.Draft202012Validator(JSON_SCHEMA).iter_errors(new)
+    ]
+    if errors:
+        return errors  # the API server stops before CEL when the schema fails
+    before = typed(SCHEMA, prepare(old)) if old is not None else None
+    for path, rule, self_, old_self in rules_at(SCHEMA, typed(SCHEMA, new), before, ""):
+        is_transition = "oldSelf" in rule["rule"]
+        if is_transition and old_self is None:
+            continue  # transition rules only run on updates
+        if not evaluate(rule["rule"], self_, old_self if is_transition else None):
+            errors.append(f"{path}{rule.get('fieldPath', '')}: {rule['message']}")
+    return errors
+
+
+def minimal() -> dict[str, Any]:
+    return {
+        "apiVersion": "fedrun.io/v1alpha1",
+        "kind": "FederatedRun",
+        "metadata": {"name": "demo", "namespace": "default"},
+        "spec": {
+            "rounds": 3,
+            "minHospitals": 2,
+            "data": {"preset": "stroke"},
+            "hospitals": [
+                {"name": "a", "dataUri": "file:///data/a.csv"},
+                {"name": "b", "dataUri": "s3://bucket-b/b.csv"},
+            ],
+        },
+    }
+
+
+def changed(path: str, value: Any, obj: dict[str, Any] | None = None) -> dict[str, Any]:
+    obj = copy.deepcopy(obj if obj is not None else minimal())
+    node: Any = obj
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    node[parts[-1]] = value
+    return obj
+
+
+def walk(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            if key in ("default", "x-kubernetes-validations", "enum"):
+                continue
+            yield from walk(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from walk(value, f"{path}[{i}]")
+
+
+# --------------------------------------------------------------------------- the file
+
+
+def test_committed_crd_matches_the_models() -> None:
+    assert CRD_FILE.read_text(encoding="utf-8") == crd_yaml(), (
+        "crds/federatedrun.yaml is stale: run `python -m fedrun_operator.crd > "
+        "crds/federatedrun.yaml`"
+    )
+
+
+def test_generation_is_deterministic() -> None:
+    assert crd_yaml() == crd_yaml()
+    assert yaml.safe_load(crd_yaml()) == CRD
+
+
+def test_names_scope_and_subresources() -> None:
+    spec = CRD["spec"]
+    assert CRD["metadata"]["name"] == "federatedruns.fedrun.io"
+    assert spec["group"] == "fedrun.io"
+    assert spec["scope"] == "Namespaced"
+    assert spec["names"]["kind"] == "FederatedRun"
+    assert spec["names"]["plural"] == "federatedruns"
+    assert spec["names"]["shortNames"] == ["fedrun", "fr"]
+    assert VERSION["name"] == "v1alpha1"
+    assert VERSION["served"]
+    assert VERSION["storage"]
+    assert VERSION["subresources"] == {"status": {}}
+
+
+def test_printer_columns() -> None:
+    columns = {c["name"].upper(): c for c in VERSION["additionalPrinterColumns"]}
+    assert list(columns) == ["PHASE", "ROUND", "EPSILON", "AUROC", "AGE"]
+    assert columns["PHASE"]["jsonPath"] == ".status.phase"
+    assert columns["ROUND"]["jsonPath"] == ".status.progress"
+    assert columns["EPSILON"]["jsonPath"] == ".status.privacy.epsilonSpent"
+    assert columns["AUROC"]["jsonPath"] == ".status.metrics.auroc"
+    assert columns["AGE"] == {
+        "name": "Age",
+        "type": "date",
+        "jsonPath": ".metadata.creationTimestamp",
+    }
+
+
+def test_schema_is_structural() -> None:
+    for path, node in walk(SCHEMA):
+        if path.endswith(".properties") or path.endswith(".anyOf[0]") or ".anyOf[" in path:
+            continue
+        assert "$ref" not in node, path
+        assert "$defs" not in node, path
+        assert "nullable" not in node, path
+        assert node.get("additionalProperties") is not False, path
+        assert "title" not in node, path
+        if "anyOf" in node:  # only int-or-string may use anyOf
+            assert node.get("x-kubernetes-int-or-string") is True, path
+            assert node["anyOf"] == [{"type": "integer"}, {"type": "string"}], path
+        else:
+            assert "type" in node, f"{path} has no type"
+        if node.get("type") == "object" and path != ".properties.metadata":
+            assert "properties" in node or "additionalProperties" in node, path
+        if node.get("type") in ("number", "integer") and "exclusiveMinimum" in node:
+            assert node["exclusiveMinimum"] is True, path
+            assert "minimum" in node, path
+
+
+def test_no_field_preserves_unknown_fields() -> None:
+    preserving = [p for p, n in walk(SCHEMA) if n.get("x-kubernetes-preserve-unknown-fields")]
+    assert preserving == []
+
+
+def test_every_spec_field_is_described() -> None:
+    fields = [
+        (path, node)
+        for path, node in walk(SCHEMA["properties"]["spec"])
+        if re.search(r"\.properties\.\w+$", path)
+    ]
+    assert len(fields) > 50
+    for path, node in fields:
+        assert node.get("description"), f"spec{path} has no description"
+
+
+def test_ranges_and_enums_reach_the_schema() -> None:
+    spec = SCHEMA["properties"]["spec"]["properties"]
+    privacy = spec["privacy"]["properties"]
+    assert privacy["targetEpsilon"]["minimum"] == 0
+    assert privacy["targetEpsilon"]["exclusiveMinimum"] is True
+    assert privacy["delta"]["maximum"] == 1
+    assert privacy["delta"]["exclusiveMaximum"] is True
+    assert privacy["accountant"]["enum"] == ["rdp", "prv"]
+    assert spec["strategy"]["properties"]["name"]["enum"] == ["FedAvg", "FedProx", "FedAdam"]
+    assert spec["rounds"]["minimum"] == 1
+    assert spec["rounds"]["maximum"] == 1000
+    assert spec["hospitals"]["maxItems"] == 50
+    assert spec["hospitals"]["x-kubernetes-list-map-keys"] == ["name"]
+    assert spec["hospitals"]["items"]["properties"]["name"]["pattern"] == api.DNS1123_LABEL
+    assert SCHEMA["properties"]["spec"]["required"] == ["rounds", "data", "hospitals"]
+
+
+def test_every_rule_compiles() -> None:
+    rules = [r for _, n in walk(SCHEMA) for r in n.get("x-kubernetes-validations", [])]
+    rules += SCHEMA["x-kubernetes-validations"]
+    assert len(rules) >= 15
+    for rule in rules:
+        CEL.compile(rule["rule"])
+        assert rule["message"]
+
+
+# --------------------------------------------------------------------------- admission
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_admitted(path: Path) -> None:
+    obj = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert admit(obj) == []
+
+
+def test_minimal_run_is_admitted_and_defaulted() -> None:
+    assert admit(minimal()) == []
+    defaulted = apply_defaults(SCHEMA, minimal())
+    assert defaulted["spec"]["privacy"]["targetEpsilon"] == 1.0
+    assert defaulted["spec"]["strategy"]["name"] == "FedAvg"
+    # The schema's defaults are the models' defaults.
+    model = api.parse_run(minimal()).spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    assert defaulted["spec"] == model
+
+
+def test_null_means_unset() -> None:
+    obj = changed("spec.privacy", {"noiseMultiplier": None, "targetEpsilon": 2.0})
+    assert admit(obj) == []
+    api.parse_run(obj)
+
+
+# Each bad run must be refused by BOTH the models and the CRD, each naming the field.
+BAD: list[tuple[str, Any, str]] = [
+    ("spec.trainng", {"model": "mlp"}, "spec"),
+    ("spec.privacy.targetEpsilon", -1.0, "spec.privacy.targetEpsilon"),
+    ("spec.privacy.delta", 1.5, "spec.privacy.delta"),
+    ("spec.privacy.delta", 0, "spec.privacy.delta"),
+    ("spec.privacy.noiseMultiplier", 0, "spec.privacy.noiseMultiplier"),
+    ("spec.privacy.accountant", "gdp", "spec.privacy.accountant"),
+    ("spec.minHospitals", 3, "spec.minHospitals"),
+    ("spec.rounds", 0, "spec.rounds"),
+    ("spec.strategy", {"name": "FedSGD"}, "spec.strategy.name"),
+    ("spec.strategy", {"proximalMu": 0.1}, "spec.strategy.proximalMu"),
+    ("spec.strategy", {"name": "FedProx", "serverLearningRate": 0.1}, "spec.strategy."),
+    ("spec.training", {"hiddenSizes": [8]}, "spec.training.hiddenSizes"),
+    ("spec.data", {"targetColumn": "y"}, "spec.data.features"),
+    ("spec.data", {"features": [{"name": "a", "type": "numeric"}]}, "spec.data.targetColumn"),
+    (
+        "spec.data",
+        {"preset": "stroke", "features": [{"name": "a", "type": "numeric"}]},
+        "spec.data",
+    ),
+    (
+        "spec.data",
+        {"targetColumn": "a", "features": [{"name": "a", "type": "numeric"}]},
+        "spec.data",
+    ),
+    (
+        "spec.data",
+        {"targetColumn": "y", "features": [{"name": "s", "type": "categorical"}]},
+        "spec.data.features[0].categories",
+    ),
+    (
+        "spec.data",
+        {"targetColumn": "y", "features": [{"name": "a", "type": "numeric", "min": 3, "max": 1}]},
+        "spec.data.features[0].min",
+    ),
+    ("spec.hospitals.1.name", "a", "spec.hospitals"),
+    ("spec.hospitals.0.name", "Hospital_A", "spec.hospitals"),
+    ("spec.hospitals.0.dataUri", "http://x/a.csv", "spec.hospitals"),
+    ("spec.hospitals.0.roleArn", "role/x", "spec.hospitals"),
+    ("spec.hospitals.0.resources", {"requests": {"cpu": "lots"}}, "spec.hospitals"),
+    ("spec.hospitals", [], "spec.hospitals"),
+    ("spec.server", {"serviceType": "Ingress"}, "spec.server.serviceType"),
+    ("metadata.name", "Demo", "metadata.name"),
+    ("metadata.name", "x" * 57, "metadata.name"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "field"), BAD)
+def test_bad_runs_are_refused_by_models_and_crd(path: str, value: Any, field: str) -> None:
+    obj = changed(path, value)
+    refused = admit(obj)
+    assert refused, f"the CRD admits {path}={value!r}"
+    assert any(field in p for p in refused), refused
+    with pytest.raises(api.SpecError):
+        api.parse_run(obj)
+
+
+def test_duplicate_hospital_names_are_refused_by_cel() -> None:
+    obj = changed("spec.hospitals.1.name", "a")
+    assert admit(obj) == ["spec.hospitals: hospital names must be unique"]
+
+
+def test_min_hospitals_rule_names_the_field() -> None:
+    assert admit(changed("spec.minHospitals", 3)) == [
+        "spec.minHospitals: minHospitals must not exceed the number of hospitals"
+    ]
+
+
+def test_noise_multiplier_rule() -> None:
+    rule = SCHEMA["properties"]["spec"]["properties"]["privacy"]["x-kubernetes-validations"][0]
+    assert "noiseMultiplier" in rule["rule"]
+    assert evaluate(rule["rule"], {"noiseMultiplier": 1.2})
+    assert evaluate(rule["rule"], {})
+    assert not evaluate(rule["rule"], {"noiseMultiplier": 0.0})
+    assert not evaluate(rule["rule"], {"noiseMultiplier": -1.0})
+
+
+def test_child_names_must_fit() -> None:
+    obj = changed("metadata.name", "x" * 50)
+    obj["spec"]["hospitals"][1]["name"] = "hospital-b-123"
+    assert admit(obj) == [
+        ".spec.hospitals: <run>-<hospital> must be at most 63 characters: shorten the run "
+        "or hospital names"
+    ]
+    obj["spec"]["hospitals"][1]["name"] = "hospital-b"
+    assert admit(obj) == []
+
+
+# --------------------------------------------------------------------------- immutability
+
+
+def with_phase(obj: dict[str, Any], phase: str) -> dict[str, Any]:
+    return {**copy.deepcopy(obj), "status": {"phase": phase}}
+
+
+IMMUTABLE = ".spec: spec is immutable while the run is Running; only spec.suspend may change"
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("spec.rounds", 4),
+        ("spec.privacy.targetEpsilon", 5.0),
+        ("spec.hospitals.0.dataUri", "file:///data/other.csv"),
+        ("spec.image", "ghcr.io/fedrun/trainer:0.2.0"),
+        ("spec.activeDeadlineSeconds", 60),
+        ("spec.strategy", {"name": "FedProx"}),
+    ],
+)
+def test_spec_is_immutable_while_running(path: str, value: Any) -> None:
+    old = with_phase(minimal(), "Running")
+    new = changed(path, value, old)
+    assert admit(new, old) == [IMMUTABLE]
+
+
+def test_removing_an_optional_field_while_running_is_refused() -> None:
+    old = with_phase(changed("spec.activeDeadlineSeconds", 60), "Running")
+    new = copy.deepcopy(old)
+    del new["spec"]["activeDeadlineSeconds"]
+    assert admit(new, old) == [IMMUTABLE]
+
+
+def test_suspend_may_change_while_running() -> None:
+    old = with_phase(minimal(), "Running")
+    assert admit(changed("spec.suspend", True, old), old) == []
+    assert admit(copy.deepcopy(old), old) == []  # metadata-only updates (finalizers, ...)
+
+
+@pytest.mark.parametrize("phase", ["Pending", "Suspended", "Succeeded", "Failed", None])
+def test_spec_may_change_when_not_running(phase: str | None) -> None:
+    old = minimal() if phase is None else with_phase(minimal(), phase)
+    assert admit(changed("spec.rounds", 10, old), old) == []
+
+
+def test_immutability_rule_covers_every_spec_field_but_suspend() -> None:
+    rule = SCHEMA["x-kubernetes-validations"][-1]["rule"]
+    compared = set(re.findall(r"self\.spec\.(\w+) == oldSelf\.spec\.\w+", rule))
+    assert compared == set(SCHEMA["properties"]["spec"]["properties"]) - {"suspend"}

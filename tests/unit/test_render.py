@@ -1,0 +1,340 @@
+"""Rendering a FederatedRun into its children: names, wiring, security and determinism."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedrun_operator import constants as c
+from fedrun_operator.api import FederatedRun, load_run, parse_run
+from fedrun_operator.render import config_json, render_run, to_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+Manifest = dict[str, Any]
+
+
+def spec_obj(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "rounds": 5,
+        "minHospitals": 2,
+        "data": {"preset": "stroke"},
+        "hospitals": [
+            {
+                "name": "hospital-a",
+                "dataUri": "s3://bucket-a/stroke.csv",
+                "roleArn": "arn:aws:iam::123456789012:role/fedrun-hospital-a",
+                "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": 2}},
+                "nodeSelector": {"kubernetes.io/os": "linux"},
+                "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+            },
+            {"name": "hospital-b", "dataUri": "file:///data/b.csv"},
+        ],
+    }
+    base.update(spec)
+    return {
+        "apiVersion": "fedrun.io/v1alpha1",
+        "kind": "FederatedRun",
+        "metadata": {"name": "stroke", "namespace": "research", "uid": "1234-abcd"},
+        "spec": base,
+    }
+
+
+def make_run(**spec: Any) -> FederatedRun:
+    return parse_run(spec_obj(**spec))
+
+
+def by_kind_name(manifests: list[Manifest]) -> dict[tuple[str, str], Manifest]:
+    return {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+
+
+@pytest.fixture
+def run() -> FederatedRun:
+    return make_run()
+
+
+@pytest.fixture
+def children(run: FederatedRun) -> dict[tuple[str, str], Manifest]:
+    return by_kind_name(render_run(run))
+
+
+def pods(manifests: list[Manifest]) -> list[dict[str, Any]]:
+    return [m["spec"]["template"]["spec"] for m in manifests if m["kind"] in ("Deployment", "Job")]
+
+
+def test_children_and_their_order(run: FederatedRun) -> None:
+    assert [(m["kind"], m["metadata"]["name"]) for m in render_run(run)] == [
+        ("ConfigMap", "stroke-config"),
+        ("Deployment", "stroke-server"),
+        ("Service", "stroke-server"),
+        ("ServiceAccount", "stroke-hospital-a"),
+        ("Job", "stroke-hospital-a"),
+        ("ServiceAccount", "stroke-hospital-b"),
+        ("Job", "stroke-hospital-b"),
+    ]
+
+
+def test_namespace_labels_and_owner_on_every_child(run: FederatedRun) -> None:
+    for m in render_run(run):
+        meta = m["metadata"]
+        assert meta["namespace"] == "research"
+        labels = meta["labels"]
+        assert labels[c.LABEL_PART_OF] == "fedrun"
+        assert labels[c.LABEL_MANAGED_BY] == "fedrun-operator"
+        assert labels[c.LABEL_RUN] == "stroke"
+        per_hospital = m["kind"] in ("ServiceAccount", "Job")
+        assert labels[c.LABEL_COMPONENT] == ("hospital" if per_hospital else "server")
+        if per_hospital:
+            assert meta["name"] == f"stroke-{labels[c.LABEL_HOSPITAL]}"
+        else:
+            assert c.LABEL_HOSPITAL not in labels
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "fedrun.io/v1alpha1",
+                "kind": "FederatedRun",
+                "name": "stroke",
+                "uid": "1234-abcd",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+
+
+def test_owner_reference_has_no_uid_before_the_run_exists() -> None:
+    obj = spec_obj()
+    del obj["metadata"]["uid"]
+    for m in render_run(parse_run(obj)):
+        (ref,) = m["metadata"]["ownerReferences"]
+        assert "uid" not in ref
+        assert ref["name"] == "stroke"
+        assert ref["controller"] is True
+
+
+def test_config_map_holds_the_spec(run: FederatedRun, children: dict[Any, Manifest]) -> None:
+    data = children[("ConfigMap", "stroke-config")]["data"]
+    assert list(data) == ["config.json"]
+    config = json.loads(data["config.json"])
+    assert config["apiVersion"] == "fedrun.io/v1alpha1"
+    assert config["kind"] == "FederatedRun"
+    assert config["metadata"] == {"name": "stroke", "namespace": "research"}
+    assert config["spec"]["minHospitals"] == 2  # camelCase, as in YAML
+    assert parse_run(config).spec == run.spec  # the pods read back the same run
+
+
+def test_server_deployment(children: dict[Any, Manifest]) -> None:
+    deployment = children[("Deployment", "stroke-server")]
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    selector = spec["selector"]["matchLabels"]
+    assert selector == {c.LABEL_RUN: "stroke", c.LABEL_COMPONENT: "server"}
+    assert selector.items() <= spec["template"]["metadata"]["labels"].items()
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["name"] == "server"
+    assert container["image"] == "ghcr.io/fedrun/trainer:0.1.0"
+    assert container["command"] == ["fedrun", "server"]
+    assert container["args"] == [
+        "--config",
+        "/etc/fedrun/config.json",
+        "--state-dir",
+        "/var/lib/fedrun",
+        "--fleet-port",
+        "9092",
+        "--status-port",
+        "9100",
+    ]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "fleet": 9092,
+        "status": 9100,
+    }
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "status"}
+
+
+def test_server_service(children: dict[Any, Manifest]) -> None:
+    service = children[("Service", "stroke-server")]["spec"]
+    deployment = children[("Deployment", "stroke-server")]["spec"]
+    assert service["type"] == "ClusterIP"
+    assert service["selector"] == deployment["selector"]["matchLabels"]
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["ports"]] == [
+        ("fleet", 9092, "fleet"),
+        ("status", 9100, "status"),
+    ]
+
+
+def test_service_type_follows_the_spec() -> None:
+    run = make_run(server={"serviceType": "LoadBalancer"})
+    assert by_kind_name(render_run(run))[("Service", "stroke-server")]["spec"]["type"] == (
+        "LoadBalancer"
+    )
+
+
+def test_service_accounts_and_irsa(children: dict[Any, Manifest]) -> None:
+    a = children[("ServiceAccount", "stroke-hospital-a")]
+    b = children[("ServiceAccount", "stroke-hospital-b")]
+    assert a["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/fedrun-hospital-a"
+    }
+    assert "annotations" not in b["metadata"]
+    assert a["automountServiceAccountToken"] is False
+    assert b["automountServiceAccountToken"] is False
+
+
+def test_hospital_jobs(children: dict[Any, Manifest]) -> None:
+    job = children[("Job", "stroke-hospital-a")]
+    assert job["spec"]["backoffLimit"] == 3
+    assert job["spec"]["suspend"] is False
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "stroke-hospital-a"
+    assert pod["restartPolicy"] == "Never"
+    assert job["spec"]["template"]["metadata"]["labels"][c.LABEL_HOSPITAL] == "hospital-a"
+    (container,) = pod["containers"]
+    assert container["name"] == "hospital"
+    assert container["command"] == ["fedrun", "client"]
+    assert container["args"] == [
+        "--config",
+        "/etc/fedrun/config.json",
+        "--hospital",
+        "hospital-a",
+        "--server",
+        "stroke-server:9092",
+        "--state-dir",
+        "/var/lib/fedrun",
+    ]
+    assert "ports" not in container
+
+
+def test_hospital_scheduling_and_resources_come_from_the_spec(
+    children: dict[Any, Manifest],
+) -> None:
+    a = children[("Job", "stroke-hospital-a")]["spec"]["template"]["spec"]
+    b = children[("Job", "stroke-hospital-b")]["spec"]["template"]["spec"]
+    assert a["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert a["tolerations"] == [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]
+    assert a["containers"][0]["resources"] == {
+        "requests": {"cpu": "1", "memory": "2Gi"},
+        "limits": {"cpu": 2},
+    }
+    assert "nodeSelector" not in b
+    assert "tolerations" not in b
+    assert "resources" not in b["containers"][0]
+
+
+def test_server_resources_come_from_the_spec() -> None:
+    run = make_run(server={"resources": {"limits": {"memory": "2Gi"}}})
+    deployment = by_kind_name(render_run(run))[("Deployment", "stroke-server")]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == {"limits": {"memory": "2Gi"}}
+
+
+def test_every_pod_is_restricted(run: FederatedRun) -> None:
+    specs = pods(render_run(run))
+    assert len(specs) == 3
+    for pod in specs:
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"] == {"drop": ["ALL"]}
+            assert "privileged" not in security
+
+
+def test_every_pod_mounts_config_state_and_tmp(run: FederatedRun) -> None:
+    for pod in pods(render_run(run)):
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["config"] == {"name": "config", "configMap": {"name": "stroke-config"}}
+        assert volumes["state"]["emptyDir"] == {}
+        assert volumes["tmp"]["emptyDir"] == {}
+        mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["/etc/fedrun"] == {
+            "name": "config",
+            "mountPath": "/etc/fedrun",
+            "readOnly": True,
+        }
+        assert mounts["/var/lib/fedrun"]["name"] == "state"
+        assert mounts["/tmp"]["name"] == "tmp"
+
+
+def test_every_container_gets_the_environment(run: FederatedRun) -> None:
+    for pod in pods(render_run(run)):
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        assert env["FEDRUN_RUN"] == "stroke"
+        assert env["FEDRUN_NAMESPACE"] == "research"
+        assert env["FLWR_TELEMETRY_ENABLED"] == "0"
+        assert env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+        assert env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+        assert env["HOME"] == "/tmp"
+        assert all(isinstance(v, str) for v in env.values())
+
+
+def test_suspend_scales_the_server_to_zero_and_suspends_jobs() -> None:
+    manifests = render_run(make_run(suspend=True))
+    for m in manifests:
+        if m["kind"] == "Deployment":
+            assert m["spec"]["replicas"] == 0
+        if m["kind"] == "Job":
+            assert m["spec"]["suspend"] is True
+
+
+def test_config_hash_follows_the_config() -> None:
+    def hashes(run: FederatedRun) -> set[str]:
+        return {
+            m["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
+            for m in render_run(run)
+            if m["kind"] in ("Deployment", "Job")
+        }
+
+    first, same, other = make_run(), make_run(), make_run(rounds=6)
+    assert len(hashes(first)) == 1
+    assert hashes(first) == hashes(same)
+    assert hashes(first) != hashes(other)
+
+
+def test_rendering_is_deterministic() -> None:
+    obj = spec_obj()
+    shuffled = copy.deepcopy(obj)
+    shuffled["spec"] = dict(reversed(list(shuffled["spec"].items())))
+    texts = {to_yaml(render_run(parse_run(o))) for o in (obj, copy.deepcopy(obj), shuffled)}
+    assert len(texts) == 1
+
+
+def test_to_yaml_is_multi_document_and_round_trips(run: FederatedRun) -> None:
+    manifests = render_run(run)
+    text = to_yaml(manifests)
+    assert text.startswith("---\napiVersion: v1\nkind: ConfigMap\n")
+    assert text.count("\n---\n") == len(manifests) - 1
+    assert list(yaml.safe_load_all(text)) == manifests
+    assert "config.json: |" in text  # the JSON stays readable in review
+    assert "&id" not in text
+
+
+def test_render_does_not_change_the_run(run: FederatedRun) -> None:
+    before = run.model_dump()
+    render_run(run)
+    assert run.model_dump() == before
+
+
+def test_config_json_is_stable() -> None:
+    assert config_json(make_run()) == config_json(make_run())
+    assert config_json(make_run()).endswith("}\n")
+
+
+@pytest.mark.parametrize("name", ["federatedrun.yaml", "federatedrun-local.yaml"])
+def test_examples_render(name: str) -> None:
+    run = load_run(ROOT / "examples" / name)
+    manifests = render_run(run)
+    assert len(manifests) == 3 + 2 * len(run.spec.hospitals)
+    for m in manifests:
+        assert len(m["metadata"]["name"]) <= 63
