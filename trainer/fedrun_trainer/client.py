@@ -37,6 +37,7 @@ EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_SERVER_LOST = 3
+FAILED_ACK_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,16 @@ def run_client(opts: ClientOptions) -> int:
         while not stop.is_set():
             done = state_dir / DONE_MARKER
             failed = state_dir / FAILED_MARKER
-            if failed.exists():
+            if failed.exists() and (
+                done.exists() or time.time() - failed.stat().st_mtime > FAILED_ACK_GRACE_S
+            ):
+                # Exit once the server acknowledged the failure (its shutdown message), so
+                # the reason reached the run's status before this SuperNode goes away.
                 message = json.loads(failed.read_text(encoding="utf-8")).get("message", "")
                 return _finish(opts, EXIT_FAILED, f"hospital {opts.hospital} failed: {message}")
+            if failed.exists():
+                stop.wait(0.2)
+                continue
             if done.exists():
                 return _finish(opts, EXIT_DONE, f"hospital {opts.hospital}: run finished")
             if executor is not None and executor.poll() is not None:

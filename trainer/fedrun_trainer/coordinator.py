@@ -176,6 +176,10 @@ class Coordinator:
         h = self.state.hospitals[name]
         h.state, h.message = "Failed", message
         log.error("hospital %s failed: %s", name, message)
+        if h.node_id is not None:
+            # The acknowledgement lets the hospital's wrapper exit knowing the server has
+            # the reason; without it the wrapper could stop before the reply was delivered.
+            self._send(h.node_id, protocol.SHUTDOWN, RecordDict(), ttl=60.0)
 
     def _collect(self, message_ids: list[str], timeout_s: float) -> list[Message]:
         got: dict[str, Message] = {}

@@ -152,7 +152,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def shutdown(msg: Message, context: Context) -> Message:
-    """The run is over: leave the marker that makes ``fedrun client`` exit 0."""
+    """The run is over for this hospital: leave the marker that lets ``fedrun client`` exit.
+
+    It exits 0, or 1 when this hospital had failed (the server has its reason by now).
+    """
     node = NodeSettings.from_context(context)
     write_marker(node.state_dir, DONE_MARKER, {"hospital": node.hospital})
     return _reply(msg, node, Outcome.OK)

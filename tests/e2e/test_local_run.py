@@ -1,0 +1,108 @@
+"""A real federated run: a Flower SuperLink, three SuperNodes, DP-SGD, MLflow, all local."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import yaml
+
+from fedrun_operator.api import FederatedRunStatus
+from fedrun_operator.cli import main as fedrun_main
+from fedrun_trainer.privacy import load_ledger
+from fedrun_trainer.synthetic import write_demo_hospitals
+
+from .conftest import EXAMPLE, example_run
+
+
+def _hospitals(data: dict[str, Path]) -> list[dict[str, str]]:
+    return [{"name": name, "dataUri": path.as_uri()} for name, path in sorted(data.items())]
+
+
+def test_dp_run_succeeds_within_budget_and_reports_everything(tmp_path, cluster_factory):
+    data = write_demo_hospitals(tmp_path / "data", n_per_hospital=(900, 800, 700), seed=3)
+    doc = example_run(rounds=3, hospitals=_hospitals(data), roundTimeoutSeconds=120)
+    cluster = cluster_factory(doc)
+    cluster.start()
+    seen: list[dict] = []
+    status = cluster.wait(timeout_s=400, on_status=seen.append)
+
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert status["round"] == {"current": 3, "total": 3}
+    assert status["progress"] == "3/3"
+    FederatedRunStatus.model_validate(status)  # the resource's own status schema
+
+    privacy = status["privacy"]
+    assert 0 < privacy["epsilonSpent"] <= privacy["targetEpsilon"] == 1.0
+    assert {h["name"] for h in privacy["hospitals"]} == set(data)
+    assert all(h["state"] == "Done" for h in status["hospitals"])
+    assert 0.5 < status["metrics"]["auroc"] <= 1.0
+    assert status["metrics"]["round"] == 3
+
+    # ε as the status showed it over time never went down, for any hospital.
+    for name in data:
+        series = [
+            h["epsilon"] for s in seen for h in (s.get("privacy") or {}).get("hospitals", [])
+            if h["name"] == name
+        ]
+        assert series == sorted(series), (name, series)
+
+    # Each hospital's ledger (its own accountant) agrees with the status, and is ≤ target.
+    for name in data:
+        ledger_path = cluster.out / "pods" / f"stroke-demo-{name}" / "state" / "ledger"
+        ledger = load_ledger(str(ledger_path / f"{name}.json"))
+        assert ledger is not None
+        assert ledger.rounds_done == 3
+        assert ledger.epsilon <= 1.0
+        reported = next(h for h in privacy["hospitals"] if h["name"] == name)["epsilon"]
+        assert abs(ledger.epsilon - reported) < 1e-3
+
+    # Every hospital process ended with status 0 (the server's shutdown arrived).
+    assert all(pod.exit_code == 0 for pod in cluster.hospitals.values())
+
+    # MLflow has the run, its parameters, per-round metrics and the model artifact.
+    state = cluster.out / "pods" / "stroke-demo-server" / "state"
+    client = mlflow.MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    run = client.get_run(status["mlflowRunId"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["target_epsilon"] == "1.0"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_auroc")] == [1, 2, 3]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model.npz"}
+
+
+def test_fedrun_local_cli_writes_status_report_and_table(tmp_path, capsys, monkeypatch):
+    data = write_demo_hospitals(tmp_path / "data", n_per_hospital=(600, 600, 600), seed=5)
+    doc = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    doc["spec"]["rounds"] = 2
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    out = tmp_path / "out"
+
+    code = fedrun_main(
+        ["local", str(run_file), "--out", str(out), "--data-dir", str(tmp_path / "data"),
+         "--no-progress"]
+    )
+
+    assert code == 0
+    status = json.loads((out / "status.json").read_text(encoding="utf-8"))
+    assert status["phase"] == "Succeeded"
+    assert status["privacy"]["epsilonSpent"] <= 1.0
+    png = (out / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    printed = capsys.readouterr().out
+    assert "hospital-a" in printed and "Succeeded" in printed and "AUROC" in printed
+    assert len(data) == 3
+
+
+def test_fedrun_local_refuses_a_bad_spec_naming_the_field(tmp_path, capsys):
+    doc = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    doc["spec"]["privacy"]["targetEpsilon"] = -1
+    run_file = tmp_path / "bad.yaml"
+    run_file.write_text(yaml.safe_dump(doc), encoding="utf-8")
+
+    code = fedrun_main(["local", str(run_file), "--out", str(tmp_path / "out")])
+
+    assert code == 2
+    assert "spec.privacy.targetEpsilon" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
