@@ -40,14 +40,21 @@ def print_budget(file: Path, rows: int | None = None) -> int:
                 continue
             n = len(train)
         ledger = new_ledger(
-            hospital=h.name, n_train=n, batch_size=t.batch_size, local_epochs=t.local_epochs,
-            rounds=spec.rounds, target_epsilon=p.target_epsilon, delta=p.delta,
-            accountant=p.accountant, noise_multiplier=p.noise_multiplier,
+            hospital=h.name,
+            n_train=n,
+            batch_size=t.batch_size,
+            local_epochs=t.local_epochs,
+            rounds=spec.rounds,
+            target_epsilon=p.target_epsilon,
+            delta=p.delta,
+            accountant=p.accountant,
+            noise_multiplier=p.noise_multiplier,
         )
         per_round = [
             epsilon_of(
                 [(ledger.noise_multiplier, ledger.sample_rate, ledger.steps_per_round * r)],
-                p.delta, p.accountant,
+                p.delta,
+                p.accountant,
             )
             for r in range(1, spec.rounds + 1)
         ]

@@ -103,8 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedrun", description="Privacy-preserving federated learning across hospitals."
     )
-    parser.add_argument("--log-format", choices=["json", "text"], default=None,
-                        help="log format (default: json, text for `fedrun local`)")
+    parser.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        default=None,
+        help="log format (default: json, text for `fedrun local`)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("render", help="print the Kubernetes manifests for a FederatedRun")
@@ -114,12 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("local", help="run a FederatedRun on this machine, no cluster")
     p.add_argument("file", help="FederatedRun YAML")
     p.add_argument("--out", default="out/local", help="output directory (default: out/local)")
-    p.add_argument("--data-dir", default=None,
-                   help="read each hospital's data from DIR/<hospital>.csv (or .parquet) "
-                        "instead of its dataUri")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="read each hospital's data from DIR/<hospital>.csv (or .parquet) "
+        "instead of its dataUri",
+    )
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no live bar")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="give up after this many seconds (default: from the spec)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up after this many seconds (default: from the spec)",
+    )
     p.set_defaults(func=_local)
 
     p = sub.add_parser("server", help="the server pod: Flower SuperLink + run driver")
@@ -135,28 +146,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hospital", required=True)
     p.add_argument("--server", required=True, help="host:port of the server's fleet API")
     p.add_argument("--state-dir", default="/var/lib/fedrun")
-    p.add_argument("--server-lost-timeout", type=float, default=300.0,
-                   help="exit 3 after the server is unreachable this long (seconds)")
-    p.add_argument("--isolation", choices=["warm", "subprocess"],
-                   default=os.environ.get("FEDRUN_ISOLATION", "warm"),
-                   help="warm: fork ClientApp tasks from a pre-imported executor (default); "
-                        "subprocess: Flower's stock process per message "
-                        "(env FEDRUN_ISOLATION sets the default)")
-    p.add_argument("--termination-log", default=None,
-                   help="write the final message here (e.g. /dev/termination-log)")
+    p.add_argument(
+        "--server-lost-timeout",
+        type=float,
+        default=300.0,
+        help="exit 3 after the server is unreachable this long (seconds)",
+    )
+    p.add_argument(
+        "--isolation",
+        choices=["warm", "subprocess"],
+        default=os.environ.get("FEDRUN_ISOLATION", "warm"),
+        help="warm: fork ClientApp tasks from a pre-imported executor (default); "
+        "subprocess: Flower's stock process per message "
+        "(env FEDRUN_ISOLATION sets the default)",
+    )
+    p.add_argument(
+        "--termination-log",
+        default=None,
+        help="write the final message here (e.g. /dev/termination-log)",
+    )
     p.set_defaults(func=_client)
 
     p = sub.add_parser("demo-data", help="write demo hospital files (synthetic, or a real split)")
     p.add_argument("dir", help="directory for <hospital>.csv files")
-    p.add_argument("--real", default=None,
-                   help="split this Kaggle stroke CSV into 3 hospitals instead of synthesising")
+    p.add_argument(
+        "--real",
+        default=None,
+        help="split this Kaggle stroke CSV into 3 hospitals instead of synthesising",
+    )
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=_demo_data)
 
     p = sub.add_parser("budget", help="noise multiplier and ε per round for each hospital")
     p.add_argument("file", help="FederatedRun YAML")
-    p.add_argument("--rows", type=int, default=None,
-                   help="training rows per hospital (default: read each hospital's data)")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help="training rows per hospital (default: read each hospital's data)",
+    )
     p.set_defaults(func=_budget)
     return parser
 

@@ -87,7 +87,10 @@ class Pod:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                self.argv,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         self.starts += 1
@@ -206,9 +209,7 @@ class LocalCluster:
             else:  # emptyDir (and anything else) becomes a directory of the pod's own
                 volumes[vol["name"]] = pod_dir / vol["name"]
                 volumes[vol["name"]].mkdir(parents=True, exist_ok=True)
-        mounts = {
-            m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", [])
-        }
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", [])}
 
         def rewrite(arg: str) -> str:
             for svc_name, svc in services.items():
@@ -218,7 +219,7 @@ class LocalCluster:
                         arg = arg.replace(remote, f"127.0.0.1:{self.ports[int(port['port'])]}")
             for mount_path, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
                 if arg == mount_path or arg.startswith(mount_path + "/"):
-                    return str(local) + arg[len(mount_path):]
+                    return str(local) + arg[len(mount_path) :]
             return arg
 
         args = [rewrite(a) for a in container.get("args", [])]
@@ -232,8 +233,11 @@ class LocalCluster:
             args += ["--host", "127.0.0.1"]  # a pod listens on all interfaces; we do not
         else:
             termination_log = pod_dir / "termination-log"
-            args += ["--termination-log", str(termination_log)]
-        command = list(container.get("command", []))
+            if "--termination-log" in args:
+                args[args.index("--termination-log") + 1] = str(termination_log)
+            else:
+                args += ["--termination-log", str(termination_log)]
+        command = list(container.get("command", [])) + args
         if command and command[0] == "fedrun":
             command[0] = _fedrun_executable()
         env = dict(os.environ)
@@ -247,7 +251,7 @@ class LocalCluster:
         return Pod(
             name=name,
             hospital=hospital,
-            argv=command + args,
+            argv=command,
             env=env,
             log_path=self.out / "logs" / f"{name}.log",
             termination_log=termination_log,
@@ -360,9 +364,11 @@ def default_timeout(run: FederatedRun) -> float:
     """How long ``fedrun local`` waits: every round's timeout plus joining, with slack."""
     spec = run.spec
     budget = (spec.rounds + 3) * spec.round_timeout_seconds + 60.0
-    return float(min(budget, spec.active_deadline_seconds + 60.0)) if (
-        spec.active_deadline_seconds
-    ) else budget
+    return (
+        float(min(budget, spec.active_deadline_seconds + 60.0))
+        if (spec.active_deadline_seconds)
+        else budget
+    )
 
 
 def run_local(opts: LocalOptions) -> int:

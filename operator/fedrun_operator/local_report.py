@@ -21,7 +21,8 @@ def progress_line(status: dict[str, Any]) -> str:
     metrics = status.get("metrics") or {}
     eps = (
         f"ε {_fmt(privacy.get('epsilonSpent'))}/{privacy.get('targetEpsilon')}"
-        if privacy else "ε off"
+        if privacy
+        else "ε off"
     )
     return (
         f"{status.get('phase', '?'):<15} round {rnd.get('current', 0)}/{rnd.get('total', '?')}"
@@ -43,12 +44,21 @@ class ProgressView:
     def start(self) -> None:
         if not self.live:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-        from rich.progress import TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            transient=False,
         )
         self._task = self._progress.add_task(
             self.run.metadata.name, total=self.run.spec.rounds, detail="starting"
@@ -111,8 +121,12 @@ def print_summary(
     for h in status.get("hospitals", []):
         name = h["name"]
         table.add_row(
-            name, str(h.get("state")), str(h.get("restarts", 0)), _fmt(per_eps.get(name)),
-            _fmt((last_eval.get(name) or {}).get("auroc")), str(h.get("message") or ""),
+            name,
+            str(h.get("state")),
+            str(h.get("restarts", 0)),
+            _fmt(per_eps.get(name)),
+            _fmt((last_eval.get(name) or {}).get("auroc")),
+            str(h.get("message") or ""),
         )
     console.print(table)
     metrics = status.get("metrics") or {}
@@ -121,8 +135,12 @@ def print_summary(
         f"phase {status.get('phase')}  rounds {rnd.get('current', 0)}/{rnd.get('total')}  "
         f"AUROC {_fmt(metrics.get('auroc'))}  AUPRC {_fmt(metrics.get('auprc'))}  "
         f"loss {_fmt(metrics.get('loss'))}  "
-        + (f"ε {_fmt(privacy.get('epsilonSpent'))} of {privacy.get('targetEpsilon')} "
-           f"(δ={privacy.get('delta')})  " if privacy else "DP off  ")
+        + (
+            f"ε {_fmt(privacy.get('epsilonSpent'))} of {privacy.get('targetEpsilon')} "
+            f"(δ={privacy.get('delta')})  "
+            if privacy
+            else "DP off  "
+        )
         + f"wall {elapsed_s:.0f}s"
     )
     if status.get("message"):
@@ -130,5 +148,7 @@ def print_summary(
     console.print(f"status: {status_path}   report: {out / 'report.png'}   logs: {out / 'logs'}")
     store = out / "pods" / f"{run.metadata.name}-server" / "state" / "mlflow.db"
     if store.exists():
-        console.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{store.resolve()}"
-                      f"  (run {status.get('mlflowRunId')})")
+        console.print(
+            f"MLflow: mlflow ui --backend-store-uri sqlite:///{store.resolve()}"
+            f"  (run {status.get('mlflowRunId')})"
+        )

@@ -174,18 +174,19 @@ def _container_security_context() -> dict[str, Any]:
 def _container(
     run: FederatedRun,
     name: str,
-    command: list[str],
     args: list[str],
     resources: Resources | None,
     hospital: str | None,
 ) -> dict[str, Any]:
+    # No `command`: the image's entrypoint (tini) stays PID 1 and reaps Flower's app
+    # processes; `args` is the whole fedrun command line.
     container: dict[str, Any] = {
         "name": name,
         "image": run.spec.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": command,
         "args": args,
         "env": _env(run, hospital),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if resources is not None:
         container["resources"] = resources.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -215,8 +216,9 @@ def _server_deployment(run: FederatedRun, config: str) -> Manifest:
     container = _container(
         run,
         "server",
-        ["fedrun", "server"],
         [
+            "fedrun",
+            "server",
             "--config",
             c.CONFIG_PATH,
             "--state-dir",
@@ -308,8 +310,9 @@ def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifes
     container = _container(
         run,
         "hospital",
-        ["fedrun", "client"],
         [
+            "fedrun",
+            "client",
             "--config",
             c.CONFIG_PATH,
             "--hospital",
@@ -318,13 +321,17 @@ def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifes
             server_address(run),
             "--state-dir",
             c.STATE_DIR,
+            "--termination-log",
+            "/dev/termination-log",
         ],
         hospital.resources,
         hospital.name,
     )
     pod = _pod_spec(run, container)
     pod["serviceAccountName"] = name
-    pod["restartPolicy"] = "Never"
+    # OnFailure keeps the pod, and with it the emptyDir that holds the default file
+    # ledger, across container restarts: a crashed client resumes from the ε it spent.
+    pod["restartPolicy"] = "OnFailure"
     if hospital.node_selector:
         pod["nodeSelector"] = dict(sorted(hospital.node_selector.items()))
     if hospital.tolerations:

@@ -80,7 +80,9 @@ def test_too_few_good_hospitals_fails_the_run_without_hanging(tmp_path, cluster_
     frame["stroke"] = 7
     pd.DataFrame(frame).to_csv(non_binary, index=False)
     doc = example_run(
-        rounds=2, minHospitals=2, roundTimeoutSeconds=60,
+        rounds=2,
+        minHospitals=2,
+        roundTimeoutSeconds=60,
         hospitals=[
             {"name": "good", "dataUri": good.as_uri()},
             {"name": "empty", "dataUri": empty.as_uri()},

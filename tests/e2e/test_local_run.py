@@ -43,7 +43,9 @@ def test_dp_run_succeeds_within_budget_and_reports_everything(tmp_path, cluster_
     # ε as the status showed it over time never went down, for any hospital.
     for name in data:
         series = [
-            h["epsilon"] for s in seen for h in (s.get("privacy") or {}).get("hospitals", [])
+            h["epsilon"]
+            for s in seen
+            for h in (s.get("privacy") or {}).get("hospitals", [])
             if h["name"] == name
         ]
         assert series == sorted(series), (name, series)
@@ -80,8 +82,15 @@ def test_fedrun_local_cli_writes_status_report_and_table(tmp_path, capsys, monke
     out = tmp_path / "out"
 
     code = fedrun_main(
-        ["local", str(run_file), "--out", str(out), "--data-dir", str(tmp_path / "data"),
-         "--no-progress"]
+        [
+            "local",
+            str(run_file),
+            "--out",
+            str(out),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--no-progress",
+        ]
     )
 
     assert code == 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from fedrun_trainer.privacy import load_ledger
 from fedrun_trainer.synthetic import write_demo_hospitals
 
@@ -28,7 +30,11 @@ def _wait_for(cluster, predicate, timeout_s: float) -> dict[str, Any]:
     raise AssertionError(f"condition not reached within {timeout_s}s: {cluster.status()}")
 
 
-def test_killed_hospital_rejoins_and_its_epsilon_never_goes_down(tmp_path, cluster_factory):
+@pytest.mark.parametrize("ledger_survives", [True, False], ids=["ledger-kept", "ledger-lost"])
+def test_killed_hospital_rejoins_and_its_epsilon_never_goes_down(
+    tmp_path, cluster_factory, ledger_survives
+):
+    """With its ledger, or without (a new pod on an emptyDir): ε resumes, never from zero."""
     data = write_demo_hospitals(tmp_path / "data", n_per_hospital=(700, 700, 700), seed=8)
     hospitals = [{"name": n, "dataUri": p.as_uri()} for n, p in sorted(data.items())]
     doc = example_run(rounds=4, minHospitals=3, roundTimeoutSeconds=120, hospitals=hospitals)
@@ -45,6 +51,8 @@ def test_killed_hospital_rejoins_and_its_epsilon_never_goes_down(tmp_path, clust
 
     cluster.kill_hospital(victim)  # SIGKILL to the whole process group, like a lost pod
     assert cluster.hospitals[victim].exit_code == -9
+    if not ledger_survives:
+        (ledger_file / f"{victim}.json").unlink()  # the server's record must take over
     cluster.restart_hospital(victim)
 
     seen: list[dict[str, Any]] = []
@@ -64,3 +72,5 @@ def test_killed_hospital_rejoins_and_its_epsilon_never_goes_down(tmp_path, clust
     assert ledger_after.steps > ledger_before.steps
     assert ledger_after.epsilon <= 1.0 + 1e-9
     assert _epsilon(status, victim) >= ledger_after.epsilon - 1e-3
+    log_text = cluster.hospitals[victim].log_path.read_text(encoding="utf-8", errors="replace")
+    assert ("resuming from the server's record" in log_text) is (not ledger_survives)

@@ -136,8 +136,10 @@ def test_server_deployment(children: dict[Any, Manifest]) -> None:
     (container,) = spec["template"]["spec"]["containers"]
     assert container["name"] == "server"
     assert container["image"] == "ghcr.io/fedrun/trainer:0.1.0"
-    assert container["command"] == ["fedrun", "server"]
+    assert "command" not in container  # the image's entrypoint (tini) stays PID 1
     assert container["args"] == [
+        "fedrun",
+        "server",
         "--config",
         "/etc/fedrun/config.json",
         "--state-dir",
@@ -190,12 +192,15 @@ def test_hospital_jobs(children: dict[Any, Manifest]) -> None:
     assert job["spec"]["suspend"] is False
     pod = job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "stroke-hospital-a"
-    assert pod["restartPolicy"] == "Never"
+    assert pod["restartPolicy"] == "OnFailure"  # keeps the emptyDir ledger across restarts
     assert job["spec"]["template"]["metadata"]["labels"][c.LABEL_HOSPITAL] == "hospital-a"
     (container,) = pod["containers"]
     assert container["name"] == "hospital"
-    assert container["command"] == ["fedrun", "client"]
+    assert "command" not in container
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert container["args"] == [
+        "fedrun",
+        "client",
         "--config",
         "/etc/fedrun/config.json",
         "--hospital",
@@ -204,6 +209,8 @@ def test_hospital_jobs(children: dict[Any, Manifest]) -> None:
         "stroke-server:9092",
         "--state-dir",
         "/var/lib/fedrun",
+        "--termination-log",
+        "/dev/termination-log",
     ]
     assert "ports" not in container
 

@@ -106,10 +106,16 @@ def run_client(opts: ClientOptions) -> int:
     env = flwr_env.environment(state_dir / "flwr-home")
     runtime_port = free_port()
     argv = [
-        "flower-supernode", "--insecure", "--superlink", opts.server,
-        "--node-config", node_config(opts, incarnation),
-        "--port", str(runtime_port),
-        "--max-wait-time", str(int(opts.server_lost_timeout_s)),
+        "flower-supernode",
+        "--insecure",
+        "--superlink",
+        opts.server,
+        "--node-config",
+        node_config(opts, incarnation),
+        "--port",
+        str(runtime_port),
+        "--max-wait-time",
+        str(int(opts.server_lost_timeout_s)),
     ]
     executor: subprocess.Popen[bytes] | None = None
     if opts.isolation == "warm":
@@ -119,10 +125,16 @@ def run_client(opts: ClientOptions) -> int:
     if opts.isolation == "warm":
         executor = subprocess.Popen(
             [
-                sys.executable, "-m", "fedrun_trainer.warm_executor",
-                "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure",
-                "--parent-pid", str(supernode.pid),
-                "--superexec-auth-secret-file", str(secret),
+                sys.executable,
+                "-m",
+                "fedrun_trainer.warm_executor",
+                "--runtime-api-address",
+                f"127.0.0.1:{runtime_port}",
+                "--insecure",
+                "--parent-pid",
+                str(supernode.pid),
+                "--superexec-auth-secret-file",
+                str(secret),
             ],
             env=env,
         )
@@ -146,22 +158,31 @@ def run_client(opts: ClientOptions) -> int:
             if done.exists():
                 return _finish(opts, EXIT_DONE, f"hospital {opts.hospital}: run finished")
             if executor is not None and executor.poll() is not None:
-                return _finish(opts, EXIT_FAILED,
-                               f"hospital {opts.hospital}: the warm executor exited with "
-                               f"status {executor.returncode}")
+                return _finish(
+                    opts,
+                    EXIT_FAILED,
+                    f"hospital {opts.hospital}: the warm executor exited with "
+                    f"status {executor.returncode}",
+                )
             if supernode.poll() is not None:
-                return _finish(opts, supernode.returncode or EXIT_FAILED,
-                               f"hospital {opts.hospital}: Flower SuperNode exited with "
-                               f"status {supernode.returncode}")
+                return _finish(
+                    opts,
+                    supernode.returncode or EXIT_FAILED,
+                    f"hospital {opts.hospital}: Flower SuperNode exited with "
+                    f"status {supernode.returncode}",
+                )
             now = time.monotonic()
             if now - last_probe >= 5.0:
                 last_probe = now
                 if reachable(opts.server):
                     last_seen = now
                 elif now - last_seen > opts.server_lost_timeout_s:
-                    return _finish(opts, EXIT_SERVER_LOST,
-                                   f"hospital {opts.hospital}: server {opts.server} unreachable "
-                                   f"for more than {opts.server_lost_timeout_s:.0f}s")
+                    return _finish(
+                        opts,
+                        EXIT_SERVER_LOST,
+                        f"hospital {opts.hospital}: server {opts.server} unreachable "
+                        f"for more than {opts.server_lost_timeout_s:.0f}s",
+                    )
             stop.wait(0.2)
         return _finish(opts, 143, f"hospital {opts.hospital}: terminated")
     finally:

@@ -249,26 +249,33 @@ class Coordinator:
 
     # -- rounds -----------------------------------------------------------------------
     def _train_content(
-        self, weights: Weights, server_round: int, evaluate_first: bool
+        self, name: str, weights: Weights, server_round: int, evaluate_first: bool
     ) -> RecordDict:
+        config: dict[str, Any] = {"server_round": server_round, "evaluate_first": evaluate_first}
+        history = self.state.hospitals[name].history
+        if history:
+            # The server's own record of this hospital's spend: a hospital whose ledger was
+            # lost (a new pod on an emptyDir) resumes from it instead of from zero.
+            config["spent_sigma"] = [float(s) for s, _, _ in history]
+            config["spent_q"] = [float(q) for _, q, _ in history]
+            config["spent_steps"] = [int(n) for _, _, n in history]
         return RecordDict(
-            {
-                protocol.WEIGHTS: ArrayRecord(weights),
-                protocol.CONFIG: ConfigRecord(
-                    {"server_round": server_round, "evaluate_first": evaluate_first}
-                ),
-            }
+            {protocol.WEIGHTS: ArrayRecord(weights), protocol.CONFIG: ConfigRecord(config)}
         )
 
     def _exchange(
-        self, names: list[str], message_type: str, content: RecordDict, timeout_s: float
+        self,
+        names: list[str],
+        message_type: str,
+        content_for: Callable[[str], RecordDict],
+        timeout_s: float,
     ) -> dict[str, HospitalReply]:
         """Send to each named hospital, re-sending to a hospital that rejoined meanwhile."""
         pending: dict[str, tuple[int, str]] = {}
         for name in names:
             node = self.state.hospitals[name].node_id
             if node is not None:
-                pending[name] = (node, self._send(node, message_type, content))
+                pending[name] = (node, self._send(node, message_type, content_for(name)))
         replies: dict[str, HospitalReply] = {}
         deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:
@@ -289,7 +296,10 @@ class Coordinator:
                     del pending[name]
                 elif h.node_id is not None and h.node_id != node:
                     log.info("re-sending %s to %s on its new node", message_type, name)
-                    pending[name] = (h.node_id, self._send(h.node_id, message_type, content))
+                    pending[name] = (
+                        h.node_id,
+                        self._send(h.node_id, message_type, content_for(name)),
+                    )
             if pending:
                 time.sleep(POLL_S)
         return replies
@@ -313,10 +323,15 @@ class Coordinator:
             )
             self.publish(st)
             return None
-        sizes = {h.name: h.num_features for h in st.hospitals.values() if h.active and h.num_features}
+        sizes = {
+            h.name: h.num_features for h in st.hospitals.values() if h.active and h.num_features
+        }
         if len(set(sizes.values())) != 1:
-            st.finish("Failed", "InconsistentData",
-                      f"hospitals disagree on the number of model features: {sizes}")
+            st.finish(
+                "Failed",
+                "InconsistentData",
+                f"hospitals disagree on the number of model features: {sizes}",
+            )
             self.publish(st)
             return None
         weights = make_initial(next(iter(sizes.values())))
@@ -372,8 +387,12 @@ class Coordinator:
             st.hospitals[name].state = "Training"
         st.message = f"round {server_round}/{cfg.rounds}: training at {len(eligible)} hospitals"
         self.publish(st)
-        content = self._train_content(weights, server_round, evaluate_first=server_round > 1)
-        replies = self._exchange(eligible, protocol.TRAIN, content, cfg.round_timeout_s)
+        replies = self._exchange(
+            eligible,
+            protocol.TRAIN,
+            lambda name: self._train_content(name, weights, server_round, server_round > 1),
+            cfg.round_timeout_s,
+        )
         # The replies' "evaluate_first" figures judge the previous round's global model.
         results: list[tuple[Weights, int]] = []
         record = RoundRecord(round=server_round)
@@ -438,7 +457,9 @@ class Coordinator:
             n for n, h in st.hospitals.items() if h.node_id is not None and h.state != "Failed"
         ]
         content = RecordDict({protocol.WEIGHTS: ArrayRecord(weights)})
-        replies = self._exchange(names, protocol.EVALUATE, content, self.settings.round_timeout_s)
+        replies = self._exchange(
+            names, protocol.EVALUATE, lambda _: content, self.settings.round_timeout_s
+        )
         per_eval = {n: r.evaluation for n, r in replies.items() if r.evaluation}
         if st.rounds and per_eval:
             st.rounds[-1].per_hospital_eval = per_eval

@@ -132,7 +132,6 @@ def run_federation(grid: Grid, context: Context) -> None:
         tracker.finish(state.phase)
         try:
             coordinator.shutdown_hospitals()
-        except Exception:  # noqa: BLE001 - best effort: hospitals also time out on their own
+        except Exception:
             log.warning("could not tell every hospital to shut down")
         publish(state)
-

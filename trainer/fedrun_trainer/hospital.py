@@ -98,6 +98,16 @@ def _fail(msg: Message, node: NodeSettings, message: str) -> Message:
     return _reply(msg, node, Outcome.FAILED, message)
 
 
+def server_history(cfg: ConfigRecord) -> list[tuple[float, float, int]]:
+    """The server's record of this hospital's DP steps, ``[(σ, q, steps), ...]``."""
+    if "spent_steps" not in cfg:
+        return []
+    sigmas: Any = cfg["spent_sigma"]
+    rates: Any = cfg["spent_q"]
+    steps: Any = cfg["spent_steps"]
+    return [(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps, strict=True)]
+
+
 def _guarded(kind: str, msg: Message, context: Context) -> Message:
     node = NodeSettings.from_context(context)
     from fedrun_trainer import session  # heavy imports (torch, Opacus) only when needed
@@ -116,6 +126,7 @@ def _guarded(kind: str, msg: Message, context: Context) -> Message:
             weights,
             server_round=int(cfg["server_round"]),  # type: ignore[arg-type]
             evaluate_first=bool(cfg["evaluate_first"]),
+            server_history=server_history(cfg),
         )
         return _reply(
             msg,

@@ -23,16 +23,24 @@ def plot_report(history: dict[str, Any], status: dict[str, Any], path: Path) -> 
             for r in rounds
         ]
 
-    hospitals = sorted({h for r in rounds for h in (r.get("hospitalEvaluation") or {})}
-                       | {h for r in rounds for h in (r.get("epsilon") or {})})
+    hospitals = sorted(
+        {h for r in rounds for h in (r.get("hospitalEvaluation") or {})}
+        | {h for r in rounds for h in (r.get("epsilon") or {})}
+    )
     for name in hospitals:
         ys = [((r.get("hospitalEvaluation") or {}).get(name) or {}).get("auroc") for r in rounds]
-        ax_auc.plot(xs, [float("nan") if y is None else y for y in ys], marker=".",
-                    linewidth=1, alpha=0.7, label=name)
-    ax_auc.plot(xs, series("auroc"), marker="o", linewidth=2.5, color="black",
-                label="global (weighted)")
-    ax_auc.set(title="AUROC of the global model, held-out splits", xlabel="round",
-               ylabel="AUROC")
+        ax_auc.plot(
+            xs,
+            [float("nan") if y is None else y for y in ys],
+            marker=".",
+            linewidth=1,
+            alpha=0.7,
+            label=name,
+        )
+    ax_auc.plot(
+        xs, series("auroc"), marker="o", linewidth=2.5, color="black", label="global (weighted)"
+    )
+    ax_auc.set(title="AUROC of the global model, held-out splits", xlabel="round", ylabel="AUROC")
     ax_auc.grid(alpha=0.3)
     ax_auc.legend(fontsize=8)
 

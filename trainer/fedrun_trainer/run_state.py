@@ -65,7 +65,7 @@ class RoundRecord:
     hospitals_trained: list[str] = field(default_factory=list)
     train_loss: float | None = None
     evaluation: dict[str, float | None] = field(default_factory=dict)
-    per_hospital_eval: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    per_hospital_eval: dict[str, dict[str, float]] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -53,7 +52,7 @@ class StatusServer:
         state_dir_ref = state_dir
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/healthz":
                     self._send(200, "text/plain", b"ok\n")
@@ -79,7 +78,7 @@ class StatusServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 return  # probes every few seconds would drown the run's own log
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)
@@ -142,7 +141,9 @@ def run_server(opts: ServerOptions) -> int:
     for stale in (STATUS_FILE, HISTORY_FILE):
         (state_dir / stale).unlink(missing_ok=True)
     initial = RunState.new(
-        settings.run_name, settings.hospital_names, settings.rounds,
+        settings.run_name,
+        settings.hospital_names,
+        settings.rounds,
         settings.target_epsilon if settings.privacy_enabled else None,
         settings.delta if settings.privacy_enabled else None,
     )
@@ -161,8 +162,13 @@ def run_server(opts: ServerOptions) -> int:
     app_dir = _prepare_app(state_dir)
     superlink = subprocess.Popen(
         [
-            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-            "--host", opts.host, "--port", str(opts.fleet_port),
+            "flower-superlink",
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            opts.host,
+            "--port",
+            str(opts.fleet_port),
         ],
         env=env,
     )
@@ -183,8 +189,12 @@ def run_server(opts: ServerOptions) -> int:
 
 def _flwr_json(args: list[str], env: dict[str, str], timeout_s: float = 60) -> dict[str, Any]:
     out = subprocess.run(
-        ["flwr", *args, "--format", "json"], env=env, capture_output=True, text=True,
-        timeout=timeout_s, check=False,
+        ["flwr", *args, "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
     )
     try:
         parsed: dict[str, Any] = json.loads(out.stdout)
@@ -212,8 +222,9 @@ def _submit_and_follow(
     run_config = f'fedrun-config="{Path(opts.config).resolve()}" state-dir="{state_dir}"'
     submitted = _flwr_json(["run", str(app_dir), "local", "--run-config", run_config], env)
     if not submitted.get("success"):
-        _publish_failure(state_dir, "ServerError",
-                         f"could not submit the run to Flower: {submitted}")
+        _publish_failure(
+            state_dir, "ServerError", f"could not submit the run to Flower: {submitted}"
+        )
         return 1
     run_id = str(submitted["run-id"])
     log.info("submitted Flower run %s", run_id)
@@ -224,13 +235,19 @@ def _submit_and_follow(
         if status.get("phase") in PHASES_FINAL and _flower_finished(run_id, env):
             return 0 if status["phase"] == "Succeeded" else 1
         if superlink.poll() is not None:
-            _publish_failure(state_dir, "ServerError",
-                             f"the Flower SuperLink exited with status {superlink.returncode}")
+            _publish_failure(
+                state_dir,
+                "ServerError",
+                f"the Flower SuperLink exited with status {superlink.returncode}",
+            )
             return 1
         if time.monotonic() >= deadline:
             _flwr_json(["stop", run_id, "local"], env)
-            _publish_failure(state_dir, "DeadlineExceeded",
-                             f"the run did not finish within {run_deadline_s(settings):.0f}s")
+            _publish_failure(
+                state_dir,
+                "DeadlineExceeded",
+                f"the run did not finish within {run_deadline_s(settings):.0f}s",
+            )
             return 1
         if time.monotonic() - last_check > 5:
             last_check = time.monotonic()
@@ -238,8 +255,11 @@ def _submit_and_follow(
             status = files.read_json(state_dir / STATUS_FILE) or {}
             if flower_state.startswith("finished") and status.get("phase") not in PHASES_FINAL:
                 # The ServerApp process is gone without a final status: it crashed.
-                _publish_failure(state_dir, "ServerError",
-                                 f"the ServerApp ended ({flower_state}) before the run finished")
+                _publish_failure(
+                    state_dir,
+                    "ServerError",
+                    f"the ServerApp ended ({flower_state}) before the run finished",
+                )
                 return 1
         stop.wait(0.5)
     return 143

@@ -21,8 +21,9 @@ def metric_families(status: dict[str, Any], history: dict[str, Any]) -> list[Met
     run = str(history.get("run", ""))
     out: list[Metric] = []
 
-    phase = GaugeMetricFamily("fedrun_run_phase", "1 for the run's current phase.",
-                              labels=["run", "phase"])
+    phase = GaugeMetricFamily(
+        "fedrun_run_phase", "1 for the run's current phase.", labels=["run", "phase"]
+    )
     for p in PHASES:
         phase.add_metric([run, p], 1.0 if status.get("phase") == p else 0.0)
     out.append(phase)
@@ -36,38 +37,44 @@ def metric_families(status: dict[str, Any], history: dict[str, Any]) -> list[Met
 
     privacy = status.get("privacy") or {}
     if privacy:
-        spent = GaugeMetricFamily("fedrun_epsilon_spent", "ε spent by each hospital.",
-                                  labels=["run", "hospital"])
+        spent = GaugeMetricFamily(
+            "fedrun_epsilon_spent", "ε spent by each hospital.", labels=["run", "hospital"]
+        )
         for h in privacy.get("hospitals", []):
             spent.add_metric([run, h["name"]], float(h.get("epsilon") or 0.0))
-        target = GaugeMetricFamily("fedrun_epsilon_target", "The run's target ε.",
-                                   labels=["run"])
+        target = GaugeMetricFamily("fedrun_epsilon_target", "The run's target ε.", labels=["run"])
         target.add_metric([run], float(privacy.get("targetEpsilon") or 0.0))
         out += [spent, target]
 
     metrics = status.get("metrics") or {}
-    for key, help_text in (("auroc", "AUROC"), ("auprc", "AUPRC"), ("loss", "test loss"),
-                           ("accuracy", "accuracy")):
+    for key, help_text in (
+        ("auroc", "AUROC"),
+        ("auprc", "AUPRC"),
+        ("loss", "test loss"),
+        ("accuracy", "accuracy"),
+    ):
         if metrics.get(key) is not None:
-            g = GaugeMetricFamily(f"fedrun_{key}", f"Latest global-model {help_text}.",
-                                  labels=["run"])
+            g = GaugeMetricFamily(
+                f"fedrun_{key}", f"Latest global-model {help_text}.", labels=["run"]
+            )
             g.add_metric([run], float(metrics[key]))
             out.append(g)
 
     hospitals = status.get("hospitals", [])
-    connected = GaugeMetricFamily("fedrun_hospitals_connected",
-                                  "Hospitals connected or training.", labels=["run"])
+    connected = GaugeMetricFamily(
+        "fedrun_hospitals_connected", "Hospitals connected or training.", labels=["run"]
+    )
     connected.add_metric(
         [run], float(sum(1 for h in hospitals if h.get("state") in ("Connected", "Training")))
     )
-    failed = GaugeMetricFamily("fedrun_hospitals_failed", "Hospitals that failed.",
-                               labels=["run"])
+    failed = GaugeMetricFamily("fedrun_hospitals_failed", "Hospitals that failed.", labels=["run"])
     failed.add_metric([run], float(sum(1 for h in hospitals if h.get("state") == "Failed")))
     out += [connected, failed]
 
     durations = [float(r.get("durationSeconds", 0.0)) for r in history.get("rounds", [])]
-    hist = HistogramMetricFamily("fedrun_round_duration_seconds", "Wall time of each round.",
-                                 labels=["run"])
+    hist = HistogramMetricFamily(
+        "fedrun_round_duration_seconds", "Wall time of each round.", labels=["run"]
+    )
     buckets = [(str(b), float(sum(1 for d in durations if d <= b))) for b in ROUND_BUCKETS]
     buckets.append(("+Inf", float(len(durations))))
     hist.add_metric([run], buckets, sum_value=sum(durations))

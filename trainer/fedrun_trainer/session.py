@@ -7,7 +7,8 @@ privacy ledger (read, checked, trained, written back before replying).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,13 @@ from fedrun_operator import constants
 from fedrun_operator.api import ledger_uri
 from fedrun_trainer.data import Table, load_hospital_data
 from fedrun_trainer.model import build_model
-from fedrun_trainer.privacy import BudgetExceeded, open_ledger, save_ledger
+from fedrun_trainer.privacy import (
+    BudgetExceeded,
+    PrivacyLedger,
+    epsilon_of,
+    open_ledger,
+    save_ledger,
+)
 from fedrun_trainer.protocol import Outcome
 from fedrun_trainer.settings import HospitalConfigError, RunSettings
 from fedrun_trainer.train import EvalResult, evaluate, train_round
@@ -25,6 +32,7 @@ from fedrun_trainer.train import EvalResult, evaluate, train_round
 __all__ = ["HospitalConfigError", "HospitalSession", "TrainOutcome"]
 
 Weights = list[np.ndarray]
+log = logging.getLogger("fedrun.hospital")
 
 
 @dataclass(frozen=True)
@@ -40,8 +48,11 @@ class TrainOutcome:
 
 
 def _eval_dict(result: EvalResult) -> dict[str, float]:
-    out = {"num_examples": float(result.num_examples), "loss": result.loss,
-           "accuracy": result.accuracy}
+    out = {
+        "num_examples": float(result.num_examples),
+        "loss": result.loss,
+        "accuracy": result.accuracy,
+    }
     if result.auroc is not None:
         out["auroc"] = result.auroc
     if result.auprc is not None:
@@ -55,6 +66,30 @@ def local_ledger_uri(uri: str, state_dir: Path) -> str:
     if uri.startswith(prefix):
         return (state_dir / uri.removeprefix(prefix)).resolve().as_uri()
     return uri
+
+
+def resume_from_server(
+    ledger: PrivacyLedger, server_history: list[tuple[float, float, int]]
+) -> PrivacyLedger:
+    """The ledger, or the server's record of this hospital's steps when that is longer."""
+    server_steps = sum(n for _, _, n in server_history)
+    if server_steps <= ledger.steps:
+        return ledger
+    log.warning(
+        "hospital %s: the local ledger knows %d DP steps, the server %d; resuming from the "
+        "server's record (was the ledger lost with a pod?)",
+        ledger.hospital,
+        ledger.steps,
+        server_steps,
+    )
+    sigma, q, _ = server_history[-1]
+    return replace(
+        ledger,
+        history=list(server_history),
+        noise_multiplier=sigma,
+        sample_rate=q,
+        epsilon=epsilon_of(server_history, ledger.delta, ledger.accountant),
+    )
 
 
 @dataclass
@@ -98,12 +133,21 @@ class HospitalSession:
         return _eval_dict(evaluate(self._model(), weights, self.test_table))
 
     def ledger_uri(self) -> str:
-        return local_ledger_uri(
-            ledger_uri(self.settings.run, self.name), self.state_dir
-        )
+        return local_ledger_uri(ledger_uri(self.settings.run, self.name), self.state_dir)
 
-    def train(self, weights: Weights, server_round: int, evaluate_first: bool) -> TrainOutcome:
-        """Evaluate the incoming model if asked, then train one round within the budget."""
+    def train(
+        self,
+        weights: Weights,
+        server_round: int,
+        evaluate_first: bool,
+        server_history: list[tuple[float, float, int]] | None = None,
+    ) -> TrainOutcome:
+        """Evaluate the incoming model if asked, then train one round within the budget.
+
+        ``server_history`` is the server's record of this hospital's DP steps; when the
+        local ledger knows fewer steps (it was lost with a pod), training resumes from the
+        server's record, so ε is never counted from zero again.
+        """
         evaluation = self.evaluate(weights) if evaluate_first else {}
         spec = self.settings.run.spec
         ledger = None
@@ -121,6 +165,7 @@ class HospitalSession:
                 accountant=spec.privacy.accountant,
                 noise_multiplier=spec.privacy.noise_multiplier,
             )
+            ledger = resume_from_server(ledger, server_history or [])
         try:
             result = train_round(
                 self._model(),
@@ -136,7 +181,9 @@ class HospitalSession:
         except BudgetExceeded as err:
             assert ledger is not None
             return TrainOutcome(
-                Outcome.BUDGET, str(err), evaluation=evaluation,
+                Outcome.BUDGET,
+                str(err),
+                evaluation=evaluation,
                 privacy=self._privacy(ledger.epsilon, ledger, steps=0),
             )
         if result.ledger is not None and not result.skipped:

@@ -36,7 +36,7 @@ class Tracker:
             return None
         try:
             return fn(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+        except Exception as err:
             self.error = f"MLflow {what} failed: {type(err).__name__}: {err}"
             log.warning("%s", self.error)
             return None
@@ -69,7 +69,8 @@ class Tracker:
 
     def log_metrics(self, step: int, metrics: dict[str, float | None]) -> None:
         """Log one round's metrics (None values are skipped)."""
-        if self.run_id is None:
+        run_id = self.run_id
+        if run_id is None:
             return
 
         def _log() -> None:
@@ -78,7 +79,7 @@ class Tracker:
             client = mlflow.MlflowClient(self.tracking_uri)
             for key, value in sorted(metrics.items()):
                 if value is not None:
-                    client.log_metric(self.run_id, key, float(value), step=step)
+                    client.log_metric(run_id, key, float(value), step=step)
 
         self._guard("log_metrics", _log)
 
@@ -96,7 +97,8 @@ class Tracker:
 
     def finish(self, phase: str) -> None:
         """Close the MLflow run with a status that matches the FederatedRun's phase."""
-        if self.run_id is None:
+        run_id = self.run_id
+        if run_id is None:
             return
 
         def _end() -> None:
@@ -104,7 +106,7 @@ class Tracker:
 
             status = "FINISHED" if phase == "Succeeded" else "FAILED"
             client = mlflow.MlflowClient(self.tracking_uri)
-            client.set_tag(self.run_id, "fedrun.phase", phase)
-            client.set_terminated(self.run_id, status=status)
+            client.set_tag(run_id, "fedrun.phase", phase)
+            client.set_terminated(run_id, status=status)
 
         self._guard("finish", _end)

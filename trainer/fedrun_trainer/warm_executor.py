@@ -76,7 +76,7 @@ def warm_up() -> None:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    import fedrun_trainer.apps  # noqa: F401 - the ClientApp module the FAB points at
+    import fedrun_trainer.apps
     import fedrun_trainer.session  # noqa: F401 - data, model, privacy, training
 
     model = torch.nn.Linear(3, 1)
@@ -93,7 +93,7 @@ def warm_up() -> None:
         if len(x) == 0:
             continue
         optimizer.zero_grad()
-        torch.nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(-1), y).backward()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(-1), y).backward()  # type: ignore[no-untyped-call]
         optimizer.step()
     engine.accountant.get_epsilon(delta=1e-5)
 
@@ -108,7 +108,10 @@ class ForkExecutor:
         self.children: set[int] = set()
 
     def get_eligible_capacity(
-        self, supported_task_types: set[Any], *, insecure: bool = False,
+        self,
+        supported_task_types: set[Any],
+        *,
+        insecure: bool = False,
         root_certificates_path: str | None = None,
     ) -> tuple[set[Any], set[str]]:
         """Every task type can launch at once (no pool to wait for)."""
@@ -168,7 +171,7 @@ def _run_task(spec: Any) -> None:
         code = 0
     except SystemExit as exc:  # flwr_exit() ends every task this way
         code = exc.code if isinstance(exc.code, int) else 0
-    except BaseException:  # noqa: BLE001 - the child must never return into the parent's loop
+    except BaseException:
         log.exception("ClientApp task failed")
     finally:
         sys.stdout.flush()
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supercore.cli.flower_superexec import flower_superexec
     from flwr.supercore.superexec import run_superexec as rs
 
-    rs.get_executor = lambda *args, **kwargs: ForkExecutor()  # type: ignore[assignment]
+    rs.get_executor = lambda *args, **kwargs: ForkExecutor()  # type: ignore[attr-defined]
     sys.argv = ["flower-superexec", *(sys.argv[1:] if argv is None else argv)]
     flower_superexec()
 
