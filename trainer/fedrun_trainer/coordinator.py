@@ -114,6 +114,7 @@ class Coordinator:
         self.on_round = on_round
         self._node_hospital: dict[int, str] = {}
         self._dead_nodes: set[int] = set()
+        self._hello_pending: dict[int, str] = {}
         self._last_refresh = 0.0
 
     # -- nodes ------------------------------------------------------------------------
@@ -124,7 +125,11 @@ class Coordinator:
         return next(iter(self.grid.push_messages([msg])))
 
     def refresh_nodes(self, force: bool = False) -> None:
-        """Greet nodes that appeared since last time and attribute them to hospitals."""
+        """Greet nodes that appeared, and attribute the answers that came in to hospitals.
+
+        Never blocks: a hello stays pending until its node answers (a hospital's executor
+        can take a while to start on a busy machine) or the node disappears.
+        """
         if not force and time.monotonic() - self._last_refresh < NODE_REFRESH_S:
             return
         self._last_refresh = time.monotonic()
@@ -132,26 +137,33 @@ class Coordinator:
         for node_id, hospital in list(self._node_hospital.items()):
             if node_id not in current:
                 self._dead_nodes.add(node_id)
+                del self._node_hospital[node_id]
                 h = self.state.hospitals.get(hospital)
                 if h is not None and h.node_id == node_id and h.state not in ("Done", "Failed"):
                     h.state, h.node_id = "Pending", None
                     h.message = "lost connection; waiting for the hospital to rejoin"
                     self.publish(self.state)
-        new = [n for n in current if n not in self._node_hospital and n not in self._dead_nodes]
-        if not new:
+        for node_id in list(self._hello_pending):
+            if node_id not in current:
+                del self._hello_pending[node_id]
+        for node_id in current:
+            known = node_id in self._node_hospital or node_id in self._dead_nodes
+            if not known and node_id not in self._hello_pending:
+                self._hello_pending[node_id] = self._send(
+                    node_id, protocol.HELLO, RecordDict(), ttl=self.settings.round_timeout_s
+                )
+        if not self._hello_pending:
             return
-        ids = {self._send(n, protocol.HELLO, RecordDict(), ttl=60.0): n for n in new}
-        for reply_msg in self._collect(list(ids), timeout_s=30.0):
-            node_id = reply_msg.metadata.src_node_id
+        by_id = {mid: node for node, mid in self._hello_pending.items()}
+        for reply_msg in self.grid.pull_messages(list(by_id)):
+            node_id = by_id[reply_msg.metadata.reply_to_message_id]
+            del self._hello_pending[node_id]
             reply = decode_reply(reply_msg)
             if reply is None:
-                self._dead_nodes.add(node_id)
+                self._dead_nodes.add(node_id)  # Flower error: ignore; a restart reconnects
                 continue
             self._node_hospital[node_id] = reply.hospital
             self._attach(node_id, reply)
-        for node_id in new:
-            if node_id not in self._node_hospital:
-                self._dead_nodes.add(node_id)  # never answered: ignore, it can reconnect
 
     def _attach(self, node_id: int, reply: HospitalReply) -> None:
         h = self.state.hospitals.get(reply.hospital)
@@ -447,8 +459,8 @@ class Coordinator:
         st.current_round = server_round
         st.message = f"round {server_round}/{cfg.rounds} done; ε spent {self._epsilon_text()}"
         self.publish(st)
-        if self.on_round is not None:
-            self.on_round(st, prev if prev is not None else record)
+        if self.on_round is not None and prev is not None:
+            self.on_round(st, prev)  # complete now: it has its global model's evaluation
         return new_weights
 
     def _final_evaluation(self, weights: Weights) -> None:
@@ -464,8 +476,8 @@ class Coordinator:
         if st.rounds and per_eval:
             st.rounds[-1].per_hospital_eval = per_eval
             st.rounds[-1].evaluation = aggregate_evaluation(per_eval)
-            if self.on_round is not None:
-                self.on_round(st, st.rounds[-1])
+        if st.rounds and self.on_round is not None:
+            self.on_round(st, st.rounds[-1])
         for name, h in st.hospitals.items():
             if h.state != "Failed" and name in replies:
                 h.state = "Done"

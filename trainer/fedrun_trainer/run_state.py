@@ -162,7 +162,14 @@ def conditions_for(state: RunState) -> list[dict[str, Any]]:
             since,
             gen,
         ),
-        _condition("Succeeded", done, state.reason if done else "NotSucceeded", "", since, gen),
+        _condition(
+            "Succeeded",
+            done,
+            state.reason if done else "NotSucceeded",
+            state.message if done else "",
+            since,
+            gen,
+        ),
         _condition(
             "Failed",
             failed,

@@ -22,7 +22,11 @@ def default_tracking_uri(state_dir: Path) -> str:
 
 
 class Tracker:
-    """One MLflow run for one FederatedRun. Every method is a no-op after a failure."""
+    """One MLflow run for one FederatedRun.
+
+    After a failure, logging stops (the first error is kept in ``error``), but
+    :meth:`finish` still tries to close the MLflow run so it is not left RUNNING.
+    """
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_dir: Path) -> None:
         self.tracking_uri = tracking_uri
@@ -31,13 +35,13 @@ class Tracker:
         self.run_id: str | None = None
         self.error: str | None = None
 
-    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.error is not None:
+    def _guard(self, what: str, fn: Any, *args: Any, always: bool = False) -> Any:
+        if self.error is not None and not always:
             return None
         try:
-            return fn(*args, **kwargs)
+            return fn(*args)
         except Exception as err:
-            self.error = f"MLflow {what} failed: {type(err).__name__}: {err}"
+            self.error = self.error or f"MLflow {what} failed: {type(err).__name__}: {err}"
             log.warning("%s", self.error)
             return None
 
@@ -46,6 +50,9 @@ class Tracker:
 
         def _start() -> str:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+            # MLflow's default HTTP retries back off for minutes; the run must not wait.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             import mlflow
 
             mlflow.set_tracking_uri(self.tracking_uri)
@@ -109,4 +116,4 @@ class Tracker:
             client.set_tag(run_id, "fedrun.phase", phase)
             client.set_terminated(run_id, status=status)
 
-        self._guard("finish", _end)
+        self._guard("finish", _end, always=True)  # close the run even after an error

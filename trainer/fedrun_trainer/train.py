@@ -75,15 +75,17 @@ class PrivacySpec(Protocol):
 class TrainingConfig:
     """Plain :class:`TrainingSpec` (and model spec) with fedrun's defaults.
 
-    ``learning_rate`` 0.5 and one local epoch of batch 64 reach AUROC ≈ 0.85 with DP at ε=1
-    over 5 rounds on the stroke data split across 3 hospitals (see docs/benchmarks).
+    Defaults measured on the real stroke data split into 3 label-skewed hospitals (~1,700
+    patients each), logistic model, FedAvg, 5 rounds, ε=1, δ=1e-5, max grad norm 1:
+    ``learning_rate`` 4.0 with one local epoch of batch 64 gives pooled AUROC ≈ 0.83
+    (non-private SGD: 0.85). Learning rates 2-8 are within noise of each other.
     """
 
     model: str = "logistic"
     hidden_sizes: Sequence[int] | None = (32, 16)
     local_epochs: int = 1
     batch_size: int = 64
-    learning_rate: float = 0.5
+    learning_rate: float = 4.0
     test_fraction: float = 0.3
     seed: int = 42
 

@@ -1,0 +1,106 @@
+"""The ``fedrun`` command: render, budget, demo-data, and how it reports a bad spec."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from fedrun_operator.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "federatedrun-local.yaml"
+
+
+@pytest.fixture(autouse=True)
+def keep_root_logger() -> Iterator[None]:
+    """main() points the root logger at the (captured) stderr: put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_render_prints_the_runs_children(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", str(EXAMPLE)]) == 0
+    docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d is not None]
+    kinds = Counter(d["kind"] for d in docs)
+    assert kinds["Deployment"] == 1
+    assert kinds["Service"] == 1
+    assert kinds["Job"] == 3
+    assert kinds["ServiceAccount"] == 3
+    jobs = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Job")
+    assert jobs == ["stroke-demo-hospital-a", "stroke-demo-hospital-b", "stroke-demo-hospital-c"]
+    assert all(d["metadata"]["labels"]["fedrun.io/run"] == "stroke-demo" for d in docs)
+
+
+def test_bad_spec_exits_2_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    spec["spec"]["rounds"] = 0
+    spec["spec"]["privacy"]["targetEpsilonn"] = 2.0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    assert main(["render", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("fedrun: invalid FederatedRun")
+    assert str(bad) in captured.err
+    assert "spec.rounds" in captured.err
+    assert "spec.privacy.targetEpsilonn: unknown field" in captured.err
+
+
+def test_missing_spec_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", str(tmp_path / "nope.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_budget_prints_sigma_and_epsilon_per_round_within_target(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["budget", str(EXAMPLE), "--rows", "1200"]) == 0
+    out = capsys.readouterr().out
+    sigmas = re.findall(r"σ=([0-9.]+)", out)
+    assert len(sigmas) == 3 and all(float(s) > 0 for s in sigmas)
+    per_round = re.findall(r"ε after each round: (.*)", out)
+    assert len(per_round) == 3  # one line per hospital
+    for line in per_round:
+        eps = [float(v) for v in line.split(", ")]
+        assert len(eps) == 5  # spec.rounds
+        assert eps == sorted(eps) and eps[0] > 0
+        assert eps[-1] <= 1.0  # targetEpsilon
+    assert "1200 training rows" in out
+
+
+def test_demo_data_writes_three_hospital_csvs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo-data", str(tmp_path)]) == 0
+    files = sorted(p.name for p in tmp_path.glob("*.csv"))
+    assert files == ["hospital-a.csv", "hospital-b.csv", "hospital-c.csv"]
+    for name in files:
+        df = pd.read_csv(tmp_path / name)
+        assert len(df) > 100
+        assert "stroke" in df.columns
+    assert "SYNTHETIC" in capsys.readouterr().out
+
+
+def test_every_subcommand_is_known_to_the_parser() -> None:
+    parser = build_parser()
+    for argv in (
+        ["render", "f.yaml"],
+        ["local", "f.yaml"],
+        ["server", "--config", "c.json"],
+        ["client", "--config", "c.json", "--hospital", "h", "--server", "s:1"],
+        ["budget", "f.yaml"],
+        ["demo-data", "d"],
+    ):
+        assert parser.parse_args(argv).command == argv[0]

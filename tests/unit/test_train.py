@@ -1,0 +1,208 @@
+"""A hospital's round: DP-SGD, budget check, reseeding, FedProx; and evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedrun_trainer.data import Table
+from fedrun_trainer.model import ModelConfig, build_model, get_weights, set_weights
+from fedrun_trainer.privacy import BudgetExceeded, PrivacyLedger, new_ledger
+from fedrun_trainer.train import PrivacyConfig, TrainingConfig, evaluate, train_round
+
+N_FEATURES = 4
+TRAINING = TrainingConfig(learning_rate=0.5, batch_size=32)
+DP = PrivacyConfig(enabled=True, target_epsilon=2.0)
+
+
+def table(n: int = 160, seed: int = 0) -> Table:
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, size=(n, N_FEATURES)).astype(np.float32)
+    y = (rng.random(n) < 1 / (1 + np.exp(-3 * x[:, 0]))).astype(np.float32)
+    return Table(x, y, [f"f{i}" for i in range(N_FEATURES)])
+
+
+def ledger(n: int = 160, rounds: int = 3) -> PrivacyLedger:
+    return new_ledger(
+        hospital="hospital-a",
+        n_train=n,
+        batch_size=TRAINING.batch_size,
+        local_epochs=1,
+        rounds=rounds,
+        target_epsilon=DP.target_epsilon,
+        delta=DP.delta,
+    )
+
+
+def test_dp_round_changes_weights_and_spends_epsilon() -> None:
+    model = build_model(TRAINING, N_FEATURES)
+    start = get_weights(model)
+    result = train_round(
+        model, table(), start, training=TRAINING, privacy=DP, ledger=ledger(), server_round=1
+    )
+    assert not np.allclose(result.weights[0], start[0])
+    assert result.ledger is not None and result.ledger.rounds_trained == [1]
+    assert result.ledger.steps == result.steps == 5
+    assert 0 < result.epsilon == result.ledger.epsilon < DP.target_epsilon
+    assert result.num_examples == 160 and np.isfinite(result.loss)
+    assert np.array_equal(get_weights(model)[0], start[0])  # the template is not touched
+    # A second round on the returned ledger spends more; a retried round spends nothing.
+    again = train_round(
+        model,
+        table(),
+        result.weights,
+        training=TRAINING,
+        privacy=DP,
+        ledger=result.ledger,
+        server_round=2,
+    )
+    assert again.ledger is not None and again.epsilon > result.epsilon
+    retry = train_round(
+        model,
+        table(),
+        result.weights,
+        training=TRAINING,
+        privacy=DP,
+        ledger=again.ledger,
+        server_round=2,
+    )
+    assert retry.skipped and retry.num_examples == 0 and retry.ledger == again.ledger
+
+
+def test_reseeded_noise_differs_even_from_identical_random_state() -> None:
+    # A process forked from a warm parent inherits its RNG state: simulate that.
+    model = build_model(TRAINING, N_FEATURES)
+    start = get_weights(model)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        results.append(
+            train_round(
+                model,
+                table(),
+                start,
+                training=TRAINING,
+                privacy=DP,
+                ledger=ledger(),
+                server_round=1,
+            ).weights[0]
+        )
+    assert not np.allclose(results[0], results[1])
+
+
+def test_budget_exceeded_before_training() -> None:
+    model = build_model(TRAINING, N_FEATURES)
+    start = get_weights(model)
+    tight = ledger(rounds=1)
+    first = train_round(
+        model, table(), start, training=TRAINING, privacy=DP, ledger=tight, server_round=1
+    )
+    assert first.ledger is not None
+    with pytest.raises(BudgetExceeded, match=r"target ε=2\.0"):
+        train_round(
+            model,
+            table(),
+            start,
+            training=TRAINING,
+            privacy=DP,
+            ledger=first.ledger,
+            server_round=2,
+        )
+
+
+def test_tiny_batches_survive_empty_poisson_draws() -> None:
+    # Expected batch size 1 on 40 rows: some Poisson batches are empty.
+    training = TrainingConfig(learning_rate=0.1, batch_size=1)
+    small = new_ledger(
+        hospital="h",
+        n_train=40,
+        batch_size=1,
+        local_epochs=1,
+        rounds=1,
+        target_epsilon=50.0,
+        delta=1e-5,
+    )
+    model = build_model(training, N_FEATURES)
+    result = train_round(
+        model,
+        table(40),
+        get_weights(model),
+        training=training,
+        privacy=PrivacyConfig(target_epsilon=50.0),
+        ledger=small,
+        server_round=1,
+    )
+    assert result.steps == 40 and all(np.isfinite(w).all() for w in result.weights)
+
+
+def test_without_privacy_plain_sgd_and_zero_epsilon() -> None:
+    model = build_model(TRAINING, N_FEATURES)
+    result = train_round(
+        model,
+        table(),
+        get_weights(model),
+        training=TRAINING,
+        privacy=PrivacyConfig(enabled=False),
+        ledger=None,
+        server_round=1,
+        seed=3,
+    )
+    assert result.epsilon == 0.0 and result.noise_multiplier == 0.0
+    assert result.weights[0][0, 0] > 0  # learnt the positive effect of f0
+
+
+def test_fedprox_pulls_towards_global() -> None:
+    model = build_model(TRAINING, N_FEATURES)
+    start = get_weights(model)
+    off = PrivacyConfig(enabled=False)
+    runs = {
+        mu: train_round(
+            model,
+            table(),
+            start,
+            training=TRAINING,
+            privacy=off,
+            ledger=None,
+            server_round=1,
+            proximal_mu=mu,
+            seed=11,
+        ).weights
+        for mu in (0.0, 1.0)
+    }
+
+    def distance(weights: list[np.ndarray]) -> float:
+        return float(sum(np.sum((a - b) ** 2) for a, b in zip(weights, start, strict=True)))
+
+    assert distance(runs[1.0]) < 0.8 * distance(runs[0.0])
+
+
+def test_evaluate_metrics_in_range_and_one_class() -> None:
+    model = build_model(ModelConfig("mlp", (8, 4)), N_FEATURES, seed=1)
+    weights = get_weights(model)
+    result = evaluate(model, weights, table(200, seed=4))
+    assert result.num_examples == 200
+    assert result.loss > 0
+    assert result.auroc is not None and 0 <= result.auroc <= 1
+    assert result.auprc is not None and 0 <= result.auprc <= 1
+    assert 0 <= result.accuracy <= 1
+    one_class = table(50)
+    one_class = Table(one_class.x, np.zeros(50, dtype=np.float32), one_class.feature_names)
+    degenerate = evaluate(model, weights, one_class)
+    assert degenerate.auroc is None and degenerate.auprc is None
+
+
+def test_model_weights_round_trip_and_shape_check() -> None:
+    mlp = build_model(ModelConfig("mlp", (8, 4)), N_FEATURES, seed=1)
+    same = build_model(ModelConfig("mlp", (8, 4)), N_FEATURES, seed=1)
+    weights = get_weights(mlp)
+    assert [w.shape for w in weights] == [(8, 4), (8,), (4, 8), (4,), (1, 4), (1,)]
+    assert all(np.array_equal(a, b) for a, b in zip(weights, get_weights(same), strict=True))
+    logistic = build_model(ModelConfig("logistic"), N_FEATURES)
+    set_weights(logistic, [np.ones((1, N_FEATURES)), np.zeros(1)])
+    assert get_weights(logistic)[0].tolist() == [[1.0] * N_FEATURES]
+    with pytest.raises(ValueError, match="shape"):
+        set_weights(logistic, [np.ones((1, 3)), np.zeros(1)])
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model(ModelConfig("forest"), N_FEATURES)
