@@ -58,7 +58,7 @@ crds: setup
 
 ## bench: round overhead vs the compute floor, DP step cost, AUROC on real data
 bench: setup
-	$(BIN)/python -m benchmarks.run --out docs/benchmarks.md
+	$(BIN)/python -m tests.benchmarks.run --out docs/benchmarks.md
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache
