@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         sys.stderr.write(f"fedrun: invalid FederatedRun: {err}\n")
         return 2
+    except LookupError as err:  # e.g. a hospital the run does not have
+        sys.stderr.write(f"fedrun: {err.args[0] if err.args else err}\n")
+        return 2
     except KeyboardInterrupt:
         return 130
     return code

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import mlflow
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from fedrun_operator.api import FederatedRunStatus
 from fedrun_operator.cli import main as fedrun_main
@@ -59,6 +61,17 @@ def test_dp_run_succeeds_within_budget_and_reports_everything(tmp_path, cluster_
         assert ledger.epsilon <= 1.0
         reported = next(h for h in privacy["hospitals"] if h["name"] == name)["epsilon"]
         assert abs(ledger.epsilon - reported) < 1e-3
+
+    # The server keeps serving after the run: health, and Prometheus metrics that agree.
+    with urllib.request.urlopen(cluster.status_url + "/healthz", timeout=5) as resp:
+        assert resp.status == 200
+    with urllib.request.urlopen(cluster.status_url + "/metrics", timeout=5) as resp:
+        families = {f.name: f for f in text_string_to_metric_families(resp.read().decode("utf-8"))}
+    (current,) = families["fedrun_round_current"].samples
+    assert current.value == 3
+    spent = {s.labels["hospital"]: s.value for s in families["fedrun_epsilon_spent"].samples}
+    assert max(spent.values()) == privacy["epsilonSpent"]
+    assert families["fedrun_round_duration_seconds"].type == "histogram"
 
     # Every hospital process ended with status 0 (the server's shutdown arrived).
     assert all(pod.exit_code == 0 for pod in cluster.hospitals.values())

@@ -106,7 +106,7 @@ def run_client(opts: ClientOptions) -> int:
     env = flwr_env.environment(state_dir / "flwr-home")
     runtime_port = free_port()
     argv = [
-        "flower-supernode",
+        flwr_env.executable("flower-supernode"),
         "--insecure",
         "--superlink",
         opts.server,
@@ -115,7 +115,8 @@ def run_client(opts: ClientOptions) -> int:
         "--port",
         str(runtime_port),
         "--max-wait-time",
-        str(int(opts.server_lost_timeout_s)),
+        # Longer than the wrapper's own limit: the wrapper, not Flower, reports a lost server.
+        str(int(opts.server_lost_timeout_s) + 30),
     ]
     executor: subprocess.Popen[bytes] | None = None
     if opts.isolation == "warm":
@@ -165,6 +166,13 @@ def run_client(opts: ClientOptions) -> int:
                     f"status {executor.returncode}",
                 )
             if supernode.poll() is not None:
+                if supernode.returncode != 0 and not reachable(opts.server):
+                    return _finish(
+                        opts,
+                        EXIT_SERVER_LOST,
+                        f"hospital {opts.hospital}: server {opts.server} unreachable; "
+                        f"Flower SuperNode gave up (status {supernode.returncode})",
+                    )
                 return _finish(
                     opts,
                     supernode.returncode or EXIT_FAILED,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 
 # Flower phones home and checks for updates unless told not to; pods have no business
@@ -25,7 +26,15 @@ def environment(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(QUIET_ENV)
     env["FLWR_HOME"] = str(flwr_home)
+    # Flower's executables sit beside this interpreter (a venv that was not activated).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def executable(name: str) -> str:
+    """A Flower command from this interpreter's bin directory, else whatever PATH has."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
 
 
 def write_connection(flwr_home: Path, address: str, insecure: bool = True) -> Path:

@@ -162,7 +162,7 @@ def run_server(opts: ServerOptions) -> int:
     app_dir = _prepare_app(state_dir)
     superlink = subprocess.Popen(
         [
-            "flower-superlink",
+            flwr_env.executable("flower-superlink"),
             "--insecure",
             "--disable-runtime-dependency-installation",
             "--host",
@@ -189,7 +189,7 @@ def run_server(opts: ServerOptions) -> int:
 
 def _flwr_json(args: list[str], env: dict[str, str], timeout_s: float = 60) -> dict[str, Any]:
     out = subprocess.run(
-        ["flwr", *args, "--format", "json"],
+        [flwr_env.executable("flwr"), *args, "--format", "json"],
         env=env,
         capture_output=True,
         text=True,

@@ -12,7 +12,7 @@ from typing import Any
 from fedrun_operator.api import FederatedRun, Hospital, TrainingSpec, load_run
 
 
-class HospitalConfigError(ValueError):
+class HospitalConfigError(LookupError):
     """This process was started for a hospital the run does not have."""
 
 
