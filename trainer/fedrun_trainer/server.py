@@ -32,6 +32,9 @@ from fedrun_trainer.settings import RunSettings
 
 log = logging.getLogger("fedrun.server")
 
+FLOWER_CHECK_S = 15.0  # how often a running run's Flower state is checked (crash detection)
+FINAL_GRACE_S = 60.0  # how long the ServerApp may take to exit after its final status
+
 
 @dataclass(frozen=True)
 class ServerOptions:
@@ -229,10 +232,17 @@ def _submit_and_follow(
     run_id = str(submitted["run-id"])
     log.info("submitted Flower run %s", run_id)
     deadline = time.monotonic() + run_deadline_s(settings)
-    last_check = 0.0
+    # Asking Flower costs a `flwr` process (1-2 s of CPU on a small node), so it is asked
+    # rarely while the run goes on, and a little more often once our status is final.
+    next_check = time.monotonic() + FLOWER_CHECK_S
+    final_since: float | None = None
     while not stop.is_set():
         status = files.read_json(state_dir / STATUS_FILE) or {}
-        if status.get("phase") in PHASES_FINAL and _flower_finished(run_id, env):
+        final = status.get("phase") in PHASES_FINAL
+        if final and final_since is None:
+            final_since, next_check = time.monotonic(), time.monotonic() + 1.0
+        if final_since is not None and time.monotonic() - final_since > FINAL_GRACE_S:
+            log.warning("the ServerApp has not exited %ss after its final status", FINAL_GRACE_S)
             return 0 if status["phase"] == "Succeeded" else 1
         if superlink.poll() is not None:
             _publish_failure(
@@ -249,16 +259,17 @@ def _submit_and_follow(
                 f"the run did not finish within {run_deadline_s(settings):.0f}s",
             )
             return 1
-        if time.monotonic() - last_check > 5:
-            last_check = time.monotonic()
-            flower_state = _flower_status(run_id, env)
-            status = files.read_json(state_dir / STATUS_FILE) or {}
-            if flower_state.startswith("finished") and status.get("phase") not in PHASES_FINAL:
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + (2.0 if final else FLOWER_CHECK_S)
+            if _flower_status(run_id, env).startswith("finished"):
+                status = files.read_json(state_dir / STATUS_FILE) or {}
+                if status.get("phase") in PHASES_FINAL:
+                    return 0 if status["phase"] == "Succeeded" else 1
                 # The ServerApp process is gone without a final status: it crashed.
                 _publish_failure(
                     state_dir,
                     "ServerError",
-                    f"the ServerApp ended ({flower_state}) before the run finished",
+                    "the ServerApp ended before the run finished (see the server log)",
                 )
                 return 1
         stop.wait(0.5)
@@ -269,10 +280,6 @@ def _flower_status(run_id: str, env: dict[str, str]) -> str:
     listed = _flwr_json(["list", "--run-id", run_id, "local"], env)
     runs = listed.get("runs") or []
     return str(runs[0].get("status", "")) if runs else ""
-
-
-def _flower_finished(run_id: str, env: dict[str, str]) -> bool:
-    return _flower_status(run_id, env).startswith("finished")
 
 
 def main_server(opts: ServerOptions) -> int:
