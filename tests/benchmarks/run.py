@@ -75,7 +75,7 @@ def _invocation(args: argparse.Namespace, out: Path) -> str:
         if Path(sys.executable).is_relative_to(REPO)
         else sys.executable
     )
-    argv = [python, "-m", "benchmarks.run", "--out", str(out)]
+    argv = [python, "-m", "tests.benchmarks.run", "--out", str(out)]
     if args.quick:
         argv.append("--quick")
     if args.stroke_csv != DEFAULT_STROKE_CSV:
