@@ -149,6 +149,7 @@ def print_summary(
     store = out / "pods" / f"{run.metadata.name}-server" / "state" / "mlflow.db"
     if store.exists():
         console.print(
-            f"MLflow: mlflow ui --backend-store-uri sqlite:///{store.resolve()}"
-            f"  (run {status.get('mlflowRunId')})"
+            f"MLflow store: sqlite:///{store.resolve()} (run {status.get('mlflowRunId')}); "
+            "browse it with `mlflow ui --backend-store-uri <that URI>` where the full "
+            "mlflow package is installed"
         )

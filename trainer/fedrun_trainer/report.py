@@ -53,6 +53,8 @@ def plot_report(history: dict[str, Any], status: dict[str, Any], path: Path) -> 
     ax_eps.set(title="ε spent per hospital", xlabel="round", ylabel="ε")
     ax_eps.grid(alpha=0.3)
     ax_eps.legend(fontsize=8)
+    for ax in (ax_auc, ax_eps):
+        ax.set_xticks(xs)
     fig.suptitle(f"{history.get('run', '')}: {status.get('phase', '')}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
