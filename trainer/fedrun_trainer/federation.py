@@ -31,6 +31,17 @@ MODEL_FILE = "model.npz"
 JOIN_GRACE_S = 20.0
 
 
+def new_run_state(settings: RunSettings) -> RunState:
+    """The state of a run whose hospitals have not connected yet."""
+    return RunState.new(
+        settings.run_name,
+        settings.hospital_names,
+        settings.rounds,
+        settings.target_epsilon if settings.privacy_enabled else None,
+        settings.delta if settings.privacy_enabled else None,
+    )
+
+
 def make_aggregator(settings: RunSettings) -> Any:
     """The server-side update rule for the run's strategy."""
     from fedrun_trainer.strategy import FedAdam, aggregate_fedavg
@@ -60,13 +71,7 @@ def run_federation(grid: Grid, context: Context) -> None:
     """Entry point of the ServerApp: never raises; the outcome is in the status file."""
     state_dir = Path(str(context.run_config["state-dir"]))
     settings = RunSettings.load(str(context.run_config["fedrun-config"]))
-    state = RunState.new(
-        settings.run_name,
-        settings.hospital_names,
-        settings.rounds,
-        settings.target_epsilon if settings.privacy_enabled else None,
-        settings.delta if settings.privacy_enabled else None,
-    )
+    state = new_run_state(settings)
     tracker = Tracker(
         settings.mlflow_tracking_uri or default_tracking_uri(state_dir),
         settings.mlflow_experiment,

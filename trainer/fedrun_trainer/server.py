@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from fedrun_trainer import files, flwr_env
-from fedrun_trainer.federation import HISTORY_FILE, STATUS_FILE
-from fedrun_trainer.run_state import PHASES_FINAL, RunState, now_rfc3339, to_status
+from fedrun_trainer.federation import HISTORY_FILE, STATUS_FILE, new_run_state
+from fedrun_trainer.run_state import PHASES_FINAL, now_rfc3339, to_status
 from fedrun_trainer.server_metrics import render_metrics
 from fedrun_trainer.settings import RunSettings
 
@@ -143,13 +143,7 @@ def run_server(opts: ServerOptions) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     for stale in (STATUS_FILE, HISTORY_FILE):
         (state_dir / stale).unlink(missing_ok=True)
-    initial = RunState.new(
-        settings.run_name,
-        settings.hospital_names,
-        settings.rounds,
-        settings.target_epsilon if settings.privacy_enabled else None,
-        settings.delta if settings.privacy_enabled else None,
-    )
+    initial = new_run_state(settings)
     files.write_json_atomic(state_dir / STATUS_FILE, to_status(initial))
 
     stop = threading.Event()
