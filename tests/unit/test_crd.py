@@ -24,6 +24,8 @@ from celpy.adapter import json_to_cel
 from fedrun_operator import api
 from fedrun_operator.crd import build_crd, crd_yaml
 
+from .apiserver import prune_nulls, to_jsonschema
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "federatedrun.yaml"
 EXAMPLES = sorted((ROOT / "examples").glob("federatedrun*.yaml"))
@@ -37,31 +39,7 @@ CEL = celpy.Environment()
 # --------------------------------------------------------------------------- API server stand-in
 
 
-def to_jsonschema(node: Any) -> Any:
-    """OpenAPI v3 (Kubernetes flavour) to JSON Schema; objects refuse unknown fields."""
-    if isinstance(node, list):
-        return [to_jsonschema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
-    for bound, key in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-        if out.get(bound) is True:
-            out[bound] = out.pop(key)
-    if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    return out
-
-
 JSON_SCHEMA = to_jsonschema(SCHEMA)
-
-
-def prune_nulls(obj: Any) -> Any:
-    """The API server drops nulls in non-nullable fields (no field here is nullable)."""
-    if isinstance(obj, dict):
-        return {k: prune_nulls(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, list):
-        return [prune_nulls(v) for v in obj]
-    return obj
 
 
 def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:

@@ -20,39 +20,17 @@ from fedrun_trainer.run_state import (
     to_status,
 )
 
+from .apiserver import prune_nulls, to_jsonschema
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((ROOT / "crds" / "federatedrun.yaml").read_text(encoding="utf-8"))
 STATUS_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
 HOSPITALS = ["hospital-a", "hospital-b", "hospital-c"]
 
 
-def to_jsonschema(node: Any) -> Any:
-    """OpenAPI v3 (Kubernetes flavour) to JSON Schema, as in test_crd: unknown fields refused."""
-    if isinstance(node, list):
-        return [to_jsonschema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
-    for bound, key in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
-        if out.get(bound) is True:
-            out[bound] = out.pop(key)
-    if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    return out
-
-
 STATUS_VALIDATOR = jsonschema.Draft202012Validator(to_jsonschema(STATUS_SCHEMA))
 # jsonschema does not check "date-time" without extra packages: check the form directly.
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-
-
-def prune_nulls(obj: Any) -> Any:
-    """What kube-apiserver does with nulls in non-nullable fields: drop them."""
-    if isinstance(obj, dict):
-        return {k: prune_nulls(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, list):
-        return [prune_nulls(v) for v in obj]
-    return obj
 
 
 def crd_errors(status: dict[str, Any]) -> list[str]:
