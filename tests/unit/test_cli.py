@@ -104,3 +104,26 @@ def test_every_subcommand_is_known_to_the_parser() -> None:
         ["demo-data", "d"],
     ):
         assert parser.parse_args(argv).command == argv[0]
+
+
+def test_demo_data_refuses_a_missing_real_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-stroke.csv"
+    assert main(["demo-data", str(tmp_path / "out"), "--real", str(missing)]) == 2
+    assert "no-such-stroke.csv: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_budget_names_the_hospital_file_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    missing = tmp_path / "gone.csv"
+    doc["spec"]["hospitals"][0]["dataUri"] = missing.as_uri()
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    assert main(["budget", str(run_file)]) == 1
+    out = capsys.readouterr().out
+    assert "hospital-a: cannot read data" in out
+    assert "gone.csv" in out
