@@ -64,6 +64,9 @@ __all__ = [
     "ledger_uri",
     "load_run",
     "parse_run",
+    "pvc_claim",
+    "pvc_mount_path",
+    "pvc_pod_path",
 ]
 
 # Kubernetes names. Services need DNS-1035 labels (leading letter), the rest DNS-1123 labels.
@@ -74,9 +77,19 @@ MAX_RUN_NAME = c.MAX_LABEL_LENGTH - len(c.SERVER_SUFFIX)
 # `<run>-<hospital>` (ServiceAccount, Job and the Job's pod label) must stay a label too.
 MAX_RUN_PLUS_HOSPITAL = c.MAX_LABEL_LENGTH - 1
 
+# pvc://<claim>/<path>: a file on a PersistentVolumeClaim of the run's namespace. The claim
+# is a DNS-1123 subdomain; the path is relative and has no empty, '.' or '..' segment, so it
+# cannot name anything outside the claim. Written without lookahead: the API server's
+# regular expressions (RE2) have none.
+PVC_CLAIM = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+PVC_SEGMENT = r"([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+)"
+PVC_URI = rf"pvc://{PVC_CLAIM}/{PVC_SEGMENT}(/{PVC_SEGMENT})*"
+MAX_PVC_CLAIM = 253
 # s3://bucket/key, file:///absolute, file:relative (to the reader's working directory),
-# or an absolute path inside the pod (a mounted volume).
-DATA_URI = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+|file:///.+|file:[^/].*|/.+)$"
+# an absolute path inside the pod (a mounted volume), or pvc://claim/path.
+DATA_URI = (
+    r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+|file:///.+|file:[^/].*|/.+|" + PVC_URI + ")$"
+)
 ROLE_ARN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$"
 # Kubernetes resource.Quantity as a string, e.g. 500m, 2Gi, 1.5.
 QUANTITY = (
@@ -529,6 +542,8 @@ class Hospital(_Spec):
         max_length=2048,
         description=(
             "The hospital's table: s3://bucket/key (read with the pod's IRSA role), "
+            "pvc://claim/path (a file on the PersistentVolumeClaim `claim` in the run's "
+            "namespace, mounted read-only into the hospital's pod at /data/<claim>), "
             "file:///absolute/path, an absolute path inside the pod (a mounted volume), or "
             "file:relative/path, which is relative to the working directory of the process "
             "that reads it (meant for `fedrun local`)."
@@ -549,7 +564,8 @@ class Hospital(_Spec):
         max_length=2048,
         description=(
             "Where the hospital keeps its privacy ledger, so a restarted client never starts "
-            "again from zero ε. Same forms as dataUri. Default: "
+            "again from zero ε. Same forms as dataUri (a pvc:// claim is then mounted "
+            "read-write). Default: "
             "s3://<dataUri's bucket>/fedrun-ledger/<namespace>/<run>/<hospital>.json for S3 "
             "data, otherwise file:///var/lib/fedrun/ledger/<hospital>.json."
         ),
@@ -576,10 +592,20 @@ class Hospital(_Spec):
     @field_validator("data_uri", "ledger_uri")
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(DATA_URI, value):
+        if value is None:
+            return value
+        if value.startswith("pvc://"):
+            claim = value.removeprefix("pvc://").split("/", 1)[0]
+            if not re.match(DATA_URI, value) or len(claim) > MAX_PVC_CLAIM:
+                raise ValueError(
+                    f"must be pvc://claim/path: claim a PersistentVolumeClaim name (a DNS-1123 "
+                    f"subdomain of at most {MAX_PVC_CLAIM} characters), path a file inside it "
+                    f"with no empty, '.' or '..' part (got {value!r})"
+                )
+        elif not re.match(DATA_URI, value):
             raise ValueError(
-                f"must be s3://bucket/key, file:///absolute/path, file:relative/path or "
-                f"/absolute/path (got {value!r})"
+                f"must be s3://bucket/key, pvc://claim/path, file:///absolute/path, "
+                f"file:relative/path or /absolute/path (got {value!r})"
             )
         return value
 
@@ -1122,3 +1148,30 @@ def ledger_uri(run: FederatedRun, hospital: Hospital | str) -> str:
         bucket = h.data_uri.removeprefix("s3://").split("/", 1)[0]
         return f"s3://{bucket}/fedrun-ledger/{run.namespace}/{run.name}/{h.name}.json"
     return f"file://{c.STATE_DIR}/ledger/{h.name}.json"
+
+
+# --------------------------------------------------------------------------- PVC data
+
+
+def pvc_claim(uri: str | None) -> str | None:
+    """The claim a `pvc://<claim>/<path>` URI names; None for any other URI (or None)."""
+    if uri is None or not uri.startswith("pvc://"):
+        return None
+    return uri.removeprefix("pvc://").split("/", 1)[0]
+
+
+def pvc_mount_path(claim: str) -> str:
+    """Where a hospital's pod mounts the PersistentVolumeClaim `claim`: `/data/<claim>`."""
+    return f"{c.PVC_MOUNT_ROOT}/{claim}"
+
+
+def pvc_pod_path(uri: str) -> str:
+    """The path inside the hospital's pod of a `pvc://<claim>/<path>` URI.
+
+    `pvc://fedrun-demo-data/hospital-a.csv` is `/data/fedrun-demo-data/hospital-a.csv`,
+    where rendering mounts the claim. Raises ValueError for any other URI.
+    """
+    claim = pvc_claim(uri)
+    if claim is None:
+        raise ValueError(f"not a pvc:// URI: {uri!r}")
+    return f"{pvc_mount_path(claim)}/{uri.removeprefix('pvc://').split('/', 1)[1]}"

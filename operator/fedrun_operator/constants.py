@@ -44,6 +44,8 @@ CONFIG_FILE: Final = "config.json"
 CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_FILE}"
 STATE_DIR: Final = "/var/lib/fedrun"
 TMP_DIR: Final = "/tmp"
+# A hospital's pvc://<claim>/<path> data is mounted at <PVC_MOUNT_ROOT>/<claim>.
+PVC_MOUNT_ROOT: Final = "/data"
 
 # Pod identity: the trainer image runs as this unprivileged user.
 RUN_AS_USER: Final = 10001

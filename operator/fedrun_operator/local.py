@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrun_operator import constants as c
-from fedrun_operator.api import FederatedRun, load_run
+from fedrun_operator.api import FederatedRun, load_run, pvc_claim
 from fedrun_operator.render import render_run
 
 log = logging.getLogger("fedrun.local")
@@ -67,6 +67,31 @@ def override_data(run: FederatedRun, data_dir: Path) -> FederatedRun:
     ]
     spec = run.spec.model_copy(update={"hospitals": hospitals})
     return run.model_copy(update={"spec": spec})
+
+
+class ClusterOnlyError(ValueError):
+    """The run needs something only a cluster has (a PersistentVolumeClaim)."""
+
+
+def cluster_only(run: FederatedRun) -> list[str]:
+    """Why `run` cannot run locally: one line per hospital URI on a PersistentVolumeClaim.
+
+    No local process can mount a claim. Empty when the run can run here.
+    """
+    problems = []
+    for i, h in enumerate(run.spec.hospitals):
+        for field_name, uri in (("dataUri", h.data_uri), ("ledgerUri", h.ledger_uri)):
+            if uri is not None and pvc_claim(uri) is not None:
+                hint = (
+                    "pass --data-dir DIR to read DIR/<hospital>.<format> instead"
+                    if field_name == "dataUri"
+                    else "give it a file: or s3:// ledgerUri to run it locally"
+                )
+                problems.append(
+                    f"spec.hospitals[{i}].{field_name}: {uri} is on a PersistentVolumeClaim, "
+                    f"which exists only in a cluster; {hint}"
+                )
+    return problems
 
 
 @dataclass
@@ -158,7 +183,14 @@ class LocalCluster:
 
     @classmethod
     def create(cls, run: FederatedRun, out: Path) -> LocalCluster:
-        """Render the run and prepare (not start) its pods."""
+        """Render the run and prepare (not start) its pods.
+
+        Raises :class:`ClusterOnlyError` when a hospital's data or ledger is on a
+        PersistentVolumeClaim (see :func:`cluster_only`).
+        """
+        problems = cluster_only(run)
+        if problems:
+            raise ClusterOnlyError("\n".join(problems))
         cluster = cls(run=run, out=out.resolve(), manifests=render_run(run))
         cluster._prepare()
         return cluster
@@ -378,6 +410,13 @@ def run_local(opts: LocalOptions) -> int:
     run = load_run(opts.file)
     if opts.data_dir is not None:
         run = override_data(run, opts.data_dir)
+    problems = cluster_only(run)
+    if problems:
+        sys.stderr.write(
+            f"fedrun local: cannot run {opts.file} on this machine:\n"
+            + "".join(f"  {p}\n" for p in problems)
+        )
+        return 2
     out = opts.out
     if out.exists():
         shutil.rmtree(out)

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from fedrun_operator import constants as c
-from fedrun_operator.api import FederatedRun, Hospital, Resources
+from fedrun_operator.api import FederatedRun, Hospital, Resources, pvc_claim, pvc_mount_path
 
 __all__ = [
     "config_json",
@@ -305,6 +305,21 @@ def _service_account(run: FederatedRun, hospital: Hospital) -> Manifest:
     }
 
 
+def _claims(hospital: Hospital) -> list[tuple[str, str, bool]]:
+    """(volume name, claim, read-only) for each PersistentVolumeClaim the hospital reads.
+
+    Data are mounted read-only; a claim that also holds the ledger must be writable.
+    """
+    data = pvc_claim(hospital.data_uri)
+    ledger = pvc_claim(hospital.ledger_uri)
+    out: list[tuple[str, str, bool]] = []
+    if data is not None:
+        out.append(("data", data, ledger != data))
+    if ledger is not None and ledger != data:
+        out.append(("ledger", ledger, False))
+    return out
+
+
 def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifest:
     name = hospital_name(run, hospital)
     container = _container(
@@ -328,6 +343,16 @@ def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifes
         hospital.name,
     )
     pod = _pod_spec(run, container)
+    for volume_name, claim, read_only in _claims(hospital):
+        pod["volumes"].append(
+            {
+                "name": volume_name,
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only},
+            }
+        )
+        container["volumeMounts"].append(
+            {"name": volume_name, "mountPath": pvc_mount_path(claim), "readOnly": read_only}
+        )
     pod["serviceAccountName"] = name
     # OnFailure keeps the pod, and with it the emptyDir that holds the default file
     # ledger, across container restarts: a crashed client resumes from the ε it spent.

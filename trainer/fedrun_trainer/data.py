@@ -57,6 +57,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from fedrun_operator.api import pvc_pod_path
+
 __all__ = [
     "INDICATOR_VALUE",
     "STROKE_BMI_IMPUTE",
@@ -187,7 +189,13 @@ class Table:
 
 
 def resolve_local_path(uri: str) -> Path:
-    """Path of a ``file://`` URI (``file:///abs`` or ``file:rel``) or of a plain path."""
+    """Local path of a ``file://`` URI (``file:///abs`` or ``file:rel``) or a plain path.
+
+    A ``pvc://claim/path`` URI is the path inside the hospital's pod where rendering mounts
+    the claim: ``/data/<claim>/<path>``.
+    """
+    if uri.startswith("pvc://"):
+        return Path(pvc_pod_path(uri))
     if uri.startswith("file:"):
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost"):
@@ -213,7 +221,7 @@ def _read_s3(uri: str) -> bytes:
 
 
 def load_table(uri: str, fmt: str) -> pd.DataFrame:
-    """Read a CSV or Parquet table from ``file://``, a plain path or ``s3://``.
+    """Read a CSV or Parquet table from ``file://``, ``pvc://``, a plain path or ``s3://``.
 
     CSV cells are kept as strings (checked and converted by :func:`prepare`), and the
     frame's index holds each row's line number in the file (header = line 1). Parquet
