@@ -1,30 +1,27 @@
 """The generated CRD: no drift, structural, and it admits and refuses what the models do.
 
-There is no API server here, so `admit` below does what kube-apiserver does with a custom
-resource, in its order: prune nulls, apply schema defaults, validate the OpenAPI schema
-(with kubectl's strict field validation: unknown fields are errors), then evaluate every
-`x-kubernetes-validations` rule with cel-python, numbers typed as the schema says.
+There is no API server here, so `admit` (tests/apiserver.py, shared with the emulated API
+server in tests/kube/) does what kube-apiserver does with a custom resource, in its order:
+prune nulls, apply schema defaults, validate the OpenAPI schema (with kubectl's strict field
+validation: unknown fields are errors), then evaluate every `x-kubernetes-validations` rule
+with cel-python, numbers typed as the schema says.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import celpy
-import jsonschema
 import pytest
 import yaml
-from celpy.adapter import json_to_cel
 
 from fedrun_operator import api
 from fedrun_operator.crd import build_crd, crd_yaml
 
-from .apiserver import prune_nulls, to_jsonschema
+from ..apiserver import CEL, admit, apply_defaults, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "federatedrun.yaml"
@@ -33,95 +30,6 @@ EXAMPLES = sorted((ROOT / "examples").glob("federatedrun*.yaml"))
 CRD = build_crd()
 VERSION = CRD["spec"]["versions"][0]
 SCHEMA: dict[str, Any] = VERSION["schema"]["openAPIV3Schema"]
-CEL = celpy.Environment()
-
-
-# --------------------------------------------------------------------------- API server stand-in
-
-
-JSON_SCHEMA = to_jsonschema(SCHEMA)
-
-
-def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:
-    if isinstance(obj, dict):
-        for name, sub in schema.get("properties", {}).items():
-            if name not in obj and "default" in sub:
-                obj[name] = copy.deepcopy(sub["default"])
-            if name in obj:
-                obj[name] = apply_defaults(sub, obj[name])
-        if "additionalProperties" in schema:
-            for key in obj:
-                obj[key] = apply_defaults(schema["additionalProperties"], obj[key])
-    elif isinstance(obj, list) and "items" in schema:
-        return [apply_defaults(schema["items"], item) for item in obj]
-    return obj
-
-
-def typed(schema: dict[str, Any], obj: Any) -> Any:
-    """Values as CEL sees them: `number` fields are doubles even when written as 1."""
-    if schema.get("type") == "number" and isinstance(obj, int) and not isinstance(obj, bool):
-        return float(obj)
-    if isinstance(obj, dict):
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties", {})
-        return {k: typed(props.get(k, extra), v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [typed(schema.get("items", {}), v) for v in obj]
-    return obj
-
-
-def rules_at(
-    schema: dict[str, Any], obj: Any, old: Any, path: str
-) -> Iterator[tuple[str, dict[str, str], Any, Any]]:
-    """(path, rule, self, oldSelf) for every rule that applies somewhere in `obj`."""
-    for rule in schema.get("x-kubernetes-validations", []):
-        yield path, rule, obj, old
-    if isinstance(obj, dict):
-        for name, sub in schema.get("properties", {}).items():
-            if name in obj:
-                sub_old = old.get(name) if isinstance(old, dict) else None
-                yield from rules_at(sub, obj[name], sub_old, f"{path}.{name}" if path else name)
-    elif isinstance(obj, list) and "items" in schema:
-        for i, item in enumerate(obj):
-            yield from rules_at(schema["items"], item, None, f"{path}[{i}]")
-
-
-@functools.cache
-def program(rule: str) -> Any:
-    return CEL.program(CEL.compile(rule))
-
-
-def evaluate(rule: str, self_: Any, old: Any = None) -> bool:
-    activation = {"self": json_to_cel(self_)}
-    if old is not None:
-        activation["oldSelf"] = json_to_cel(old)
-    result = program(rule).evaluate(activation)
-    if not isinstance(result, celpy.celtypes.BoolType):
-        raise AssertionError(f"rule {rule!r} did not give a bool: {result!r}")
-    return bool(result)
-
-
-def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
-    """Problems kube-apiserver would report for a create (or an update from `old`)."""
-
-    def prepare(o: dict[str, Any]) -> Any:
-        return apply_defaults(SCHEMA, prune_nulls(copy.deepcopy(o)))
-
-    new = prepare(obj)
-    errors = [
-        f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"
-        for e in jsonschema.Draft202012Validator(JSON_SCHEMA).iter_errors(new)
-    ]
-    if errors:
-        return errors  # the API server stops before CEL when the schema fails
-    before = typed(SCHEMA, prepare(old)) if old is not None else None
-    for path, rule, self_, old_self in rules_at(SCHEMA, typed(SCHEMA, new), before, ""):
-        is_transition = "oldSelf" in rule["rule"]
-        if is_transition and old_self is None:
-            continue  # transition rules only run on updates
-        if not evaluate(rule["rule"], self_, old_self if is_transition else None):
-            errors.append(f"{path}{rule.get('fieldPath', '')}: {rule['message']}")
-    return errors
 
 
 def minimal() -> dict[str, Any]:
