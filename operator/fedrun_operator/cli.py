@@ -92,6 +92,25 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(args: argparse.Namespace) -> int:
+    # Settings travel as environment variables: fedrun_operator.main reads them at import,
+    # the same way whether kopf is started here or by `kopf run` in tests.
+    env = {
+        "FEDRUN_OPERATOR_METRICS_PORT": str(args.metrics_port),
+        "FEDRUN_OPERATOR_POLL_SECONDS": str(args.poll_seconds),
+    }
+    if args.server_url:
+        env["FEDRUN_OPERATOR_SERVER_URL"] = args.server_url
+    os.environ.update(env)
+    from fedrun_operator import main as operator_main
+
+    namespaces = list(args.namespace or [])
+    if not namespaces and os.environ.get("FEDRUN_WATCH_NAMESPACES"):
+        namespaces = [n for n in os.environ["FEDRUN_WATCH_NAMESPACES"].split(",") if n]
+    operator_main.run(namespaces, args.health_port)
+    return 0
+
+
 def _budget(args: argparse.Namespace) -> int:
     from fedrun_operator.budget import print_budget
 
@@ -166,6 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the final message here (e.g. /dev/termination-log)",
     )
     p.set_defaults(func=_client)
+
+    p = sub.add_parser("operator", help="the Kubernetes operator (kopf) for FederatedRuns")
+    p.add_argument(
+        "--namespace",
+        action="append",
+        help="watch this namespace (repeat for more; default: all namespaces, or the "
+        "comma-separated FEDRUN_WATCH_NAMESPACES)",
+    )
+    p.add_argument("--metrics-port", type=int, default=8080, help="port of /metrics (0: off)")
+    p.add_argument("--health-port", type=int, default=8081, help="port of /healthz (0: off)")
+    p.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=float(os.environ.get("FEDRUN_OPERATOR_POLL_SECONDS", "5")),
+        help="seconds between two looks at a running run (default 5)",
+    )
+    p.add_argument(
+        "--server-url",
+        default=os.environ.get("FEDRUN_OPERATOR_SERVER_URL"),
+        help="how to reach a run server's status port; placeholders {service}, {namespace}, "
+        "{port} (default http://{service}.{namespace}.svc:{port})",
+    )
+    p.set_defaults(func=_operator)
 
     p = sub.add_parser("demo-data", help="write demo hospital files (synthetic, or a real split)")
     p.add_argument("dir", help="directory for <hospital>.csv files")

@@ -1,0 +1,50 @@
+"""The operator's settings, read once from ``FEDRUN_OPERATOR_*`` environment variables.
+
+``fedrun operator`` sets them from its flags; tests set them directly. Every setting has a
+default that suits a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from fedrun_operator import constants as c
+
+DEFAULT_SERVER_URL = "http://{service}.{namespace}.svc:{port}"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """How the operator follows runs."""
+
+    # Seconds between two looks at a run (server /status, Jobs) while it is not final.
+    poll_seconds: float = 5.0
+    # How to reach a run's server status port: placeholders {service}, {namespace}, {port}.
+    server_url: str = DEFAULT_SERVER_URL
+    # Seconds to wait for a server's /status before calling it unreachable.
+    server_timeout_seconds: float = 3.0
+    # Seconds a kopf watch stays open before it is reopened (a silent stream reconnects).
+    watch_timeout_seconds: int = 300
+    # Port of /metrics (0: do not serve).
+    metrics_port: int = 8080
+
+    @classmethod
+    def from_env(cls) -> OperatorConfig:
+        """Settings from the environment, defaults for what is unset."""
+        env = os.environ
+        return cls(
+            poll_seconds=float(env.get("FEDRUN_OPERATOR_POLL_SECONDS", cls.poll_seconds)),
+            server_url=env.get("FEDRUN_OPERATOR_SERVER_URL", DEFAULT_SERVER_URL),
+            server_timeout_seconds=float(
+                env.get("FEDRUN_OPERATOR_SERVER_TIMEOUT_SECONDS", cls.server_timeout_seconds)
+            ),
+            watch_timeout_seconds=int(
+                env.get("FEDRUN_OPERATOR_WATCH_TIMEOUT_SECONDS", cls.watch_timeout_seconds)
+            ),
+            metrics_port=int(env.get("FEDRUN_OPERATOR_METRICS_PORT", cls.metrics_port)),
+        )
+
+    def status_url(self, service: str, namespace: str) -> str:
+        """Base URL of a run server's status port."""
+        return self.server_url.format(service=service, namespace=namespace, port=c.STATUS_PORT)

@@ -1,0 +1,417 @@
+"""Reconcile one FederatedRun: read the world, decide (pure), write the world.
+
+Every handler (create, resume, update, the follow-up timer) calls :func:`reconcile`. It is
+idempotent: everything it needs is in the run's status and its children, so an operator
+restarted mid-run picks up where the last one stopped and creates no duplicates.
+
+1. read the children (skipped on the very first pass: nothing exists yet), the hospital
+   pods' termination messages and the server's ``/status``;
+2. :func:`fedrun_operator.status.decide` turns that into the new status, Events and whether
+   to stop the run's processes or delete the expired run;
+3. create missing children, set drifted ones back, or (when final) scale the server to zero
+   and suspend Jobs still running; patch the status; post the Events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from fedrun_operator import constants as c
+from fedrun_operator import metrics
+from fedrun_operator.accounting import epsilon
+from fedrun_operator.api import FederatedRun, SpecError, parse_run
+from fedrun_operator.children import Action, plan_child
+from fedrun_operator.config import OperatorConfig
+from fedrun_operator.kube import ConflictError, Kube
+from fedrun_operator.render import config_name, render_run, server_name
+from fedrun_operator.status import (
+    FINAL_PHASES,
+    Event,
+    HospitalObservation,
+    Observation,
+    decide,
+    rfc3339,
+)
+
+log = logging.getLogger("fedrun.operator")
+
+Obj = dict[str, Any]
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did (for the caller's Events, logs and tests)."""
+
+    status: Obj
+    events: list[Event] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    deleted: bool = False
+
+
+def _clean_run(body: Mapping[str, Any]) -> Obj:
+    """The parts of the stored object the API models describe."""
+    meta = body.get("metadata", {})
+    return {
+        "apiVersion": body.get("apiVersion", c.API_VERSION),
+        "kind": body.get("kind", c.KIND),
+        "metadata": {
+            k: meta[k]
+            for k in ("name", "namespace", "uid", "generation", "labels", "annotations")
+            if meta.get(k) is not None
+        },
+        "spec": body.get("spec", {}),
+    }
+
+
+def _without_suspend(spec: Mapping[str, Any]) -> Obj:
+    return {k: v for k, v in spec.items() if k != "suspend"}
+
+
+def applied_run(run: FederatedRun, config: Obj | None) -> tuple[FederatedRun, str]:
+    """The run as it was applied to a running federation, and why if it differs.
+
+    While a run is Running its spec is immutable (the CRD refuses changes); if a change
+    slips through (an old CRD, a forced update), the run goes on with the spec in its
+    ConfigMap and only ``suspend`` is taken from the new spec.
+    """
+    if config is None:
+        return run, ""
+    try:
+        applied = json.loads(config.get("data", {}).get(c.CONFIG_FILE, "{}")).get("spec")
+    except ValueError:
+        return run, ""
+    current = run.spec_dict()
+    if not applied or _without_suspend(applied) == _without_suspend(current):
+        return run, ""
+    changed = sorted(
+        k
+        for k in set(applied) | set(current)
+        if k != "suspend" and applied.get(k) != current.get(k)
+    )
+    body = run.model_dump(mode="json", by_alias=True, exclude_none=True)
+    body["spec"] = {**applied, "suspend": run.spec.suspend}
+    message = (
+        f"spec.{', spec.'.join(changed)} changed while the run is Running; the change is "
+        "ignored (only spec.suspend may change): create a new FederatedRun instead"
+    )
+    return parse_run(body), message
+
+
+async def _server_status(
+    session: aiohttp.ClientSession, url: str, timeout_s: float
+) -> tuple[Obj | None, str]:
+    try:
+        async with session.get(
+            url + "/status", timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as resp:
+            if resp.status != 200:
+                return None, f"GET /status answered {resp.status}"
+            data: Obj = await resp.json(content_type=None)
+            return data, ""
+    except (TimeoutError, aiohttp.ClientError, ValueError) as err:
+        return None, f"{type(err).__name__}: {err}".rstrip(": ")
+
+
+def _pod_facts(pods: list[Obj]) -> dict[str, tuple[int, str]]:
+    """Per hospital: container restarts over all its pods, and the latest failure message."""
+    out: dict[str, tuple[int, str]] = {}
+    for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or ""):
+        hospital = pod.get("metadata", {}).get("labels", {}).get(c.LABEL_HOSPITAL)
+        if not hospital:
+            continue
+        restarts, message = out.get(hospital, (0, ""))
+        for cs in pod.get("status", {}).get("containerStatuses", []):
+            restarts += int(cs.get("restartCount") or 0)
+            for state in (cs.get("lastState") or {}, cs.get("state") or {}):
+                term = state.get("terminated") or {}
+                if term.get("exitCode") not in (None, 0) and term.get("message"):
+                    message = str(term["message"]).strip()
+        out[hospital] = (restarts, message)
+    return out
+
+
+def observe_job(
+    hospital: str, name: str, job: Obj | None, pods: tuple[int, str]
+) -> HospitalObservation:
+    """A hospital's Job, folded into what :func:`decide` needs."""
+    if job is None:
+        return HospitalObservation(name=hospital, job_name=name, job_exists=False)
+    st = job.get("status", {})
+    conds = {
+        cond.get("type"): cond for cond in st.get("conditions", []) if cond.get("status") == "True"
+    }
+    failed = conds.get("Failed")
+    return HospitalObservation(
+        name=hospital,
+        job_name=name,
+        active=int(st.get("active") or 0),
+        succeeded=int(st.get("succeeded") or 0),
+        failed_pods=int(st.get("failed") or 0),
+        complete="Complete" in conds,
+        failed=failed is not None,
+        failed_reason=str((failed or {}).get("reason") or ""),
+        restarts=pods[0],
+        message=pods[1] or str((failed or {}).get("message") or ""),
+    )
+
+
+class Reconciler:
+    """Reconciles runs with one API client, one HTTP session and one lock per run."""
+
+    def __init__(self, kube: Kube, cfg: OperatorConfig) -> None:
+        self.kube = kube
+        self.cfg = cfg
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._http: aiohttp.ClientSession | None = None
+        self.progress: dict[str, tuple[int, float]] = {}  # uid -> (round, unix time)
+        self.phases: dict[str, str] = {}  # uid -> phase, for fedrun_operator_runs
+
+    async def http(self) -> aiohttp.ClientSession:
+        """The session for reading run servers' /status."""
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
+    async def close(self) -> None:
+        """Close HTTP sessions."""
+        if self._http is not None:
+            await self._http.close()
+        await self.kube.close()
+
+    def forget(self, uid: str) -> None:
+        """Drop what is kept about a deleted run."""
+        self._locks.pop(uid, None)
+        self.progress.pop(uid, None)
+        self.phases.pop(uid, None)
+        metrics.count_phases(list(self.phases.values()))
+
+    async def reconcile(self, body: Mapping[str, Any], now: datetime | None = None) -> Outcome:
+        """Bring one run's children and status in line; see the module docstring."""
+        uid = str(body.get("metadata", {}).get("uid") or body["metadata"]["name"])
+        lock = self._locks.setdefault(uid, asyncio.Lock())
+        async with lock:
+            return await self._reconcile(body, now or datetime.now(UTC))
+
+    async def _reconcile(self, body: Mapping[str, Any], now: datetime) -> Outcome:
+        prev: Obj = dict(body.get("status") or {})
+        meta = body["metadata"]
+        ns, name = meta.get("namespace", c.DEFAULT_NAMESPACE), meta["name"]
+        try:
+            run = parse_run(_clean_run(body))
+        except SpecError as err:
+            return await self._refuse(body, prev, err, now)
+
+        first = not prev.get("phase")
+        prev_phase = prev.get("phase", "")
+        final = prev_phase in FINAL_PHASES
+
+        # 1. read: children, pods, server.
+        manifests_by_key: dict[tuple[str, str], Obj] = {}
+        actual: dict[tuple[str, str], Obj | None] = {}
+        refused = ""
+        if not first:
+            config = await self.kube.get("v1", "ConfigMap", ns, config_name(run))
+            if prev_phase == "Running":
+                run, refused = applied_run(run, config)
+            manifests = render_run(run)
+            keys = [(m["kind"], m["metadata"]["name"]) for m in manifests]
+            fetched = await asyncio.gather(
+                *(
+                    self.kube.get(m["apiVersion"], m["kind"], ns, m["metadata"]["name"])
+                    if m["kind"] != "ConfigMap"
+                    else _done(config)
+                    for m in manifests
+                )
+            )
+            actual = dict(zip(keys, fetched, strict=True))
+        else:
+            manifests = render_run(run)
+        manifests_by_key = {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+
+        pods: list[Obj] = []
+        if not first and not final:
+            pods = await self.kube.list(
+                "v1",
+                "Pod",
+                ns,
+                f"{c.LABEL_RUN}={name},{c.LABEL_COMPONENT}={c.COMPONENT_HOSPITAL}",
+            )
+        facts = _pod_facts(pods)
+        hospitals = {}
+        for h in run.spec.hospitals:
+            job_name = f"{run.name}-{h.name}"
+            hospitals[h.name] = observe_job(
+                h.name, job_name, actual.get(("Job", job_name)), facts.get(h.name, (0, ""))
+            )
+        server: Obj | None = None
+        server_error = ""
+        if not first and not final and not run.spec.suspend:
+            url = self.cfg.status_url(server_name(run), ns)
+            server, server_error = await _server_status(
+                await self.http(), url, self.cfg.server_timeout_seconds
+            )
+
+        # 2. decide.
+        obs = Observation(
+            now=now,
+            server=server,
+            server_error=server_error,
+            hospitals=hospitals,
+            spec_refused=refused,
+        )
+        decision = decide(run, prev, obs, epsilon)
+        outcome = Outcome(status=decision.status, events=list(decision.events))
+
+        # 3. write.
+        if decision.delete_run:
+            await self.kube.delete(c.API_VERSION, c.KIND, ns, name)
+            outcome.deleted = True
+            outcome.events.append(
+                Event("Normal", "Expired", "ttlSecondsAfterFinished passed; deleting the run")
+            )
+            return outcome
+        phase = decision.status.get("phase", "")
+        if phase in FINAL_PHASES:
+            await self._stop(ns, run, actual, first)
+        else:
+            await self._apply(ns, manifests_by_key, actual, first, outcome)
+        if decision.status != prev:
+            if first:
+                decision.status.setdefault("startTime", rfc3339(now))
+            await self.kube.patch_status(c.API_VERSION, c.KIND, ns, name, decision.status)
+        self._observe(run, decision.status, now)
+        return outcome
+
+    async def _apply(
+        self,
+        ns: str,
+        manifests: dict[tuple[str, str], Obj],
+        actual: dict[tuple[str, str], Obj | None],
+        first: bool,
+        outcome: Outcome,
+    ) -> None:
+        """Create what is missing and set drifted children back (in render order)."""
+
+        async def one(key: tuple[str, str], desired: Obj) -> None:
+            current = actual.get(key)
+            if first:
+                try:
+                    await self.kube.create(desired)
+                    outcome.created.append(f"{key[0]}/{key[1]}")
+                    return
+                except ConflictError:
+                    current = await self.kube.get(
+                        desired["apiVersion"], desired["kind"], ns, desired["metadata"]["name"]
+                    )
+            plan = plan_child(desired, current)
+            if plan.action == Action.NONE:
+                return
+            if plan.action == Action.CREATE:
+                try:
+                    await self.kube.create(desired)
+                except ConflictError:
+                    return  # created meanwhile by a concurrent pass; the next pass checks it
+                outcome.created.append(f"{key[0]}/{key[1]}")
+                if not first:
+                    outcome.events.append(
+                        Event("Warning", "ChildRecreated", f"{key[0]} {key[1]} was missing")
+                    )
+                return
+            what = f"{key[0]} {key[1]} ({', '.join(plan.drift)})"
+            if plan.action == Action.REPLACE:
+                await self.kube.delete(desired["apiVersion"], desired["kind"], ns, key[1])
+                outcome.events.append(Event("Warning", "ChildReplaced", f"{what} drifted"))
+            else:
+                assert plan.patch is not None
+                await self.kube.patch(
+                    desired["apiVersion"], desired["kind"], ns, key[1], plan.patch
+                )
+                outcome.events.append(Event("Warning", "ChildRepaired", f"{what} set back"))
+            outcome.repaired.append(f"{key[0]}/{key[1]}")
+
+        # ConfigMap, Service and ServiceAccounts first: the pods mount and use them.
+        early = [k for k in manifests if k[0] not in ("Deployment", "Job")]
+        late = [k for k in manifests if k[0] in ("Deployment", "Job")]
+        await asyncio.gather(*(one(k, manifests[k]) for k in early))
+        await asyncio.gather(*(one(k, manifests[k]) for k in late))
+
+    async def _stop(
+        self, ns: str, run: FederatedRun, actual: dict[tuple[str, str], Obj | None], first: bool
+    ) -> None:
+        """A final run: the server to zero replicas, Jobs still running suspended."""
+        if first:
+            return
+        server = server_name(run)
+        dep = actual.get(("Deployment", server))
+        if dep is not None and dep.get("spec", {}).get("replicas") != 0:
+            await self.kube.patch("apps/v1", "Deployment", ns, server, {"spec": {"replicas": 0}})
+        for (kind, name), obj in actual.items():
+            if kind != "Job" or obj is None:
+                continue
+            st = obj.get("status", {})
+            done = any(
+                cond.get("status") == "True" and cond.get("type") in ("Complete", "Failed")
+                for cond in st.get("conditions", [])
+            )
+            if not done and not obj.get("spec", {}).get("suspend"):
+                await self.kube.patch("batch/v1", "Job", ns, name, {"spec": {"suspend": True}})
+
+    async def _refuse(
+        self, body: Mapping[str, Any], prev: Obj, err: SpecError, now: datetime
+    ) -> Outcome:
+        """A stored spec the models refuse (the CRD should have): fail the run, say why."""
+        meta = body["metadata"]
+        message = f"invalid spec: {err}"
+        status: Obj = {
+            "phase": "Failed",
+            "message": message,
+            "observedGeneration": meta.get("generation"),
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "InvalidSpec",
+                    "message": message,
+                    "lastTransitionTime": rfc3339(now),
+                }
+            ],
+            "completionTime": rfc3339(now),
+        }
+        status = {k: v for k, v in status.items() if v is not None}
+        outcome = Outcome(status=status)
+        if prev.get("phase") in FINAL_PHASES:
+            return outcome
+        await self.kube.patch_status(
+            c.API_VERSION, c.KIND, meta.get("namespace", c.DEFAULT_NAMESPACE), meta["name"], status
+        )
+        outcome.events.append(Event("Warning", "InvalidSpec", message))
+        return outcome
+
+    def _observe(self, run: FederatedRun, status: Obj, now: datetime) -> None:
+        uid = run.metadata.uid or run.name
+        current = int((status.get("round") or {}).get("current") or 0)
+        last = self.progress.get(uid)
+        if last is None or last[0] != current:
+            self.progress[uid] = (current, now.timestamp())
+        metrics.observe_run(
+            run.namespace,
+            run.name,
+            run.spec_dict(),
+            status,
+            self.progress[uid][1],
+        )
+        self.phases[uid] = str(status.get("phase") or "Pending")
+        metrics.count_phases(list(self.phases.values()))
+
+
+async def _done(value: Obj | None) -> Obj | None:
+    return value

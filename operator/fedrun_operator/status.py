@@ -1,0 +1,406 @@
+"""From what the operator observed to the FederatedRun's ``.status``: pure functions.
+
+:func:`decide` takes the run, its previous status, the server's ``/status`` (if it could be
+read) and the hospital Jobs' state, and returns the new status, the Events to post and
+what to do (stop the run's processes, delete an expired run). It reads no clock and does
+no I/O: ``now`` comes in with the observation. Keys are camelCase, as stored.
+
+Privacy: the operator recomputes every hospital's ε itself from (σ, q, steps) with its own
+RDP accountant (:mod:`fedrun_operator.accounting`), reports the larger of its figure and the
+server's, and ends the run ``BudgetExhausted`` before another round could take enough
+hospitals over ``targetEpsilon`` that fewer than ``minHospitals`` could go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from fedrun_operator.api import FederatedRun
+
+Obj = dict[str, Any]
+
+PENDING, RUNNING, SUCCEEDED, FAILED, BUDGET, SUSPENDED = (
+    "Pending",
+    "Running",
+    "Succeeded",
+    "Failed",
+    "BudgetExhausted",
+    "Suspended",
+)
+FINAL_PHASES = frozenset({SUCCEEDED, FAILED, BUDGET})
+CONDITION_TYPES = ("Running", "Suspended", "Succeeded", "Failed", "BudgetExhausted")
+# Slack for float noise when comparing ε with the target (never lets a real overrun pass:
+# the accountants agree to 1e-9 relative).
+EPSILON_TOLERANCE = 1e-6
+
+Accountant = Callable[[Sequence[tuple[float, float, int]], float], float]
+
+
+@dataclass(frozen=True)
+class HospitalObservation:
+    """One hospital's Job (and its pods) as the API shows it."""
+
+    name: str
+    job_name: str
+    job_exists: bool = True
+    active: int = 0
+    succeeded: int = 0
+    failed_pods: int = 0
+    complete: bool = False
+    failed: bool = False
+    failed_reason: str = ""
+    restarts: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything :func:`decide` looks at besides the run itself."""
+
+    now: datetime
+    server: Obj | None = None
+    server_error: str = ""
+    hospitals: dict[str, HospitalObservation] = field(default_factory=dict)
+    spec_refused: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on the run."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    """The outcome of one reconcile."""
+
+    status: Obj
+    events: list[Event] = field(default_factory=list)
+    stop: bool = False  # final or suspended: server to zero replicas, active Jobs suspended
+    delete_run: bool = False  # ttlSecondsAfterFinished has passed
+
+
+def rfc3339(t: datetime) -> str:
+    """Kubernetes' time format (UTC, second precision)."""
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """An RFC 3339 time from a status, or None."""
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+def _history(entry: Obj) -> list[tuple[float, float, int]]:
+    """The accountant history the server reported for one hospital."""
+    if entry.get("history"):
+        return [(float(s), float(q), int(n)) for s, q, n in entry["history"]]
+    sigma, q, steps = entry.get("noiseMultiplier"), entry.get("sampleRate"), entry.get("steps")
+    if sigma and q and steps:
+        return [(float(sigma), float(q), int(steps))]
+    return []
+
+
+def _carried(prev: Obj) -> dict[str, list[tuple[float, float, int]]]:
+    """Histories spent by earlier server incarnations (kept across suspend/resume)."""
+    out: dict[str, list[tuple[float, float, int]]] = {}
+    for entry in (prev.get("privacy") or {}).get("carried", []):
+        out[entry["name"]] = [(float(s), float(q), int(n)) for s, q, n in entry["history"]]
+    return out
+
+
+def privacy_status(
+    run: FederatedRun, prev: Obj, server: Obj | None, epsilon: Accountant
+) -> tuple[Obj | None, dict[str, float], dict[str, float]]:
+    """The privacy block, each hospital's ε, and each hospital's ε after one more round.
+
+    Each hospital's ε is the largest of: what the server reports, what the operator computes
+    from the server's (σ, q, steps) plus anything carried over from before a resume, and
+    what the previous status showed (ε never goes down).
+    """
+    p = run.spec.privacy
+    if not p.enabled:
+        return None, {}, {}
+    carried = _carried(prev)
+    reported = {h["name"]: h for h in ((server or {}).get("privacy") or {}).get("hospitals", [])}
+    previous = {h["name"]: h for h in (prev.get("privacy") or {}).get("hospitals", [])}
+    spent: dict[str, float] = {}
+    after_next: dict[str, float] = {}
+    rows: list[Obj] = []
+    for h in run.spec.hospitals:
+        entry = reported.get(h.name, {})
+        history = carried.get(h.name, []) + _history(entry)
+        own = epsilon(history, p.delta) if history else 0.0
+        eps = max(own, float(entry.get("epsilon") or 0.0))
+        eps = max(eps, float(previous.get(h.name, {}).get("epsilon") or 0.0))
+        spent[h.name] = eps
+        if history:
+            sigma, q, _ = history[-1]
+            per_round = int(entry.get("stepsPerRound") or _steps_per_round(run, entry, history))
+            after_next[h.name] = epsilon([*history, (sigma, q, per_round)], p.delta)
+        row: Obj = {"name": h.name, "epsilon": round(eps, 6), "epsilonOperator": round(own, 6)}
+        for key in ("noiseMultiplier", "sampleRate", "steps"):
+            if entry.get(key) is not None:
+                row[key] = entry[key]
+        if history:
+            row["steps"] = sum(n for _, _, n in history)
+        rows.append(row)
+    block: Obj = {
+        "epsilonSpent": round(max(spent.values(), default=0.0), 6),
+        "targetEpsilon": p.target_epsilon,
+        "delta": p.delta,
+        "hospitals": rows,
+    }
+    if prev.get("privacy", {}).get("carried"):
+        block["carried"] = prev["privacy"]["carried"]
+    return block, spent, after_next
+
+
+def _steps_per_round(run: FederatedRun, entry: Obj, history: list[tuple[float, float, int]]) -> int:
+    """Steps one more round would take: 1/q steps per local epoch (Opacus' Poisson sampling)."""
+    _, q, _ = history[-1]
+    return max(1, round(1.0 / q)) * run.spec.training.local_epochs
+
+
+# --------------------------------------------------------------------------- hospitals
+
+
+def hospital_rows(run: FederatedRun, server: Obj | None, obs: Observation) -> list[Obj]:
+    """Per-hospital state: the server's view, corrected by what the Jobs say."""
+    reported = {h["name"]: h for h in (server or {}).get("hospitals", [])}
+    rows: list[Obj] = []
+    for h in run.spec.hospitals:
+        job = obs.hospitals.get(h.name)
+        row: Obj = {
+            "name": h.name,
+            "jobName": job.job_name if job else f"{run.name}-{h.name}",
+            "state": "Pending",
+            "restarts": 0,
+        }
+        src = reported.get(h.name, {})
+        for key in ("state", "restarts", "epsilon", "message"):
+            if src.get(key) is not None:
+                row[key] = src[key]
+        if job is not None:
+            row["restarts"] = max(int(row.get("restarts") or 0), job.restarts, job.failed_pods)
+            if job.failed:
+                row["state"] = "Failed"
+                row["message"] = job.message or (
+                    f"Job {job.job_name} failed ({job.failed_reason or 'no reason given'})"
+                )
+            elif job.complete and row["state"] not in ("Failed",):
+                row["state"] = "Done"
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+def conditions(
+    prev: Obj, phase: str, reason: str, message: str, now: datetime, generation: int | None
+) -> list[Obj]:
+    """The full list of standard conditions; a condition's time moves only when it flips."""
+    before = {c["type"]: c for c in prev.get("conditions", [])}
+    out: list[Obj] = []
+    for ctype in CONDITION_TYPES:
+        on = ctype == phase or (ctype == "Running" and phase == RUNNING)
+        status = "True" if on else "False"
+        old = before.get(ctype)
+        since = old["lastTransitionTime"] if old and old.get("status") == status else rfc3339(now)
+        cond: Obj = {
+            "type": ctype,
+            "status": status,
+            "reason": reason if on else f"Not{ctype}",
+            "message": message if on else "",
+            "lastTransitionTime": since,
+        }
+        if generation is not None:
+            cond["observedGeneration"] = generation
+        out.append(cond)
+    return out
+
+
+# --------------------------------------------------------------------------- decide
+
+
+def _deadline(start: str, seconds: int) -> datetime:
+    began = parse_time(start)
+    assert began is not None
+    return began + timedelta(seconds=seconds)
+
+
+def _carry_over(privacy: Obj, prev: Obj, server: Obj | None) -> list[Obj]:
+    """Histories to carry into the next server incarnation: earlier ones plus this one's."""
+    carried = _carried(prev)
+    reported = {h["name"]: h for h in ((server or {}).get("privacy") or {}).get("hospitals", [])}
+    out: list[Obj] = []
+    for row in privacy["hospitals"]:
+        name = row["name"]
+        history = carried.get(name, []) + _history(reported.get(name, {}))
+        if history:
+            out.append({"name": name, "history": [list(h) for h in history]})
+    return out
+
+
+def _server_reason(server: Obj) -> str:
+    for cond in server.get("conditions", []):
+        if cond.get("status") == "True" and cond.get("type") == server.get("phase"):
+            return str(cond.get("reason") or server.get("phase"))
+    return str(server.get("phase") or PENDING)
+
+
+def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) -> Decision:
+    """The new status of `run`, the Events to post, and what to stop or delete."""
+    spec = run.spec
+    now = obs.now
+    prev_phase = prev.get("phase") or ""
+    generation = run.metadata.generation
+    events: list[Event] = []
+
+    # A final run stays final; only its expiry is left to decide.
+    if prev_phase in FINAL_PHASES:
+        done_at = parse_time(prev.get("completionTime"))
+        ttl = spec.ttl_seconds_after_finished
+        expired = (
+            ttl is not None and done_at is not None and now >= done_at + timedelta(seconds=ttl)
+        )
+        return Decision(status=dict(prev), stop=True, delete_run=expired)
+
+    server = obs.server
+    privacy, spent, after_next = privacy_status(run, prev, server, epsilon)
+    hospitals = hospital_rows(run, server, obs)
+    rnd = (server or {}).get("round") or prev.get("round") or {"current": 0, "total": spec.rounds}
+    rnd = {"current": int(rnd.get("current", 0)), "total": spec.rounds}
+
+    phase, reason, message = PENDING, "ChildrenCreated", "waiting for the server to start"
+    if server is not None:
+        phase = str(server.get("phase") or PENDING)
+        reason = _server_reason(server)
+        message = str(server.get("message") or "")
+    elif obs.server_error and prev_phase == RUNNING:
+        phase, reason = RUNNING, "ServerUnreachable"
+        message = f"cannot read the server's status: {obs.server_error}"
+    elif obs.server_error:
+        message = f"waiting for the server: {obs.server_error}"
+    if server is None and prev_phase == SUSPENDED and not spec.suspend:
+        reason = "Resumed"
+        message = "resumed: the server restarts training from round 0; ε spent so far still counts"
+
+    start = prev.get("startTime") or (server or {}).get("startTime") or rfc3339(now)
+
+    # The operator's own stop rules, strongest first.
+    failed = [h for h in hospitals if h["state"] == "Failed"]
+    target = spec.privacy.target_epsilon
+    if spec.suspend:
+        phase, reason = SUSPENDED, "Suspended"
+        message = (
+            f"suspended at round {rnd['current']}/{spec.rounds}; on resume the server restarts "
+            "training from round 0 (it keeps no checkpoint) and the ε already spent keeps "
+            "counting against the budget"
+        )
+    elif spec.active_deadline_seconds is not None and now >= _deadline(
+        start, spec.active_deadline_seconds
+    ):
+        phase, reason = FAILED, "DeadlineExceeded"
+        message = (
+            f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed at round "
+            f"{rnd['current']}/{spec.rounds}"
+        )
+    elif spec.privacy.enabled and any(e > target + EPSILON_TOLERANCE for e in spent.values()):
+        over = sorted(n for n, e in spent.items() if e > target + EPSILON_TOLERANCE)
+        phase, reason = BUDGET, "BudgetExceeded"
+        message = (
+            f"ε of {', '.join(over)} is over targetEpsilon {target}: the operator stopped the run"
+        )
+    elif len(spec.hospitals) - len(failed) < spec.min_hospitals and phase not in FINAL_PHASES:
+        phase, reason = FAILED, "TooFewHospitals"
+        names = ", ".join(f"{h['name']} ({h.get('message', 'failed')})" for h in failed)
+        message = (
+            f"{len(spec.hospitals) - len(failed)} hospitals left, minHospitals is "
+            f"{spec.min_hospitals}; failed: {names}"
+        )
+    elif (
+        spec.privacy.enabled
+        and phase not in FINAL_PHASES
+        and rnd["current"] < spec.rounds
+        and after_next
+    ):
+        able = [
+            h["name"]
+            for h in hospitals
+            if h["state"] != "Failed"
+            and after_next.get(h["name"], 0.0) <= target + EPSILON_TOLERANCE
+        ]
+        if len(able) < spec.min_hospitals:
+            phase, reason = BUDGET, "BudgetWouldBeExceeded"
+            message = (
+                f"stopped after round {rnd['current']}: another round would take all but "
+                f"{len(able)} hospitals over targetEpsilon {target} (minHospitals is "
+                f"{spec.min_hospitals})"
+            )
+    if obs.spec_refused and phase not in FINAL_PHASES:
+        events.append(Event("Warning", "SpecChangeRefused", obs.spec_refused))
+
+    status: Obj = {
+        "phase": phase,
+        "conditions": conditions(prev, phase, reason, message, now, generation),
+        "observedGeneration": generation,
+        "startTime": start,
+        "round": rnd,
+        "progress": f"{rnd['current']}/{spec.rounds}",
+        "hospitals": hospitals,
+        "message": message,
+    }
+    if privacy is not None:
+        if phase == SUSPENDED and prev_phase != SUSPENDED:
+            # The server's state goes with its pod: keep what it spent in the status.
+            privacy["carried"] = _carry_over(privacy, prev, server)
+        status["privacy"] = privacy
+    metrics_block = (server or {}).get("metrics") or prev.get("metrics")
+    if metrics_block:
+        status["metrics"] = metrics_block
+    mlflow_id = (server or {}).get("mlflowRunId") or prev.get("mlflowRunId")
+    if mlflow_id:
+        status["mlflowRunId"] = mlflow_id
+    if phase in FINAL_PHASES:
+        status["completionTime"] = (server or {}).get("completionTime") or rfc3339(now)
+    if generation is None:
+        del status["observedGeneration"]
+
+    events += _events(prev, status, reason)
+    stop = phase in FINAL_PHASES or phase == SUSPENDED
+    return Decision(status=status, events=events, stop=stop)
+
+
+def _events(prev: Obj, status: Obj, reason: str) -> list[Event]:
+    """Events for a phase change and for each hospital that newly failed."""
+    out: list[Event] = []
+    phase, old = status["phase"], prev.get("phase")
+    if phase != old:
+        kind = "Warning" if phase in (FAILED, BUDGET) else "Normal"
+        text = f"{old or 'New'} → {phase}: {status['message']}".rstrip(": ")
+        out.append(Event(kind, reason, text))
+    before = {h["name"]: h.get("state") for h in prev.get("hospitals", [])}
+    for h in status["hospitals"]:
+        if h["state"] == "Failed" and before.get(h["name"]) != "Failed":
+            out.append(
+                Event(
+                    "Warning",
+                    "HospitalFailed",
+                    f"hospital {h['name']} failed: {h.get('message', '')}".rstrip(": "),
+                )
+            )
+    if status["phase"] == BUDGET and old != BUDGET:
+        out.append(Event("Warning", "BudgetStop", status["message"]))
+    return out

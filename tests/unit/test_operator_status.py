@@ -1,0 +1,324 @@
+"""The operator's decisions (fedrun_operator.status.decide) on observed states."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedrun_operator.accounting import epsilon
+from fedrun_operator.api import FederatedRun, load_run, parse_run
+from fedrun_operator.status import (
+    HospitalObservation,
+    Observation,
+    decide,
+    rfc3339,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+T0 = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
+
+
+def make_run(**spec: Any) -> FederatedRun:
+    base = load_run(ROOT / "examples" / "federatedrun-local.yaml")
+    body = base.model_dump(mode="json", by_alias=True, exclude_none=True)
+    body["metadata"]["generation"] = 1
+    body["spec"].update(spec)
+    return parse_run(body)
+
+
+def server_status(
+    run: FederatedRun, phase: str = "Running", current: int = 1, steps: int = 0, **extra: Any
+) -> dict[str, Any]:
+    """What a run server's /status looks like (the shape run_state.to_status writes)."""
+    q = 0.1
+    sigma = 4.0
+    hospitals = [h.name for h in run.spec.hospitals]
+    out: dict[str, Any] = {
+        "phase": phase,
+        "conditions": [
+            {"type": phase, "status": "True", "reason": extra.pop("reason", "Training")}
+        ],
+        "round": {"current": current, "total": run.spec.rounds},
+        "hospitals": [{"name": h, "state": "Training", "restarts": 0} for h in hospitals],
+        "message": extra.pop("message", "training"),
+        "privacy": {
+            "epsilonSpent": 0.0,
+            "targetEpsilon": run.spec.privacy.target_epsilon,
+            "delta": run.spec.privacy.delta,
+            "hospitals": [
+                {
+                    "name": h,
+                    "epsilon": 0.0,
+                    "noiseMultiplier": sigma,
+                    "sampleRate": q,
+                    "steps": steps,
+                }
+                for h in hospitals
+            ],
+        },
+    }
+    out.update(extra)
+    return out
+
+
+def jobs(run: FederatedRun, **overrides: HospitalObservation) -> dict[str, HospitalObservation]:
+    out = {
+        h.name: HospitalObservation(name=h.name, job_name=f"{run.name}-{h.name}", active=1)
+        for h in run.spec.hospitals
+    }
+    out.update(overrides)
+    return out
+
+
+def test_a_new_run_is_pending_with_every_condition_false_but_none_running() -> None:
+    run = make_run()
+    d = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon)
+    assert d.status["phase"] == "Pending"
+    assert d.status["progress"] == f"0/{run.spec.rounds}"
+    assert d.status["startTime"] == rfc3339(T0)
+    assert d.status["observedGeneration"] == 1
+    assert {c["type"] for c in d.status["conditions"]} == {
+        "Running",
+        "Suspended",
+        "Succeeded",
+        "Failed",
+        "BudgetExhausted",
+    }
+    assert all(c["status"] == "False" for c in d.status["conditions"])
+    assert not d.stop
+    assert [e.reason for e in d.events] == ["ChildrenCreated"]
+
+
+def test_server_progress_reaches_the_status_and_epsilon_is_the_operators_own() -> None:
+    run = make_run()
+    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    srv = server_status(run, current=2, steps=20)
+    d = decide(
+        run,
+        prev,
+        Observation(now=T0 + timedelta(seconds=10), server=srv, hospitals=jobs(run)),
+        epsilon,
+    )
+    assert d.status["phase"] == "Running"
+    assert d.status["progress"] == f"2/{run.spec.rounds}"
+    expected = epsilon([(4.0, 0.1, 20)], run.spec.privacy.delta)
+    # The server said 0.0; the operator's own accounting is what the status shows.
+    assert d.status["privacy"]["epsilonSpent"] == pytest.approx(expected, rel=1e-5)
+    for row in d.status["privacy"]["hospitals"]:
+        assert row["epsilonOperator"] == pytest.approx(expected, rel=1e-5)
+    running = next(c for c in d.status["conditions"] if c["type"] == "Running")
+    assert running["status"] == "True"
+    assert running["lastTransitionTime"] == rfc3339(T0 + timedelta(seconds=10))
+    # The next look with the same facts keeps the transition time.
+    again = decide(
+        run,
+        d.status,
+        Observation(now=T0 + timedelta(seconds=20), server=srv, hospitals=jobs(run)),
+        epsilon,
+    )
+    assert again.status["conditions"] == d.status["conditions"]
+    assert again.events == []
+
+
+def test_the_servers_final_phase_is_captured_and_stops_the_processes() -> None:
+    run = make_run(rounds=2)
+    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    srv = server_status(
+        run,
+        phase="Succeeded",
+        current=2,
+        steps=10,
+        reason="RoundsCompleted",
+        completionTime="2026-11-24T12:05:00Z",
+        mlflowRunId="abc",
+        metrics={"round": 2, "auroc": 0.8},
+    )
+    d = decide(
+        run,
+        prev,
+        Observation(now=T0 + timedelta(minutes=5), server=srv, hospitals=jobs(run)),
+        epsilon,
+    )
+    assert d.status["phase"] == "Succeeded"
+    assert d.stop
+    assert d.status["completionTime"] == "2026-11-24T12:05:00Z"
+    assert d.status["mlflowRunId"] == "abc"
+    assert d.status["metrics"]["auroc"] == 0.8
+    assert [e.reason for e in d.events] == ["RoundsCompleted"]
+    # Once final, nothing changes it, and the TTL decides when the run goes.
+    later = decide(run, d.status, Observation(now=T0 + timedelta(days=1)), epsilon)
+    assert later.status == d.status and later.stop and not later.delete_run
+
+
+def test_ttl_after_finished_deletes_the_run() -> None:
+    run = make_run(ttlSecondsAfterFinished=60)
+    final = {"phase": "Succeeded", "completionTime": rfc3339(T0)}
+    assert not decide(run, final, Observation(now=T0 + timedelta(seconds=59)), epsilon).delete_run
+    assert decide(run, final, Observation(now=T0 + timedelta(seconds=60)), epsilon).delete_run
+
+
+def test_active_deadline_fails_the_run() -> None:
+    run = make_run(activeDeadlineSeconds=300)
+    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    srv = server_status(run, current=1, steps=10)
+    d = decide(
+        run,
+        prev,
+        Observation(now=T0 + timedelta(seconds=301), server=srv, hospitals=jobs(run)),
+        epsilon,
+    )
+    assert d.status["phase"] == "Failed"
+    failed = next(c for c in d.status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "DeadlineExceeded"
+    assert "300s" in failed["message"]
+    assert d.stop
+
+
+def _failed_job(run: FederatedRun, name: str) -> HospitalObservation:
+    return HospitalObservation(
+        name=name,
+        job_name=f"{run.name}-{name}",
+        failed=True,
+        failed_reason="BackoffLimitExceeded",
+        failed_pods=4,
+        message=f"data file hospital-x.csv line 7: not a number in column age ({name})",
+    )
+
+
+def test_a_failed_hospital_above_min_hospitals_is_reported_and_the_run_goes_on() -> None:
+    run = make_run(minHospitals=2)
+    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    bad = run.spec.hospitals[0].name
+    obs = Observation(
+        now=T0,
+        server=server_status(run, steps=10),
+        hospitals=jobs(run, **{bad: _failed_job(run, bad)}),
+    )
+    d = decide(run, prev, obs, epsilon)
+    assert d.status["phase"] == "Running"
+    row = next(h for h in d.status["hospitals"] if h["name"] == bad)
+    assert row["state"] == "Failed" and "line 7" in row["message"] and row["restarts"] == 4
+    assert [e.reason for e in d.events if e.type == "Warning"] == ["HospitalFailed"]
+
+
+def test_too_few_hospitals_fails_the_run_naming_them() -> None:
+    run = make_run(minHospitals=3)
+    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    bad = run.spec.hospitals[1].name
+    obs = Observation(
+        now=T0,
+        server=server_status(run, steps=10),
+        hospitals=jobs(run, **{bad: _failed_job(run, bad)}),
+    )
+    d = decide(run, prev, obs, epsilon)
+    assert d.status["phase"] == "Failed"
+    assert bad in d.status["message"] and "minHospitals is 3" in d.status["message"]
+    assert d.stop
+
+
+def test_epsilon_over_target_stops_the_run() -> None:
+    run = make_run()
+    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    # Far more steps than a budget of ε=1 allows at σ=4, q=0.1.
+    srv = server_status(run, current=2, steps=5000)
+    d = decide(run, prev, Observation(now=T0, server=srv, hospitals=jobs(run)), epsilon)
+    assert d.status["phase"] == "BudgetExhausted"
+    assert next(c for c in d.status["conditions"] if c["status"] == "True")["reason"] == (
+        "BudgetExceeded"
+    )
+    assert "BudgetStop" in [e.reason for e in d.events]
+    assert d.stop
+
+
+def test_a_round_that_would_overspend_is_refused_before_it_starts() -> None:
+    run = make_run(rounds=50)
+    delta = run.spec.privacy.delta
+    target = run.spec.privacy.target_epsilon
+    # Find the largest number of 10-step rounds that stays within the budget.
+    rounds = 1
+    while epsilon([(4.0, 0.1, 10 * (rounds + 1))], delta) <= target:
+        rounds += 1
+    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    srv = server_status(run, current=rounds, steps=10 * rounds)
+    d = decide(run, prev, Observation(now=T0, server=srv, hospitals=jobs(run)), epsilon)
+    assert d.status["phase"] == "BudgetExhausted"
+    assert d.status["privacy"]["epsilonSpent"] <= target
+    reason = next(c for c in d.status["conditions"] if c["status"] == "True")["reason"]
+    assert reason == "BudgetWouldBeExceeded"
+    # One round fewer leaves room for the next: the run goes on.
+    srv = server_status(run, current=rounds - 1, steps=10 * (rounds - 1))
+    d = decide(run, prev, Observation(now=T0, server=srv, hospitals=jobs(run)), epsilon)
+    assert d.status["phase"] == "Running"
+
+
+def test_suspend_carries_spent_privacy_over_and_resume_says_it_restarts() -> None:
+    run = make_run()
+    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    srv = server_status(run, current=2, steps=20)
+    running = decide(run, prev, Observation(now=T0, server=srv, hospitals=jobs(run)), epsilon)
+    suspended_run = make_run(suspend=True)
+    s = decide(suspended_run, running.status, Observation(now=T0, server=srv), epsilon)
+    assert s.status["phase"] == "Suspended" and s.stop
+    assert "restarts training from round 0" in s.status["message"]
+    carried = {c["name"]: c["history"] for c in s.status["privacy"]["carried"]}
+    assert carried == {h.name: [[4.0, 0.1, 20]] for h in run.spec.hospitals}
+    spent_before = s.status["privacy"]["epsilonSpent"]
+
+    resumed = decide(run, s.status, Observation(now=T0, hospitals=jobs(run)), epsilon)
+    assert resumed.status["phase"] == "Pending"
+    assert [e.reason for e in resumed.events] == ["Resumed"]
+    assert "resumed" in resumed.status["message"]
+    # The new server starts from zero steps; the operator adds what was carried.
+    fresh = server_status(run, current=1, steps=10)
+    r = decide(run, resumed.status, Observation(now=T0, server=fresh, hospitals=jobs(run)), epsilon)
+    expected = epsilon([(4.0, 0.1, 20), (4.0, 0.1, 10)], run.spec.privacy.delta)
+    assert r.status["privacy"]["epsilonSpent"] == pytest.approx(expected, rel=1e-5)
+    assert r.status["privacy"]["epsilonSpent"] > spent_before
+
+
+def test_epsilon_never_goes_down_when_the_server_restarts() -> None:
+    run = make_run()
+    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    high = decide(
+        run,
+        prev,
+        Observation(now=T0, server=server_status(run, steps=30), hospitals=jobs(run)),
+        epsilon,
+    ).status
+    low = decide(
+        run,
+        high,
+        Observation(now=T0, server=server_status(run, steps=10), hospitals=jobs(run)),
+        epsilon,
+    ).status
+    assert low["privacy"]["epsilonSpent"] >= high["privacy"]["epsilonSpent"]
+
+
+def test_an_unreachable_server_keeps_a_running_run_running_and_says_why() -> None:
+    run = make_run()
+    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    running = decide(
+        run,
+        prev,
+        Observation(now=T0, server=server_status(run, steps=10), hospitals=jobs(run)),
+        epsilon,
+    ).status
+    d = decide(
+        run,
+        running,
+        Observation(now=T0, server_error="connection refused", hospitals=jobs(run)),
+        epsilon,
+    )
+    assert d.status["phase"] == "Running"
+    assert "connection refused" in d.status["message"]
+    assert d.status["privacy"]["epsilonSpent"] == running["privacy"]["epsilonSpent"]
+
+
+def test_a_refused_spec_change_posts_a_warning() -> None:
+    run = make_run()
+    obs = Observation(now=T0, hospitals=jobs(run), spec_refused="spec.rounds changed")
+    d = decide(run, {}, obs, epsilon)
+    assert ("Warning", "SpecChangeRefused") in [(e.type, e.reason) for e in d.events]
