@@ -846,8 +846,31 @@ class HospitalPrivacyStatus(_Status):
 
     name: str = Field(description="Hospital name.")
     epsilon: float = Field(0.0, ge=0, description="ε spent so far.")
-    noise_multiplier: float | None = Field(None, description="Noise multiplier σ in use.")
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="Noise multiplier σ of the latest round (full precision), 0 before any.",
+    )
+    sample_rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description=(
+            "Poisson sample rate q of one DP-SGD step in the latest round (Opacus: "
+            "1 / batches per epoch; full precision), 0 before any."
+        ),
+    )
     steps: int = Field(0, ge=0, description="DP-SGD steps taken so far.")
+    steps_per_round: int | None = Field(
+        None, ge=0, description="DP-SGD steps one round takes (local epochs × batches)."
+    )
+    history: list[Annotated[list[float], Field(min_length=3, max_length=3)]] = Field(
+        default_factory=list,
+        description=(
+            "The accountant history [[σ, q, steps], ...] (Opacus' RDPAccountant.history), one "
+            "entry per distinct (σ, q): ε can be recomputed from it exactly."
+        ),
+    )
 
 
 class PrivacyStatus(_Status):

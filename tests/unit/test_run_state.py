@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,9 @@ import jsonschema
 import pytest
 import yaml
 
+from fedrun_operator.accounting import epsilon
 from fedrun_operator.api import FederatedRunStatus
+from fedrun_trainer.privacy import epsilon_of
 from fedrun_trainer.run_state import (
     HospitalState,
     RoundRecord,
@@ -26,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((ROOT / "crds" / "federatedrun.yaml").read_text(encoding="utf-8"))
 STATUS_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
 HOSPITALS = ["hospital-a", "hospital-b", "hospital-c"]
+# σ and q with more digits than any rounding would keep.
+SIGMA, SAMPLE_RATE = 1.23456789012345, 1 / 13
 
 
 STATUS_VALIDATOR = jsonschema.Draft202012Validator(to_jsonschema(STATUS_SCHEMA))
@@ -51,8 +56,8 @@ def trained_state(target: float | None = 1.0) -> RunState:
         h = st.hospitals[name]
         h.state = "Training"
         h.node_id = 100 + i
-        h.noise_multiplier = 1.23456789
-        h.history = [(1.2, 0.05, 20), (1.2, 0.05, 20)]
+        h.noise_multiplier, h.sample_rate, h.steps_per_round = SIGMA, SAMPLE_RATE, 20
+        h.history = [(SIGMA, SAMPLE_RATE, 20), (SIGMA, SAMPLE_RATE, 20)]
         h.epsilon_reported = 0.3 + 0.1 * i
         h.epsilon_accounted = 0.35
     st.rounds = [
@@ -180,7 +185,41 @@ def test_privacy_block_reports_max_over_hospitals_and_steps() -> None:
     assert privacy["epsilonSpent"] == 0.5  # hospital-c reported 0.5 > accounted 0.35
     assert [p["epsilon"] for p in privacy["hospitals"]] == [0.35, 0.4, 0.5]
     assert {p["steps"] for p in privacy["hospitals"]} == {40}
-    assert {p["noiseMultiplier"] for p in privacy["hospitals"]} == {1.2346}
+    assert {p["stepsPerRound"] for p in privacy["hospitals"]} == {20}
+
+
+def test_privacy_block_carries_exact_sigma_q_and_the_collapsed_history() -> None:
+    # The operator recomputes ε from these figures, so they must survive JSON unrounded.
+    status = json.loads(json.dumps(to_status(STATES["running"])))
+    for p in status["privacy"]["hospitals"]:
+        assert p["noiseMultiplier"] == SIGMA
+        assert p["sampleRate"] == SAMPLE_RATE
+        # Two rounds at the same (σ, q) compose into one entry of 40 steps.
+        assert p["history"] == [[SIGMA, SAMPLE_RATE, 40]]
+
+
+def test_published_history_gives_the_servers_epsilon() -> None:
+    st = RunState.new("r", ["a"], 5, 8.0, 1e-5)
+    h = st.hospitals["a"]
+    # A hospital restarted with a new σ, then sampled at a new rate: three (σ, q) pairs.
+    h.history = [(1.1, 0.05, 20), (1.1, 0.05, 20), (1.4, 0.05, 20), (1.4, 1 / 30, 30)]
+    h.noise_multiplier, h.sample_rate, h.steps_per_round = 1.4, 1 / 30, 30
+    published = json.loads(json.dumps(to_status(st)))["privacy"]["hospitals"][0]
+    assert published["history"] == [[1.1, 0.05, 40], [1.4, 0.05, 20], [1.4, 1 / 30, 30]]
+    assert published["steps"] == 90
+    assert (published["noiseMultiplier"], published["sampleRate"]) == (1.4, 1 / 30)
+    assert epsilon(published["history"], 1e-5) == pytest.approx(
+        epsilon_of(h.history, 1e-5), rel=1e-9
+    )
+    assert crd_errors(to_status(st)) == []
+
+
+def test_fresh_hospital_publishes_an_empty_history() -> None:
+    published = to_status(STATES["pending"])["privacy"]["hospitals"][0]
+    assert published["history"] == []
+    assert published["steps"] == 0
+    assert published["noiseMultiplier"] == 0.0
+    assert published["sampleRate"] == 0.0
 
 
 def test_status_without_privacy_has_no_privacy_block() -> None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from fedrun_operator.accounting import collapse
+
 PHASES_FINAL = frozenset({"Succeeded", "Failed", "BudgetExhausted"})
 HOSPITAL_STATES = ("Pending", "Connected", "Training", "Done", "Failed")
 
@@ -230,8 +232,12 @@ def to_status(state: RunState) -> dict[str, Any]:
                 {
                     "name": h.name,
                     "epsilon": _rounded(h.epsilon),
-                    "noiseMultiplier": _rounded(h.noise_multiplier),
+                    # σ and q unrounded: the operator recomputes ε from them on its own.
+                    "noiseMultiplier": float(h.noise_multiplier),
+                    "sampleRate": float(h.sample_rate),
                     "steps": sum(s for _, _, s in h.history),
+                    "stepsPerRound": h.steps_per_round,
+                    "history": [[s, q, n] for s, q, n in collapse(h.history)],
                 }
                 for h in hospitals
             ],
