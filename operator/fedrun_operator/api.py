@@ -860,6 +860,14 @@ class HospitalPrivacyStatus(_Status):
             "1 / batches per epoch; full precision), 0 before any."
         ),
     )
+    epsilon_operator: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "ε as the operator computes it itself from the history (RDP), independently of "
+            "the server and the hospital."
+        ),
+    )
     steps: int = Field(0, ge=0, description="DP-SGD steps taken so far.")
     steps_per_round: int | None = Field(
         None, ge=0, description="DP-SGD steps one round takes (local epochs × batches)."
@@ -873,6 +881,15 @@ class HospitalPrivacyStatus(_Status):
     )
 
 
+class CarriedPrivacy(_Status):
+    """One hospital's accountant history from before a resume."""
+
+    name: str = Field(description="Hospital name.")
+    history: list[Annotated[list[float], Field(min_length=3, max_length=3)]] = Field(
+        default_factory=list, description="[[σ, q, steps], ...] spent before the resume."
+    )
+
+
 class PrivacyStatus(_Status):
     """Privacy budget of the run."""
 
@@ -883,6 +900,13 @@ class PrivacyStatus(_Status):
     delta: float | None = Field(None, description="spec.privacy.delta.")
     hospitals: list[HospitalPrivacyStatus] = Field(
         default_factory=list, description="ε per hospital."
+    )
+    carried: list[CarriedPrivacy] = Field(
+        default_factory=list,
+        description=(
+            "What earlier server incarnations spent (kept across suspend and resume): it "
+            "counts against the budget together with what the current server reports."
+        ),
     )
 
 

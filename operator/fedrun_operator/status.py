@@ -32,9 +32,15 @@ PENDING, RUNNING, SUCCEEDED, FAILED, BUDGET, SUSPENDED = (
 )
 FINAL_PHASES = frozenset({SUCCEEDED, FAILED, BUDGET})
 CONDITION_TYPES = ("Running", "Suspended", "Succeeded", "Failed", "BudgetExhausted")
-# Slack for float noise when comparing ε with the target (never lets a real overrun pass:
-# the accountants agree to 1e-9 relative).
+# Relative slack for float noise when comparing ε with the target, the same the hospitals
+# allow (the accountants agree to 1e-9 relative, so no real overrun passes).
 EPSILON_TOLERANCE = 1e-6
+
+
+def over(eps: float, target: float) -> bool:
+    """Whether `eps` is over the budget `target`."""
+    return eps > target * (1.0 + EPSILON_TOLERANCE)
+
 
 Accountant = Callable[[Sequence[tuple[float, float, int]], float], float]
 
@@ -127,6 +133,10 @@ def privacy_status(
     Each hospital's ε is the largest of: what the server reports, what the operator computes
     from the server's (σ, q, steps) plus anything carried over from before a resume, and
     what the previous status showed (ε never goes down).
+
+    The operator's accountant is RDP. For a run that uses the PRV accountant (tighter than
+    RDP), the operator's figure is shown (``epsilonOperator``) but not enforced: the hospitals
+    calibrate σ so that the run ends at the target under PRV, and RDP would stop it early.
     """
     p = run.spec.privacy
     if not p.enabled:
@@ -141,10 +151,11 @@ def privacy_status(
         entry = reported.get(h.name, {})
         history = carried.get(h.name, []) + _history(entry)
         own = epsilon(history, p.delta) if history else 0.0
-        eps = max(own, float(entry.get("epsilon") or 0.0))
+        enforced = own if p.accountant == "rdp" else 0.0
+        eps = max(enforced, float(entry.get("epsilon") or 0.0))
         eps = max(eps, float(previous.get(h.name, {}).get("epsilon") or 0.0))
         spent[h.name] = eps
-        if history:
+        if history and p.accountant == "rdp":
             sigma, q, _ = history[-1]
             per_round = int(entry.get("stepsPerRound") or _steps_per_round(run, entry, history))
             after_next[h.name] = epsilon([*history, (sigma, q, per_round)], p.delta)
@@ -317,18 +328,18 @@ def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) 
             f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed at round "
             f"{rnd['current']}/{spec.rounds}"
         )
-    elif spec.privacy.enabled and any(e > target + EPSILON_TOLERANCE for e in spent.values()):
-        over = sorted(n for n, e in spent.items() if e > target + EPSILON_TOLERANCE)
+    elif spec.privacy.enabled and any(over(e, target) for e in spent.values()):
+        names = sorted(n for n, e in spent.items() if over(e, target))
         phase, reason = BUDGET, "BudgetExceeded"
         message = (
-            f"ε of {', '.join(over)} is over targetEpsilon {target}: the operator stopped the run"
+            f"ε of {', '.join(names)} is over targetEpsilon {target}: the operator stopped the run"
         )
     elif len(spec.hospitals) - len(failed) < spec.min_hospitals and phase not in FINAL_PHASES:
         phase, reason = FAILED, "TooFewHospitals"
-        names = ", ".join(f"{h['name']} ({h.get('message', 'failed')})" for h in failed)
+        failures = ", ".join(f"{h['name']} ({h.get('message', 'failed')})" for h in failed)
         message = (
             f"{len(spec.hospitals) - len(failed)} hospitals left, minHospitals is "
-            f"{spec.min_hospitals}; failed: {names}"
+            f"{spec.min_hospitals}; failed: {failures}"
         )
     elif (
         spec.privacy.enabled
@@ -339,8 +350,7 @@ def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) 
         able = [
             h["name"]
             for h in hospitals
-            if h["state"] != "Failed"
-            and after_next.get(h["name"], 0.0) <= target + EPSILON_TOLERANCE
+            if h["state"] != "Failed" and not over(after_next.get(h["name"], 0.0), target)
         ]
         if len(able) < spec.min_hospitals:
             phase, reason = BUDGET, "BudgetWouldBeExceeded"
