@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup tools demo demo-real test test-unit test-e2e lint typecheck format crds bench clean
+.PHONY: setup tools demo demo-real test test-unit test-e2e e2e lint typecheck format crds bench clean
 
 # Tools that are not Python libraries of the project, kept out of .venv (checkov pins
 # versions that would downgrade the trainer's dependencies): a real helm binary from a
@@ -73,6 +73,11 @@ test-unit: setup
 test-e2e: setup
 	$(BIN)/pytest -q tests/e2e
 
+## e2e: the operator in the loop: emulated API + operator + local kubelet + real Flower
+## processes; writes out/e2e/federatedrun.json
+e2e: setup
+	$(BIN)/pytest -q tests/e2e/test_operator_loop.py
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -94,3 +99,15 @@ bench: setup
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache
+
+# Images and the kind end-to-end test need Docker; without an engine both print why and
+# exit 0 (CI has none). Variables: IMAGE_TAG, TORCH_INDEX_URL, KEEP_CLUSTER, ... (docs/images.md).
+.PHONY: images e2e-kind
+
+## images: build fedrun-operator:dev and fedrun-trainer:dev with Docker
+images:
+	tests/kind/images.sh
+
+## e2e-kind: the demo run on a kind cluster (images, helm install, PVC data, wait for Succeeded)
+e2e-kind:
+	tests/kind/e2e.sh

@@ -24,7 +24,9 @@ from fedrun_operator.kube import Credentials, Kube
 
 log = logging.getLogger("fedrun.operator")
 
-CONFIG = OperatorConfig.from_env()
+# The timer's period is fixed when the handlers are registered (at import); everything
+# else is read again when the operator starts (see `configure` and `login`).
+POLL_SECONDS = OperatorConfig.from_env().poll_seconds
 RESOURCE = (c.GROUP, c.VERSION, c.PLURAL)
 _MEMO_KEY = "reconciler"
 
@@ -32,11 +34,12 @@ _MEMO_KEY = "reconciler"
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Production settings: no peering (one replica, Recreate), watches that reconnect."""
+    cfg = OperatorConfig.from_env()
     settings.peering.standalone = True
     # A watch that hears nothing for this long is reopened: a silently dropped stream
     # (a load balancer's idle timeout) cannot leave the operator deaf.
-    settings.watching.server_timeout = CONFIG.watch_timeout_seconds
-    settings.watching.client_timeout = CONFIG.watch_timeout_seconds + 60
+    settings.watching.server_timeout = cfg.watch_timeout_seconds
+    settings.watching.client_timeout = cfg.watch_timeout_seconds + 60
     settings.watching.connect_timeout = 30
     # Handler progress in annotations under our own prefix: the status belongs to the
     # run's users, and the CRD's structural schema has no room for kopf's bookkeeping.
@@ -47,10 +50,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.INFO
     settings.networking.request_timeout = 60
     settings.execution.max_workers = 20
-    if CONFIG.metrics_port:
+    if cfg.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(CONFIG.metrics_port, registry=metrics.REGISTRY)
+        start_http_server(cfg.metrics_port, registry=metrics.REGISTRY)
 
 
 @kopf.on.login()
@@ -59,7 +62,7 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
     if info is not None:
         old = memo.get(_MEMO_KEY)
-        memo[_MEMO_KEY] = Reconciler(Kube(Credentials.from_kopf(info)), CONFIG)
+        memo[_MEMO_KEY] = Reconciler(Kube(Credentials.from_kopf(info)), OperatorConfig.from_env())
         if old is not None:
             log.info("credentials refreshed")
     return info
@@ -103,7 +106,7 @@ async def on_update(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _reconcile("update", body, memo)
 
 
-@kopf.timer(*RESOURCE, interval=CONFIG.poll_seconds, sharp=False)
+@kopf.timer(*RESOURCE, interval=POLL_SECONDS, sharp=False)
 async def follow(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Follow the run: server status, Jobs, drift, deadline, budget, TTL."""
     await _reconcile("follow", body, memo)
