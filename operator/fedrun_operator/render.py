@@ -17,6 +17,7 @@ from fedrun_operator import constants as c
 from fedrun_operator.api import FederatedRun, Hospital, Resources, pvc_claim, pvc_mount_path
 
 __all__ = [
+    "config_hash",
     "config_json",
     "config_name",
     "hospital_name",
@@ -205,7 +206,8 @@ def _pod_spec(run: FederatedRun, container: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _config_hash(config: str) -> str:
+def config_hash(config: str) -> str:
+    """sha256 of the config JSON: on pod templates, so a new config restarts the pods."""
     return hashlib.sha256(config.encode()).hexdigest()
 
 
@@ -256,7 +258,7 @@ def _server_deployment(run: FederatedRun, config: str) -> Manifest:
             "template": {
                 "metadata": {
                     "labels": labels(run, c.COMPONENT_SERVER),
-                    "annotations": {c.ANNOTATION_CONFIG_HASH: _config_hash(config)},
+                    "annotations": {c.ANNOTATION_CONFIG_HASH: config_hash(config)},
                 },
                 "spec": _pod_spec(run, container),
             },
@@ -374,7 +376,7 @@ def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifes
             "template": {
                 "metadata": {
                     "labels": labels(run, c.COMPONENT_HOSPITAL, hospital.name),
-                    "annotations": {c.ANNOTATION_CONFIG_HASH: _config_hash(config)},
+                    "annotations": {c.ANNOTATION_CONFIG_HASH: config_hash(config)},
                 },
                 "spec": pod,
             },

@@ -31,7 +31,7 @@ from fedrun_operator.api import FederatedRun, SpecError, parse_run
 from fedrun_operator.children import Action, plan_child
 from fedrun_operator.config import OperatorConfig
 from fedrun_operator.kube import ConflictError, Kube
-from fedrun_operator.render import config_name, render_run, server_name
+from fedrun_operator.render import config_hash, config_name, render_run, server_name
 from fedrun_operator.status import (
     FINAL_PHASES,
     Event,
@@ -76,17 +76,27 @@ def _without_suspend(spec: Mapping[str, Any]) -> Obj:
     return {k: v for k, v in spec.items() if k != "suspend"}
 
 
-def applied_run(run: FederatedRun, config: Obj | None) -> tuple[FederatedRun, str]:
+def applied_run(
+    run: FederatedRun, config: Obj | None, server: Obj | None
+) -> tuple[FederatedRun, str]:
     """The run as it was applied to a running federation, and why if it differs.
 
     While a run is Running its spec is immutable (the CRD refuses changes); if a change
     slips through (an old CRD, a forced update), the run goes on with the spec in its
-    ConfigMap and only ``suspend`` is taken from the new spec.
+    ConfigMap and only ``suspend`` is taken from the new spec. The ConfigMap counts only
+    if it is the one the server was started with (its hash is on the server's pod
+    template): a hand-edited ConfigMap is drift, set back from the run's spec.
     """
-    if config is None:
+    if config is None or server is None:
+        return run, ""
+    text = config.get("data", {}).get(c.CONFIG_FILE, "{}")
+    annotations = (
+        server.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
+    )
+    if annotations.get(c.ANNOTATION_CONFIG_HASH) != config_hash(text):
         return run, ""
     try:
-        applied = json.loads(config.get("data", {}).get(c.CONFIG_FILE, "{}")).get("spec")
+        applied = json.loads(text).get("spec")
     except ValueError:
         return run, ""
     current = run.spec_dict()
@@ -219,16 +229,23 @@ class Reconciler:
         actual: dict[tuple[str, str], Obj | None] = {}
         refused = ""
         if not first:
-            config = await self.kube.get("v1", "ConfigMap", ns, config_name(run))
+            config, deployment = await asyncio.gather(
+                self.kube.get("v1", "ConfigMap", ns, config_name(run)),
+                self.kube.get("apps/v1", "Deployment", ns, server_name(run)),
+            )
             if prev_phase == "Running":
-                run, refused = applied_run(run, config)
+                run, refused = applied_run(run, config, deployment)
             manifests = render_run(run)
             keys = [(m["kind"], m["metadata"]["name"]) for m in manifests]
+            known = {
+                ("ConfigMap", config_name(run)): config,
+                ("Deployment", server_name(run)): deployment,
+            }
             fetched = await asyncio.gather(
                 *(
-                    self.kube.get(m["apiVersion"], m["kind"], ns, m["metadata"]["name"])
-                    if m["kind"] != "ConfigMap"
-                    else _done(config)
+                    _done(known[(m["kind"], m["metadata"]["name"])])
+                    if (m["kind"], m["metadata"]["name"]) in known
+                    else self.kube.get(m["apiVersion"], m["kind"], ns, m["metadata"]["name"])
                     for m in manifests
                 )
             )
