@@ -211,6 +211,47 @@ def config_hash(config: str) -> str:
     return hashlib.sha256(config.encode()).hexdigest()
 
 
+def _checkov_skips(run: FederatedRun, resources: Resources | None, field: str) -> dict[str, str]:
+    """checkov skip annotations for a run's Deployment or Job, each with its reason.
+
+    Only checks that do not fit this workload are skipped (a pinned digest or a set memory
+    limit leaves its check to pass). checkov reads `checkov.io/skip...: CHECK_ID=reason`;
+    a reason must not contain "=".
+    """
+    skips = {
+        "CKV_K8S_15": "IfNotPresent so that clusters that preload the trainer image (kind, "
+        "air-gapped hospital nodes) can start it; pin spec.image by digest to fix what runs",
+        "CKV2_K8S_6": "fedrun renders no NetworkPolicy for run pods yet (docs/design.md); "
+        "the namespace's own policies apply",
+    }
+    if "@sha256:" not in run.spec.image:
+        skips["CKV_K8S_43"] = (
+            "the image is the run's spec.image; pin it by digest there (image@sha256:...)"
+        )
+    requests = (resources.requests if resources else None) or {}
+    limits = (resources.limits if resources else None) or {}
+    if "cpu" not in limits:
+        skips["CKV_K8S_11"] = (
+            "fedrun sets no CPU limit of its own: throttling slows DP-SGD training and "
+            f"protects nobody; CPU is reserved with requests in {field}"
+        )
+    missing = {
+        "CKV_K8S_10": "cpu" not in requests,
+        "CKV_K8S_12": "memory" not in requests,
+        "CKV_K8S_13": "memory" not in limits,
+    }
+    for check, unset in missing.items():
+        if unset:
+            skips[check] = (
+                f"{field} leaves this resource unset; set it there, or give the namespace a "
+                "LimitRange that supplies defaults"
+            )
+    return {
+        f"checkov.io/skip-{check.lower().replace('_', '-')}": f"{check}={reason}"
+        for check, reason in sorted(skips.items())
+    }
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -249,7 +290,10 @@ def _server_deployment(run: FederatedRun, config: str) -> Manifest:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(run, server_name(run), c.COMPONENT_SERVER),
+        "metadata": {
+            **_metadata(run, server_name(run), c.COMPONENT_SERVER),
+            "annotations": _checkov_skips(run, run.spec.server.resources, "spec.server.resources"),
+        },
         "spec": {
             "replicas": 0 if run.spec.suspend else 1,
             "strategy": {"type": "Recreate"},
@@ -369,7 +413,12 @@ def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifes
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(run, name, c.COMPONENT_HOSPITAL, hospital.name),
+        "metadata": {
+            **_metadata(run, name, c.COMPONENT_HOSPITAL, hospital.name),
+            "annotations": _checkov_skips(
+                run, hospital.resources, f"spec.hospitals[{hospital.name}].resources"
+            ),
+        },
         "spec": {
             "backoffLimit": c.JOB_BACKOFF_LIMIT,
             "suspend": run.spec.suspend,
