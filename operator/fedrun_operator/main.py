@@ -68,14 +68,6 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     return info
 
 
-@kopf.on.cleanup()
-async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    """Close HTTP sessions on shutdown."""
-    reconciler = memo.get(_MEMO_KEY)
-    if reconciler is not None:
-        await reconciler.close()
-
-
 async def _reconcile(handler: str, body: kopf.Body, memo: kopf.Memo) -> Outcome:
     reconciler: Reconciler = memo[_MEMO_KEY]
     started = time.monotonic()

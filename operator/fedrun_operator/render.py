@@ -100,12 +100,18 @@ def _metadata(
 
 
 def config_json(run: FederatedRun) -> str:
-    """The trainer configuration mounted at /etc/fedrun/config.json (stable key order)."""
+    """The trainer configuration mounted at /etc/fedrun/config.json (stable key order).
+
+    `spec.suspend` is left out: suspending or resuming a run must not change the pods'
+    configuration (its hash is on their templates, and a Job's template is immutable).
+    """
+    spec = run.spec_dict()
+    spec.pop("suspend", None)
     doc = {
         "apiVersion": c.API_VERSION,
         "kind": c.KIND,
         "metadata": {"name": run.name, "namespace": run.namespace},
-        "spec": run.spec_dict(),
+        "spec": spec,
     }
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 

@@ -160,9 +160,9 @@ def privacy_status(
             per_round = int(entry.get("stepsPerRound") or _steps_per_round(run, entry, history))
             after_next[h.name] = epsilon([*history, (sigma, q, per_round)], p.delta)
         row: Obj = {"name": h.name, "epsilon": round(eps, 6), "epsilonOperator": round(own, 6)}
-        for key in ("noiseMultiplier", "sampleRate", "steps"):
+        for key in ("noiseMultiplier", "sampleRate", "steps", "stepsPerRound", "history"):
             if entry.get(key) is not None:
-                row[key] = entry[key]
+                row[key] = entry[key]  # `history`: this server incarnation's own
         if history:
             row["steps"] = sum(n for _, _, n in history)
         rows.append(row)
@@ -254,7 +254,8 @@ def _deadline(start: str, seconds: int) -> datetime:
 def _carry_over(privacy: Obj, prev: Obj, server: Obj | None) -> list[Obj]:
     """Histories to carry into the next server incarnation: earlier ones plus this one's."""
     carried = _carried(prev)
-    reported = {h["name"]: h for h in ((server or {}).get("privacy") or {}).get("hospitals", [])}
+    source = server if server is not None else prev  # the server may be gone already
+    reported = {h["name"]: h for h in ((source or {}).get("privacy") or {}).get("hospitals", [])}
     out: list[Obj] = []
     for row in privacy["hospitals"]:
         name = row["name"]

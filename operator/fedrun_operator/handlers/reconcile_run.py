@@ -271,7 +271,8 @@ class Reconciler:
             )
         server: Obj | None = None
         server_error = ""
-        if not first and not final and not run.spec.suspend:
+        # A run being suspended is read once more: what its server spent is carried over.
+        if not first and not final and not (run.spec.suspend and prev_phase == "Suspended"):
             url = self.cfg.status_url(server_name(run), ns)
             server, server_error = await _server_status(
                 await self.http(), url, self.cfg.server_timeout_seconds

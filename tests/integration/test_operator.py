@@ -1,0 +1,467 @@
+"""The real operator (kopf under KopfRunner) against the emulated Kubernetes API.
+
+A run server is stood in for by a small HTTP server whose `/status` the test sets (the
+shape the real server writes); hospital Jobs and Pods get their status from the test, as
+the Job controller and kubelet would write it. Everything is read back over the API.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedrun_operator import metrics
+from fedrun_operator.accounting import epsilon
+from tests.kube.cluster import ApiError, EmulatedCluster
+from tests.operator_runner import API, PLURAL, run_status, running_operator
+
+REPO = Path(__file__).resolve().parents[2]
+NS = "default"
+NAME = "stroke-demo"
+HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+class FakeServer:
+    """Stands in for a run server's status port: serves whatever `status` holds."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, Any] | None = None
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = json.dumps(fake.status).encode() if fake.status is not None else b""
+                self.send_response(200 if fake.status is not None else 503)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def set(self, phase: str = "Running", current: int = 1, steps: int = 10, **extra: Any) -> None:
+        reason = extra.pop("reason", "Training")
+        self.status = {
+            "phase": phase,
+            "conditions": [{"type": phase, "status": "True", "reason": reason}],
+            "round": {"current": current, "total": 5},
+            "message": extra.pop("message", f"round {current}"),
+            "hospitals": [{"name": h, "state": "Training", "restarts": 0} for h in HOSPITALS],
+            "privacy": {
+                "hospitals": [
+                    {
+                        "name": h,
+                        "epsilon": 0.0,
+                        "noiseMultiplier": 4.0,
+                        "sampleRate": 0.1,
+                        "steps": steps,
+                        "stepsPerRound": 10,
+                    }
+                    for h in HOSPITALS
+                ]
+            },
+            **extra,
+        }
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    fake = FakeServer()
+    yield fake
+    fake.httpd.shutdown()
+
+
+@pytest.fixture
+def cluster() -> Iterator[EmulatedCluster]:
+    with EmulatedCluster() as c:
+        yield c
+
+
+def run_doc(**spec: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(
+        (REPO / "examples" / "federatedrun-local.yaml").read_text(encoding="utf-8")
+    )
+    doc["spec"].update(spec)
+    return copy.deepcopy(doc)
+
+
+def wait_phase(cluster: EmulatedCluster, phase: str, timeout: float = 20) -> dict[str, Any]:
+    return cluster.wait_for(
+        lambda: (s := run_status(cluster, NAME)).get("phase") == phase and s,
+        timeout=timeout,
+        what=f"phase {phase}",
+    )
+
+
+def children(cluster: EmulatedCluster) -> dict[str, dict[str, Any]]:
+    sel = f"fedrun.io/run={NAME}"
+    out = {}
+    for api_version, plural in (
+        ("v1", "configmaps"),
+        ("v1", "services"),
+        ("v1", "serviceaccounts"),
+        ("apps/v1", "deployments"),
+        ("batch/v1", "jobs"),
+    ):
+        for obj in cluster.list(api_version, plural, NS, label_selector=sel):
+            out[f"{obj['kind']}/{obj['metadata']['name']}"] = obj
+    return out
+
+
+EXPECTED = {
+    f"ConfigMap/{NAME}-config",
+    f"Service/{NAME}-server",
+    f"Deployment/{NAME}-server",
+    *(f"ServiceAccount/{NAME}-{h}" for h in HOSPITALS),
+    *(f"Job/{NAME}-{h}" for h in HOSPITALS),
+}
+
+
+def all_children(cluster: EmulatedCluster) -> dict[str, dict[str, Any]]:
+    return cluster.wait_for(
+        lambda: (c := children(cluster)).keys() >= EXPECTED and c, timeout=20, what="children"
+    )
+
+
+def fail_job(cluster: EmulatedCluster, hospital: str, message: str) -> None:
+    """What the Job controller and kubelet write when a hospital's Job gives up."""
+    job = f"{NAME}-{hospital}"
+    cluster.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{job}-x1",
+                "namespace": NS,
+                "labels": {
+                    "fedrun.io/run": NAME,
+                    "fedrun.io/component": "hospital",
+                    "fedrun.io/hospital": hospital,
+                },
+            },
+            "spec": {"containers": [{"name": "hospital", "image": "x"}]},
+        }
+    )
+    cluster.patch_status(
+        "v1",
+        "pods",
+        NS,
+        f"{job}-x1",
+        {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "name": "hospital",
+                    "restartCount": 3,
+                    "state": {"terminated": {"exitCode": 1, "message": message}},
+                }
+            ],
+        },
+    )
+    cluster.patch_status(
+        "batch/v1",
+        "jobs",
+        NS,
+        job,
+        {
+            "failed": 1,
+            "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}],
+        },
+    )
+
+
+def events_for(cluster: EmulatedCluster) -> list[tuple[str, str]]:
+    return [
+        (e.get("type", ""), e.get("reason", ""))
+        for e in cluster.list("v1", "events", NS)
+        if e.get("involvedObject", {}).get("name") == NAME
+    ]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_create_makes_every_child_owned_and_labelled(cluster: EmulatedCluster) -> None:
+    with running_operator(cluster):
+        run = cluster.create(run_doc())
+        kids = all_children(cluster)
+        status = wait_phase(cluster, "Pending")
+    assert kids.keys() == EXPECTED
+    for key, obj in kids.items():
+        ref = obj["metadata"]["ownerReferences"]
+        assert ref == [
+            {
+                "apiVersion": API,
+                "kind": "FederatedRun",
+                "name": NAME,
+                "uid": run["metadata"]["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ], key
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "fedrun"
+        assert labels["fedrun.io/run"] == NAME
+    assert status["observedGeneration"] == run["metadata"]["generation"]
+    assert status["progress"] == "0/5"
+    assert "waiting for the server" in status["message"]
+    # kopf keeps its bookkeeping in annotations, not in the user's status.
+    assert "kopf" not in status
+
+
+def test_status_follows_the_server_to_success(cluster: EmulatedCluster, server: FakeServer) -> None:
+    with running_operator(cluster, server_url=server.url):
+        cluster.create(run_doc())
+        all_children(cluster)
+        server.set("Running", current=2, steps=20, metrics={"round": 2, "auroc": 0.7})
+        running = cluster.wait_for(
+            lambda: (s := run_status(cluster, NAME)).get("progress") == "2/5" and s, timeout=20
+        )
+        server.set(
+            "Succeeded",
+            current=5,
+            steps=50,
+            reason="RoundsCompleted",
+            message="5 rounds completed",
+            metrics={"round": 5, "auroc": 0.81},
+            mlflowRunId="run-123",
+            completionTime="2026-11-24T12:00:00Z",
+        )
+        final = wait_phase(cluster, "Succeeded")
+        cluster.wait_for(
+            lambda: (
+                cluster.get("apps/v1", "deployments", NS, f"{NAME}-server")["spec"]["replicas"] == 0
+            ),
+            timeout=20,
+            what="server scaled to zero",
+        )
+        events = events_for(cluster)
+    assert running["phase"] == "Running"
+    expected_eps = epsilon([(4.0, 0.1, 20)], 1e-5)
+    assert running["privacy"]["epsilonSpent"] == pytest.approx(expected_eps, rel=1e-4)
+    assert final["progress"] == "5/5" and final["metrics"]["auroc"] == 0.81
+    assert final["mlflowRunId"] == "run-123"
+    assert final["completionTime"] == "2026-11-24T12:00:00Z"
+    succeeded = next(c for c in final["conditions"] if c["type"] == "Succeeded")
+    assert succeeded["status"] == "True" and succeeded["reason"] == "RoundsCompleted"
+    assert ("Normal", "RoundsCompleted") in events
+    text = metrics.render().decode()
+    assert f'fedrun_operator_run_round{{namespace="{NS}",run="{NAME}"}} 5.0' in text
+
+
+def test_suspend_stops_everything_and_resume_restarts_with_the_budget_kept(
+    cluster: EmulatedCluster, server: FakeServer
+) -> None:
+    with running_operator(cluster, server_url=server.url):
+        cluster.create(run_doc())
+        all_children(cluster)
+        server.set("Running", current=2, steps=20)
+        cluster.wait_for(lambda: run_status(cluster, NAME).get("progress") == "2/5", timeout=20)
+        cluster.patch(API, PLURAL, NS, NAME, {"spec": {"suspend": True}})
+        suspended = wait_phase(cluster, "Suspended")
+        kids = children(cluster)
+        assert kids[f"Deployment/{NAME}-server"]["spec"]["replicas"] == 0
+        assert all(kids[f"Job/{NAME}-{h}"]["spec"]["suspend"] for h in HOSPITALS)
+        server.status = None  # the server pod is gone
+        cluster.patch(API, PLURAL, NS, NAME, {"spec": {"suspend": False}})
+        resumed = wait_phase(cluster, "Pending")
+        kids = children(cluster)
+        assert kids[f"Deployment/{NAME}-server"]["spec"]["replicas"] == 1
+        assert not any(kids[f"Job/{NAME}-{h}"]["spec"]["suspend"] for h in HOSPITALS)
+        server.set("Running", current=1, steps=10)  # the new server starts from round 0
+        after = cluster.wait_for(
+            lambda: (s := run_status(cluster, NAME)).get("phase") == "Running" and s, timeout=20
+        )
+        events = events_for(cluster)
+    assert "restarts training from round 0" in suspended["message"]
+    assert {c["name"] for c in suspended["privacy"]["carried"]} == set(HOSPITALS)
+    assert "resumed" in resumed["message"]
+    spent = epsilon([(4.0, 0.1, 20), (4.0, 0.1, 10)], 1e-5)
+    assert after["privacy"]["epsilonSpent"] == pytest.approx(spent, rel=1e-4)
+    assert ("Normal", "Suspended") in events and ("Normal", "Resumed") in events
+
+
+def test_active_deadline_fails_the_run(cluster: EmulatedCluster, server: FakeServer) -> None:
+    with running_operator(cluster, server_url=server.url):
+        cluster.create(run_doc(activeDeadlineSeconds=2))
+        server.set("Running", current=1)
+        failed = wait_phase(cluster, "Failed", timeout=30)
+    cond = next(c for c in failed["conditions"] if c["type"] == "Failed")
+    assert cond["reason"] == "DeadlineExceeded"
+
+
+def test_hospital_failures_below_and_above_min_hospitals(
+    cluster: EmulatedCluster, server: FakeServer
+) -> None:
+    with running_operator(cluster, server_url=server.url):
+        cluster.create(run_doc(minHospitals=2))
+        all_children(cluster)
+        server.set("Running", current=1)
+        wait_phase(cluster, "Running")
+        fail_job(cluster, "hospital-a", "hospital-a.csv line 12: 'abc' is not a number (age)")
+        one = cluster.wait_for(
+            lambda: (
+                (s := run_status(cluster, NAME))
+                and any(h["state"] == "Failed" for h in s.get("hospitals", []))
+                and s
+            ),
+            timeout=20,
+        )
+        assert one["phase"] == "Running"
+        row = next(h for h in one["hospitals"] if h["name"] == "hospital-a")
+        assert "line 12" in row["message"] and row["restarts"] == 3
+        assert ("Warning", "HospitalFailed") in events_for(cluster)
+        fail_job(cluster, "hospital-b", "cannot read s3://b/data.csv: AccessDenied")
+        failed = wait_phase(cluster, "Failed")
+    assert "hospital-a" in failed["message"] and "hospital-b" in failed["message"]
+    cond = next(c for c in failed["conditions"] if c["type"] == "Failed")
+    assert cond["reason"] == "TooFewHospitals"
+
+
+def test_budget_stop_when_the_operators_own_accounting_says_so(
+    cluster: EmulatedCluster, server: FakeServer
+) -> None:
+    with running_operator(cluster, server_url=server.url):
+        cluster.create(run_doc())
+        all_children(cluster)
+        # The server claims ε=0 but reports steps that cost far more than ε=1.
+        server.set("Running", current=3, steps=3000)
+        stopped = wait_phase(cluster, "BudgetExhausted")
+        cluster.wait_for(
+            lambda: all(
+                cluster.get("batch/v1", "jobs", NS, f"{NAME}-{h}")["spec"]["suspend"]
+                for h in HOSPITALS
+            ),
+            timeout=20,
+            what="jobs suspended",
+        )
+        assert cluster.get("apps/v1", "deployments", NS, f"{NAME}-server")["spec"]["replicas"] == 0
+        events = events_for(cluster)
+    assert stopped["privacy"]["epsilonSpent"] > 1.0
+    assert ("Warning", "BudgetStop") in events
+
+
+def test_drift_is_repaired(cluster: EmulatedCluster) -> None:
+    with running_operator(cluster):
+        cluster.create(run_doc())
+        kids = all_children(cluster)
+        uid = kids[f"ConfigMap/{NAME}-config"]["metadata"]["uid"]
+        cluster.delete("v1", "configmaps", NS, f"{NAME}-config")
+        cluster.delete("v1", "services", NS, f"{NAME}-server")
+        cluster.patch("apps/v1", "deployments", NS, f"{NAME}-server", {"spec": {"replicas": 4}})
+        repaired = cluster.wait_for(
+            lambda: (
+                (c := children(cluster)).keys() >= EXPECTED
+                and c[f"ConfigMap/{NAME}-config"]["metadata"]["uid"] != uid
+                and c[f"Deployment/{NAME}-server"]["spec"]["replicas"] == 1
+                and c
+            ),
+            timeout=20,
+            what="drift repaired",
+        )
+        cluster.patch("v1", "configmaps", NS, f"{NAME}-config", {"data": {"config.json": "{}"}})
+        fixed = cluster.wait_for(
+            lambda: (
+                (cm := cluster.get("v1", "configmaps", NS, f"{NAME}-config"))["data"]["config.json"]
+                != "{}"
+                and cm
+            ),
+            timeout=20,
+        )
+        events = events_for(cluster)
+    assert json.loads(fixed["data"]["config.json"])["metadata"]["name"] == NAME
+    assert repaired[f"Service/{NAME}-server"]["spec"]["ports"]
+    assert ("Warning", "ChildRecreated") in events and ("Warning", "ChildRepaired") in events
+
+
+def test_operator_restart_mid_run_creates_no_duplicates_and_loses_nothing(
+    cluster: EmulatedCluster, server: FakeServer
+) -> None:
+    with running_operator(cluster, server_url=server.url):
+        cluster.create(run_doc())
+        all_children(cluster)
+        server.set("Running", current=2, steps=20)
+        before = cluster.wait_for(
+            lambda: (s := run_status(cluster, NAME)).get("progress") == "2/5" and s, timeout=20
+        )
+    creates_before = [r for r in cluster.requests() if r.verb == "create"]
+    with running_operator(cluster, server_url=server.url):
+        server.set("Running", current=3, steps=30)
+        after = cluster.wait_for(
+            lambda: (s := run_status(cluster, NAME)).get("progress") == "3/5" and s, timeout=20
+        )
+    creates_after = [r for r in cluster.requests() if r.verb == "create" and r.resource != "events"]
+    assert len(creates_after) == len([r for r in creates_before if r.resource != "events"])
+    assert after["startTime"] == before["startTime"]
+    running = next(c for c in after["conditions"] if c["type"] == "Running")
+    assert (
+        running["lastTransitionTime"]
+        == next(c for c in before["conditions"] if c["type"] == "Running")["lastTransitionTime"]
+    )
+    assert after["privacy"]["epsilonSpent"] > before["privacy"]["epsilonSpent"]
+
+
+def test_deleting_the_run_removes_its_children_and_metrics(cluster: EmulatedCluster) -> None:
+    with running_operator(cluster):
+        cluster.create(run_doc())
+        all_children(cluster)
+        wait_phase(cluster, "Pending")
+        cluster.delete(API, PLURAL, NS, NAME)
+        cluster.wait_for(lambda: not children(cluster), timeout=20, what="children gone")
+        cluster.wait_for(
+            lambda: f'run="{NAME}"' not in metrics.render().decode(),
+            timeout=20,
+            what="metrics forgotten",
+        )
+    # No finalizer was needed: the run was gone at once.
+    assert not cluster.exists(API, PLURAL, NS, NAME)
+
+
+def test_spec_changes_while_running_are_refused(
+    cluster: EmulatedCluster, server: FakeServer
+) -> None:
+    with running_operator(cluster, server_url=server.url):
+        cluster.create(run_doc())
+        all_children(cluster)
+        server.set("Running", current=1)
+        wait_phase(cluster, "Running")
+        with pytest.raises(ApiError) as err:
+            cluster.patch(API, PLURAL, NS, NAME, {"spec": {"rounds": 50}})
+    assert err.value.code == 422
+    assert "immutable while the run is Running" in str(err.value)
+
+
+def test_a_spec_change_that_slips_through_is_ignored_with_a_warning(
+    server: FakeServer,
+) -> None:
+    with (
+        EmulatedCluster(admission=False) as cluster,
+        running_operator(cluster, server_url=server.url),
+    ):
+        cluster.create(run_doc())
+        all_children(cluster)
+        server.set("Running", current=1)
+        wait_phase(cluster, "Running")
+        cluster.patch(API, PLURAL, NS, NAME, {"spec": {"rounds": 50}})
+        cluster.wait_for(
+            lambda: ("Warning", "SpecChangeRefused") in events_for(cluster), timeout=20
+        )
+        config = json.loads(
+            cluster.get("v1", "configmaps", NS, f"{NAME}-config")["data"]["config.json"]
+        )
+    assert config["spec"]["rounds"] == 5
