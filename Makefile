@@ -63,9 +63,16 @@ demo-real: setup
 	$(BIN)/fedrun demo-data out/real-data --real ../shared/data/stroke/healthcare-dataset-stroke-data.csv
 	$(BIN)/fedrun local examples/federatedrun-local.yaml --out out/real --data-dir out/real-data
 
-## test: lint, types, and every test tier that can run on this machine
-test: setup lint typecheck
+## test: lint, types, and every test tier that can run on this machine (the chart checks
+## in tests/chart included: `tools` puts helm, checkov and promtool in place first)
+test: setup tools lint typecheck
 	$(BIN)/pytest -q
+
+## chart-check: the Helm chart alone: helm lint, helm template per ci/*-values.yaml,
+## Kubernetes schemas, determinism, checkov, promtool rules and tests, metric names
+.PHONY: chart-check
+chart-check: setup tools
+	$(BIN)/pytest -q tests/chart
 
 test-unit: setup
 	$(BIN)/pytest -q tests/unit
@@ -89,9 +96,10 @@ format: setup
 typecheck: setup
 	$(BIN)/mypy
 
-## crds: regenerate crds/federatedrun.yaml from the API models
+## crds: regenerate the CRD from the API models: crds/federatedrun.yaml and the chart's copy
 crds: setup
 	$(BIN)/python -m fedrun_operator.crd > crds/federatedrun.yaml
+	cp crds/federatedrun.yaml charts/fedrun/files/crds/federatedrun.yaml
 
 ## bench: round overhead vs the compute floor, DP step cost, AUROC on real data
 bench: setup
