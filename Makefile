@@ -119,3 +119,13 @@ images:
 ## e2e-kind: the demo run on a kind cluster (images, helm install, PVC data, wait for Succeeded)
 e2e-kind:
 	tests/kind/e2e.sh
+
+# Terraform for EKS (terraform/, docs/aws.md). After `terraform apply`, print the hospitals:
+# block of a FederatedRun; DATA_KEY is each table's key in its hospital's bucket.
+.PHONY: hospitals
+DATA_KEY ?= stroke/stroke.csv
+
+## hospitals: the FederatedRun hospitals: block from `terraform output -json`
+hospitals: setup
+	set -o pipefail; terraform -chdir=terraform output -json \
+	  | $(BIN)/python -m fedrun_operator.terraform_hospitals --data-key '$(DATA_KEY)'
