@@ -80,6 +80,13 @@ def test_rendering_twice_gives_identical_bytes(values: Path | None) -> None:
     assert len(first) > 1000
 
 
+@pytest.mark.parametrize("values", VALUES_SETS, ids=values_id)
+def test_rendered_text_has_no_trailing_whitespace(values: Path | None) -> None:
+    # Whitespace-only lines are what a mis-trimmed template action leaves behind.
+    text = run(*template_args(values)).stdout
+    assert [n for n, line in enumerate(text.splitlines(), 1) if line != line.rstrip()] == []
+
+
 FORBIDDEN = re.compile(
     r"\b(lookup|now|date\w*|unixEpoch|rand\w*|uuidv4|shuffle|htpasswd|derivePassword|"
     r"gen(CA|PrivateKey|SelfSignedCert|SignedCert)\w*)\b"
