@@ -8,6 +8,11 @@ that resume from a resourceVersion, owner-reference garbage collection, admissio
 FederatedRuns against the generated CRD, a `Table` for `kubectl get`, and a log of every
 request in RBAC terms.
 
+Not emulated: Foreground propagation (served as Background), collection of objects whose
+owner never existed, server-side apply, protobuf bodies, OpenAPI documents (so `kubectl
+apply` and `kubectl create` need `--validate=false`), RBAC enforcement (the log is for
+proofs), and any controller (no Pods appear for a Job; tests write what kubelet would).
+
 Everything runs on one event loop and every change is made without awaiting, so each
 request's change is atomic. kmock's own semantics stay: a reaction a test adds with the DSL
 (`emulator['get /api/v1/...'] << 500`) replaces the response, but the change is still made.
@@ -667,6 +672,10 @@ class FedrunEmulator(kmock.KubernetesEmulator):
         return self._replace(served, old, new)
 
     def _delete_options(self, request: kmock.Request, served: Served) -> tuple[str, Obj]:
+        """(propagation policy, preconditions) of a DELETE.
+
+        Foreground is served as Background: the owner does not wait for its dependents.
+        """
         body = self._body(request)
         options: Obj = body if isinstance(body, dict) else {}
         default = "Orphan" if (served.group, served.plural) == ("batch", "jobs") else "Background"
