@@ -795,7 +795,9 @@ def test_a_kopf_operator_patches_status_through_the_subresource(
         run = cluster.get(RUNS, "federatedruns", "default", "demo")
         return run if run.get("status", {}).get("phase") else None
 
-    args = ["run", "-A", "--standalone", str(HERE / "smoke_operator.py")]
+    # A file path, so kopf executes it afresh; kopf puts its directory first on sys.path,
+    # which is why it sits alone in smoke/ (nothing there can shadow another module).
+    args = ["run", "-A", "--standalone", str(HERE / "smoke" / "smoke_operator.py")]
     env = {"KUBECONFIG": str(cluster.kubeconfig)}
     # kopf registers the module's handlers in its process-wide default registry: give this
     # run its own and put the old one back, so no other test's operator inherits them.

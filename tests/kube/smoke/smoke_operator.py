@@ -1,6 +1,6 @@
 """A trivial kopf operator for the emulator's smoke test: new FederatedRuns become Pending.
 
-Run with `kopf run -A --standalone tests/kube/smoke_operator.py` and KUBECONFIG set.
+Run with `kopf run -A --standalone tests/kube/smoke/smoke_operator.py` and KUBECONFIG set.
 Our CRD keeps no unknown status fields (kube-apiserver prunes `status.kopf`), so kopf keeps
 its state in annotations.
 """
