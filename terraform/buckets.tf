@@ -13,7 +13,7 @@ resource "aws_s3_bucket" "hospital" {
   #checkov:skip=CKV_AWS_144:Cross-region replication would copy patient data out of the region the hospitals agreed to; versioning and KMS protect it in place.
 
   bucket        = each.value.bucket
-  force_destroy = var.force_destroy_buckets
+  force_destroy = var.force_destroy
 
   tags = {
     "fedrun.io/hospital" = each.key
@@ -202,7 +202,7 @@ resource "aws_s3_bucket_policy" "hospital" {
 resource "aws_s3_bucket" "artifacts" {
   #checkov:skip=CKV_AWS_144:Artifacts are derived from patient data and stay in the chosen region, as the data does.
   bucket        = "${var.name}-mlflow-artifacts-${local.account_id}"
-  force_destroy = var.force_destroy_buckets
+  force_destroy = var.force_destroy
 }
 
 resource "aws_s3_bucket_ownership_controls" "artifacts" {
@@ -316,7 +316,7 @@ resource "aws_s3_bucket" "logs" {
   #checkov:skip=CKV_AWS_145:S3 server access log delivery is documented for SSE-S3 default encryption; the logs hold request metadata, never object contents.
   #checkov:skip=CKV2_AWS_62:No consumer for object events here; every log delivery would emit one.
   bucket        = "${var.name}-access-logs-${local.account_id}"
-  force_destroy = var.force_destroy_buckets
+  force_destroy = var.force_destroy
 }
 
 resource "aws_s3_bucket_ownership_controls" "logs" {

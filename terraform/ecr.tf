@@ -11,7 +11,7 @@ resource "aws_ecr_repository" "image" {
 
   name                 = each.key
   image_tag_mutability = "IMMUTABLE"
-  force_delete         = false
+  force_delete         = var.force_destroy
 
   image_scanning_configuration {
     scan_on_push = true

@@ -53,6 +53,11 @@ output "ecr_repository_urls" {
   }
 }
 
+output "ecr_registry" {
+  description = "The registry host, for docker login and image names."
+  value       = "${local.account_id}.dkr.ecr.${var.region}.amazonaws.com"
+}
+
 output "artifacts_bucket_uri" {
   description = "MLflow artifact store (mlflow server --artifacts-destination)."
   value       = "s3://${aws_s3_bucket.artifacts.id}"

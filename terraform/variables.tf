@@ -210,8 +210,8 @@ variable "kms_deletion_window_days" {
   }
 }
 
-variable "force_destroy_buckets" {
-  description = "Let terraform destroy delete buckets that still hold objects. Keep false for real hospital data."
+variable "force_destroy" {
+  description = "Let terraform destroy delete buckets that still hold objects (every version) and ECR repositories that still hold images. Keep false for real hospital data."
   type        = bool
   default     = false
 }

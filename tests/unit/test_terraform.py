@@ -482,19 +482,23 @@ def test_inputs_pass_validations_and_preconditions(size: str) -> None:
 
 
 def test_no_role_reaches_another_hospitals_bucket_or_key(config: Config) -> None:
-    assert isolation_violations(config) == []
+    problems = isolation_violations(config)
+    assert not problems, "\n".join(problems)
 
 
 def test_each_hospital_role_trusts_only_its_own_service_accounts(config: Config) -> None:
-    assert trust_violations(config) == []
+    problems = trust_violations(config)
+    assert not problems, "\n".join(problems)
 
 
 def test_no_wildcard_actions_or_resources_on_data(config: Config) -> None:
-    assert wildcard_violations(config) == []
+    problems = wildcard_violations(config)
+    assert not problems, "\n".join(problems)
 
 
 def test_every_bucket_is_encrypted_versioned_private_tls_only_and_logged(config: Config) -> None:
-    assert bucket_violations(config) == []
+    problems = bucket_violations(config)
+    assert not problems, "\n".join(problems)
 
 
 def test_hospital_roles_grant_exactly_the_trainers_calls(config: Config) -> None:
@@ -650,6 +654,18 @@ def test_module_inputs_keep_the_cluster_private_and_pods_off_the_node_role() -> 
     assert len(cfg.module_input("vpc", "private_subnets")) == 3
     private = Config(TERRAFORM, {**REQUIRED, "api_public_access_cidrs": []})
     assert private.module_input("eks", "cluster_endpoint_public_access") is False
+
+
+def test_every_output_evaluates_and_names_what_was_created() -> None:
+    cfg = load(THREE)
+    values = {name: cfg.output(name) for name in cfg.outputs}
+    assert sorted(values["hospitals"]) == THREE
+    assert (
+        values["configure_kubectl"] == f"aws eks update-kubeconfig --region {REGION} --name fedrun"
+    )
+    for url in values["ecr_repository_urls"].values():
+        assert url.startswith(values["ecr_registry"] + "/")
+    assert values["mlflow_role_arn"] == cfg.resource("aws_iam_role", "mlflow").attr("arn")
 
 
 def test_ecr_repositories_are_immutable_scanned_and_encrypted() -> None:
