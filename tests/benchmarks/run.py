@@ -33,9 +33,15 @@ def _parts() -> dict[str, Part]:
     """The parts by key (imported lazily: torch loads only when a part runs)."""
     from tests.benchmarks.auroc import measure_auroc
     from tests.benchmarks.dpstep import measure_dp_step
+    from tests.benchmarks.operator_scale import measure_operator
     from tests.benchmarks.overhead import measure_overhead
 
-    return {"overhead": measure_overhead, "dp": measure_dp_step, "auroc": measure_auroc}
+    return {
+        "overhead": measure_overhead,
+        "dp": measure_dp_step,
+        "auroc": measure_auroc,
+        "operator": measure_operator,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:

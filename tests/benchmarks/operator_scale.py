@@ -1,0 +1,226 @@
+"""The operator under load: 200 FederatedRuns of 3 hospitals applied at once.
+
+The real operator runs as its own process (``fedrun operator``), logged in to the emulated
+API server (tests/kube) through a kubeconfig. The runs are applied from 16 threads; a
+poller lists the children every 50 ms and notes, per run, when all 9 of them (ConfigMap,
+Service, Deployment, 3 ServiceAccounts, 3 Jobs) exist. Reconcile durations come from the
+operator's own ``/metrics``; its peak RSS from ``/proc/<pid>/status`` (VmHWM).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.benchmarks.localrun import REPO
+from tests.benchmarks.report import fmt, table
+from tests.benchmarks.settings import BenchSettings, PartResult
+
+RUNS = 200
+CHILD_KINDS = (
+    ("v1", "configmaps"),
+    ("v1", "services"),
+    ("v1", "serviceaccounts"),
+    ("apps/v1", "deployments"),
+    ("batch/v1", "jobs"),
+)
+CHILDREN_PER_RUN = 9
+TARGET_ALL_S, TARGET_MEDIAN_S, TARGET_RSS_MB = 30.0, 0.5, 150.0
+
+
+def _run_doc(name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(
+        (REPO / "examples" / "federatedrun-local.yaml").read_text(encoding="utf-8")
+    )
+    doc = copy.deepcopy(doc)
+    doc["metadata"]["name"] = name
+    return doc
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Sample name{labels} -> value from the operator's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def _memory_mb(pid: int) -> tuple[float, float]:
+    """(peak RSS, current RSS) of a process in MB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmHWM"].split()[0]) / 1024, int(fields["VmRSS"].split()[0]) / 1024
+
+
+def _wait(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout_s}s")
+        time.sleep(0.05)
+
+
+def measure_operator(settings: BenchSettings) -> PartResult:
+    """Apply RUNS runs at once; time until their children exist; reconcile time; RSS."""
+    from fedrun_operator.local import free_port
+    from tests.kube.cluster import EmulatedCluster
+
+    n = 20 if settings.quick else RUNS
+    work = settings.work / "operator"
+    work.mkdir(parents=True, exist_ok=True)
+    metrics_port = free_port()
+    with EmulatedCluster(directory=work / "kube") as cluster:
+        env = dict(os.environ)
+        env.update(KUBECONFIG=str(cluster.kubeconfig))
+        fedrun = str(Path(sys.executable).parent / "fedrun")
+        argv = [
+            fedrun,
+            "operator",
+            "--metrics-port",
+            str(metrics_port),
+            "--health-port",
+            "0",
+            "--poll-seconds",
+            "5",
+            "--server-url",
+            "http://127.0.0.1:9",
+        ]
+        log = (work / "operator.log").open("wb")
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait(lambda: _up(metrics_port), 60, "the operator's /metrics")
+            # Warm up (imports, first watch) with one run, then remove it.
+            cluster.create(_run_doc("warmup"))
+            _wait(
+                lambda: len(_children(cluster).get("warmup", ())) == CHILDREN_PER_RUN,
+                60,
+                "the warm-up run's children",
+            )
+            cluster.delete("fedrun.io/v1alpha1", "federatedruns", "default", "warmup")
+            _wait(lambda: "warmup" not in _children(cluster), 60, "warm-up cleanup")
+
+            names = [f"bench-{i:03d}" for i in range(n)]
+            applied: dict[str, float] = {}
+            t0 = time.monotonic()
+
+            def apply(name: str) -> None:
+                cluster.create(_run_doc(name))
+                applied[name] = time.monotonic()
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(apply, names))
+            apply_s = time.monotonic() - t0
+            done: dict[str, float] = {}
+            deadline = time.monotonic() + 180
+            while len(done) < n and time.monotonic() < deadline:
+                now = time.monotonic()
+                for run, kids in _children(cluster).items():
+                    if run not in done and len(kids) == CHILDREN_PER_RUN and run in applied:
+                        done[run] = now
+                time.sleep(0.05)
+            all_s = max(done.values()) - t0 if len(done) == n else float("inf")
+            latency = sorted(done[r] - applied[r] for r in done)
+            _wait(lambda: _statuses(cluster) >= n, 120, "a status on every run")
+            time.sleep(12)  # two more follow-up periods for every run, under load
+            scraped = _scrape(metrics_port)
+            peak_mb, rss_mb = _memory_mb(proc.pid)
+            requests = len(cluster.requests())
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+
+    def sample(suffix: str, handler: str) -> float:
+        name = f"fedrun_operator_reconcile_duration_seconds_{suffix}"
+        return scraped.get(name + '{handler="' + handler + '"}', 0.0)
+
+    def mean_ms(handler: str) -> float:
+        n_calls = sample("count", handler)
+        return 1000 * sample("sum", handler) / n_calls if n_calls else float("nan")
+
+    def count(handler: str) -> float:
+        return sample("count", handler)
+
+    median = statistics.median(latency) if latency else float("inf")
+    p95 = latency[int(0.95 * (len(latency) - 1))] if latency else float("inf")
+    rows = [
+        ["runs applied at once (16 client threads)", str(n), ""],
+        ["time to apply them all (client side)", f"{fmt(apply_s, 2)} s", ""],
+        ["until every run has all 9 children", f"{fmt(all_s, 2)} s", f"≤ {TARGET_ALL_S:.0f} s"],
+        ["apply → children, median", f"{fmt(median, 3)} s", f"≤ {TARGET_MEDIAN_S} s"],
+        ["apply → children, p95", f"{fmt(p95, 3)} s", ""],
+        [
+            "reconcile on create, mean",
+            f"{fmt(mean_ms('create'), 1)} ms ({count('create'):.0f} calls)",
+            "",
+        ],
+        [
+            "status update (follow-up reconcile), mean",
+            f"{fmt(mean_ms('follow'), 1)} ms ({count('follow'):.0f} calls)",
+            "",
+        ],
+        ["operator peak RSS (VmHWM)", f"{fmt(peak_mb, 1)} MB", f"≤ {TARGET_RSS_MB:.0f} MB"],
+        ["operator RSS at the end", f"{fmt(rss_mb, 1)} MB", ""],
+        ["API requests served (all clients)", str(requests), ""],
+    ]
+    verdict = [
+        f"all reconciled {'✓' if all_s <= TARGET_ALL_S else '✗'}",
+        f"median {'✓' if median <= TARGET_MEDIAN_S else '✗'}",
+        f"RSS {'✓' if peak_mb <= TARGET_RSS_MB else '✗'}",
+    ]
+    body = "\n".join(
+        [
+            f"{n} FederatedRuns of 3 hospitals applied at once to the emulated API server "
+            "(tests/kube, in the benchmark's process); the operator is a separate `fedrun "
+            "operator` process polling each run every 5 s. No run server exists, so every "
+            "follow-up reconcile also pays a refused connection to the status port.",
+            "",
+            table(["measure", "value", "target"], rows),
+            "",
+            "Targets: " + ", ".join(verdict) + ".",
+        ]
+    )
+    return PartResult("Operator under load", body)
+
+
+def _up(port: int) -> bool:
+    try:
+        _scrape(port)
+    except OSError:
+        return False
+    return True
+
+
+def _children(cluster: Any) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for api_version, plural in CHILD_KINDS:
+        for obj in cluster.list(api_version, plural, "default"):
+            run = obj["metadata"].get("labels", {}).get("fedrun.io/run")
+            if run:
+                out.setdefault(run, set()).add(f"{plural}/{obj['metadata']['name']}")
+    return out
+
+
+def _statuses(cluster: Any) -> int:
+    runs = cluster.list("fedrun.io/v1alpha1", "federatedruns", "default")
+    return sum(1 for r in runs if (r.get("status") or {}).get("phase"))
