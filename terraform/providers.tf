@@ -33,4 +33,11 @@ data "aws_availability_zones" "selected" {
     name   = "zone-name"
     values = local.az_names
   }
+
+  lifecycle {
+    postcondition {
+      condition     = length(self.names) >= 2
+      error_message = "Fewer than two of the zones ${join(", ", local.az_names)} are available in this account: name two or three in availability_zones."
+    }
+  }
 }

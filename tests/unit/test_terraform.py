@@ -226,6 +226,16 @@ def isolation_violations(cfg: Config) -> list[str]:
     for h in facts:
         if facts[h]["role"] not in by_role:
             problems.append(f"hospital {h}: its role has no policy at all")
+    # A bucket policy can grant too: a hospital's bucket may allow no principal but its role.
+    policies = _by_bucket(cfg, "aws_s3_bucket_policy")
+    for h, f in facts.items():
+        if f["bucket"] not in policies:
+            continue
+        for stmt in allow_statements(json.loads(policies[f["bucket"]].attr("policy"))):
+            for kind, principals in stmt.get("Principal", {}).items():
+                strangers = [p for p in principals if (kind, p) != ("AWS", f["role_arn"])]
+                if strangers:
+                    problems.append(f"hospital {h}'s bucket policy allows {kind} {strangers}")
     return problems
 
 
@@ -737,6 +747,20 @@ resource "aws_iam_role_policy_attachment" "read_all" {
 }
 """
 
+BUCKET_ALLOW = """  statement {
+    sid       = "ShareWithPartners"
+    effect    = "Allow"
+    actions   = ["s3:GetObject"]
+    resources = ["${aws_s3_bucket.hospital[each.key].arn}/*"]
+
+    principals {
+      type        = "AWS"
+      identifiers = local.hospital_role_arns
+    }
+  }
+
+"""
+
 READ_OWN = 'resources = ["${aws_s3_bucket.hospital[each.key].arn}/*"]'
 EVERY_BUCKET = 'resources = [for b in aws_s3_bucket.hospital : "${b.arn}/*"]'
 
@@ -794,6 +818,16 @@ BROKEN: dict[str, Mistake] = {
         ),
         isolation_violations,
         "which reaches hospital hospital-c's bucket or key",
+    ),
+    "a hospital bucket policy that allows every hospital's role": Mistake(
+        _replace(
+            "buckets.tf",
+            '  statement {\n    sid       = "DenyOldTls"',
+            BUCKET_ALLOW + '  statement {\n    sid       = "DenyOldTls"',
+        ),
+        isolation_violations,
+        "hospital hospital-a's bucket policy allows AWS "
+        "['arn:aws:iam::123456789012:role/fedrun-hospital-b'",
     ),
     "an AWS managed read-all policy": Mistake(
         _add_file(MANAGED),
