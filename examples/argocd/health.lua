@@ -21,21 +21,26 @@ local function num(value)
   return nil
 end
 
--- A non-negative number with at most two decimals: 1, 0.5, 0.98. Built from whole numbers,
--- because Argo CD's Lua prints other floats with every digit (0.30000000000000004).
+-- A non-negative number with at most three decimals (0.996, 0.5, 1), built digit by digit
+-- from whole numbers: Argo CD's Lua prints other floats with every digit
+-- (0.30000000000000004). Three, not two: ε 0.996 of 1 must not read as "1/1".
 local function decimal(value)
-  local hundredths = value * 100 + 0.5
-  hundredths = hundredths - hundredths % 1
-  local fraction = hundredths % 100
-  local whole = (hundredths - fraction) / 100
+  local thousandths = value * 1000 + 0.5
+  thousandths = thousandths - thousandths % 1
+  local fraction = thousandths % 1000
+  local text = tostring((thousandths - fraction) / 1000)
   if fraction == 0 then
-    return tostring(whole)
-  elseif fraction % 10 == 0 then
-    return whole .. "." .. (fraction / 10)
-  elseif fraction < 10 then
-    return whole .. ".0" .. fraction
+    return text
   end
-  return whole .. "." .. fraction
+  text = text .. "."
+  local place = 100
+  while fraction > 0 do
+    local digit = (fraction - fraction % place) / place
+    text = text .. digit
+    fraction = fraction - digit * place
+    place = place / 10
+  end
+  return text
 end
 
 local function orUnknown(value)
