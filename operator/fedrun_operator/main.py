@@ -98,7 +98,8 @@ async def on_update(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _reconcile("update", body, memo)
 
 
-@kopf.timer(*RESOURCE, interval=POLL_SECONDS, sharp=False)
+# The first look comes one period after the create handler's, not at the same moment.
+@kopf.timer(*RESOURCE, interval=POLL_SECONDS, initial_delay=POLL_SECONDS, sharp=False)
 async def follow(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Follow the run: server status, Jobs, drift, deadline, budget, TTL."""
     await _reconcile("follow", body, memo)
