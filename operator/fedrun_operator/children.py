@@ -78,11 +78,14 @@ def _owned(obj: Obj) -> Obj:
 
 
 def _immutable_drift(kind: str, paths: list[tuple[str, ...]]) -> bool:
-    """Job pod templates and selectors, and Deployment selectors cannot be patched."""
+    """A Job's pod template and selector cannot be patched: the Job is replaced.
+
+    (A Deployment's selector is immutable too, but the operator never changes it, so it
+    can only differ on a Deployment someone else made; patching it fails loudly rather
+    than deleting what is not ours.)
+    """
     if kind == "Job":
         return any(p[:2] in (("spec", "template"), ("spec", "selector")) for p in paths)
-    if kind == "Deployment":
-        return any(p[:2] == ("spec", "selector") for p in paths)
     return False
 
 

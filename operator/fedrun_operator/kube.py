@@ -44,6 +44,7 @@ _PLURALS = {
 }
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+USER_AGENT = "fedrun-operator/0.1"
 
 
 class ApiError(Exception):
@@ -159,7 +160,7 @@ class Kube:
         self._session: aiohttp.ClientSession | None = None
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if self.creds.token:
             headers["Authorization"] = f"{self.creds.scheme or 'Bearer'} {self.creds.token}"
         return headers

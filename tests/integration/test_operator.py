@@ -185,6 +185,13 @@ def fail_job(cluster: EmulatedCluster, hospital: str, message: str) -> None:
     )
 
 
+def wait_event(cluster: EmulatedCluster, kind: str, reason: str) -> None:
+    """Events are posted by kopf in the background: wait for one to arrive."""
+    cluster.wait_for(
+        lambda: (kind, reason) in events_for(cluster), timeout=20, what=f"{kind} {reason}"
+    )
+
+
 def events_for(cluster: EmulatedCluster) -> list[tuple[str, str]]:
     return [
         (e.get("type", ""), e.get("reason", ""))
@@ -250,7 +257,7 @@ def test_status_follows_the_server_to_success(cluster: EmulatedCluster, server: 
             timeout=20,
             what="server scaled to zero",
         )
-        events = events_for(cluster)
+        wait_event(cluster, "Normal", "RoundsCompleted")
     assert running["phase"] == "Running"
     expected_eps = epsilon([(4.0, 0.1, 20)], 1e-5)
     assert running["privacy"]["epsilonSpent"] == pytest.approx(expected_eps, rel=1e-4)
@@ -259,7 +266,6 @@ def test_status_follows_the_server_to_success(cluster: EmulatedCluster, server: 
     assert final["completionTime"] == "2026-11-24T12:00:00Z"
     succeeded = next(c for c in final["conditions"] if c["type"] == "Succeeded")
     assert succeeded["status"] == "True" and succeeded["reason"] == "RoundsCompleted"
-    assert ("Normal", "RoundsCompleted") in events
     text = metrics.render().decode()
     assert f'fedrun_operator_run_round{{namespace="{NS}",run="{NAME}"}} 5.0' in text
 
@@ -287,13 +293,13 @@ def test_suspend_stops_everything_and_resume_restarts_with_the_budget_kept(
         after = cluster.wait_for(
             lambda: (s := run_status(cluster, NAME)).get("phase") == "Running" and s, timeout=20
         )
-        events = events_for(cluster)
+        wait_event(cluster, "Normal", "Suspended")
+        wait_event(cluster, "Normal", "Resumed")
     assert "restarts training from round 0" in suspended["message"]
     assert {c["name"] for c in suspended["privacy"]["carried"]} == set(HOSPITALS)
     assert "resumed" in resumed["message"]
     spent = epsilon([(4.0, 0.1, 20), (4.0, 0.1, 10)], 1e-5)
     assert after["privacy"]["epsilonSpent"] == pytest.approx(spent, rel=1e-4)
-    assert ("Normal", "Suspended") in events and ("Normal", "Resumed") in events
 
 
 def test_active_deadline_fails_the_run(cluster: EmulatedCluster, server: FakeServer) -> None:
@@ -325,7 +331,7 @@ def test_hospital_failures_below_and_above_min_hospitals(
         assert one["phase"] == "Running"
         row = next(h for h in one["hospitals"] if h["name"] == "hospital-a")
         assert "line 12" in row["message"] and row["restarts"] == 3
-        assert ("Warning", "HospitalFailed") in events_for(cluster)
+        wait_event(cluster, "Warning", "HospitalFailed")
         fail_job(cluster, "hospital-b", "cannot read s3://b/data.csv: AccessDenied")
         failed = wait_phase(cluster, "Failed")
     assert "hospital-a" in failed["message"] and "hospital-b" in failed["message"]
@@ -351,9 +357,8 @@ def test_budget_stop_when_the_operators_own_accounting_says_so(
             what="jobs suspended",
         )
         assert cluster.get("apps/v1", "deployments", NS, f"{NAME}-server")["spec"]["replicas"] == 0
-        events = events_for(cluster)
+        wait_event(cluster, "Warning", "BudgetStop")
     assert stopped["privacy"]["epsilonSpent"] > 1.0
-    assert ("Warning", "BudgetStop") in events
 
 
 def test_drift_is_repaired(cluster: EmulatedCluster) -> None:
@@ -383,10 +388,72 @@ def test_drift_is_repaired(cluster: EmulatedCluster) -> None:
             ),
             timeout=20,
         )
-        events = events_for(cluster)
+        wait_event(cluster, "Warning", "ChildRecreated")
+        wait_event(cluster, "Warning", "ChildRepaired")
     assert json.loads(fixed["data"]["config.json"])["metadata"]["name"] == NAME
     assert repaired[f"Service/{NAME}-server"]["spec"]["ports"]
-    assert ("Warning", "ChildRecreated") in events and ("Warning", "ChildRepaired") in events
+
+
+def test_hand_edited_service_account_service_and_job_are_set_back(
+    cluster: EmulatedCluster,
+) -> None:
+    sa, job = f"{NAME}-hospital-a", f"{NAME}-hospital-b"
+    with running_operator(cluster):
+        cluster.create(run_doc())
+        kids = all_children(cluster)
+        job_uid = kids[f"Job/{job}"]["metadata"]["uid"]
+        cluster.patch(
+            "v1", "serviceaccounts", NS, sa, {"metadata": {"labels": {"fedrun.io/run": "other"}}}
+        )
+        cluster.patch("v1", "services", NS, f"{NAME}-server", {"spec": {"type": "NodePort"}})
+        # Kubernetes refuses this edit; a Job re-created by hand with another command is
+        # the same drift, and only delete-and-create can set it back.
+        cluster.patch(
+            "batch/v1",
+            "jobs",
+            NS,
+            job,
+            {
+                "spec": {
+                    "template": {
+                        "spec": {
+                            "containers": [
+                                {"name": "hospital", "image": "busybox", "args": ["sleep", "1d"]}
+                            ]
+                        }
+                    }
+                }
+            },
+        )
+        cluster.wait_for(
+            lambda: (
+                (c := children(cluster)).keys() >= EXPECTED
+                and c[f"ServiceAccount/{sa}"]["metadata"]["labels"]["fedrun.io/run"] == NAME
+                and c[f"Service/{NAME}-server"]["spec"]["type"] == "ClusterIP"
+                and c[f"Job/{job}"]["metadata"]["uid"] != job_uid
+                and c
+            ),
+            timeout=20,
+            what="edits set back",
+        )
+        wait_event(cluster, "Warning", "ChildReplaced")
+    args = cluster.get("batch/v1", "jobs", NS, job)["spec"]["template"]["spec"]["containers"][0]
+    assert args["args"][:2] == ["fedrun", "client"]
+
+
+def test_a_finished_run_is_deleted_after_its_ttl(
+    cluster: EmulatedCluster, server: FakeServer
+) -> None:
+    with running_operator(cluster, server_url=server.url):
+        cluster.create(run_doc(ttlSecondsAfterFinished=1))
+        all_children(cluster)
+        server.set("Succeeded", current=5, steps=50, reason="RoundsCompleted")
+        wait_phase(cluster, "Succeeded")
+        cluster.wait_for(
+            lambda: not cluster.exists(API, PLURAL, NS, NAME) and not children(cluster),
+            timeout=30,
+            what="run and children deleted",
+        )
 
 
 def test_operator_restart_mid_run_creates_no_duplicates_and_loses_nothing(
@@ -458,9 +525,7 @@ def test_a_spec_change_that_slips_through_is_ignored_with_a_warning(
         server.set("Running", current=1)
         wait_phase(cluster, "Running")
         cluster.patch(API, PLURAL, NS, NAME, {"spec": {"rounds": 50}})
-        cluster.wait_for(
-            lambda: ("Warning", "SpecChangeRefused") in events_for(cluster), timeout=20
-        )
+        wait_event(cluster, "Warning", "SpecChangeRefused")
         config = json.loads(
             cluster.get("v1", "configmaps", NS, f"{NAME}-config")["data"]["config.json"]
         )

@@ -38,6 +38,12 @@ USER_AGENT = "fedrun-tests"
 Obj = dict[str, Any]
 
 
+# Every request each EmulatedCluster of this test session served, kept when it stops: the
+# RBAC proof (tests/rbac) compares the operator's calls in the integration and e2e tests
+# with the chart's rules.
+RECORDED: list[ApiRequest] = []
+
+
 class ApiError(Exception):
     """A request the emulated API server refused; `status` is the Kubernetes `Status` body."""
 
@@ -102,6 +108,8 @@ class EmulatedCluster:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._emulator is not None:
+            RECORDED.extend(self._emulator.requests())
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(self.timeout)

@@ -1,0 +1,62 @@
+"""Least privilege, proven: the chart grants exactly the API calls the operator makes.
+
+Every EmulatedCluster of this pytest session records the requests it served
+(`tests.kube.cluster.RECORDED`). This test runs after tests/integration and tests/e2e (pytest
+collects directories in name order), takes the operator's own requests (kopf's and the
+operator's client, by User-Agent), and compares them with the chart's default
+(cluster-wide) RBAC rules: a call no rule grants fails, and so does a granted verb that no
+scenario ever used.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.chart.tools import find, render
+from tests.kube.cluster import RECORDED
+
+OPERATOR_CLIENTS = ("kopf/", "fedrun-operator/")
+
+Grant = tuple[str, str, str]  # apiGroup, resource (with /subresource), verb
+
+
+def granted() -> set[Grant]:
+    """Every (apiGroup, resource, verb) the chart's ClusterRoles give the operator."""
+    out: set[Grant] = set()
+    for role in find(render(), "ClusterRole"):
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        out.add((group, resource, verb))
+    return out
+
+
+def used() -> set[Grant]:
+    """Every (apiGroup, resource, verb) the operator called in this session's tests."""
+    return {
+        (r.api_group, r.rbac_resource, r.verb)
+        for r in RECORDED
+        if r.user_agent.startswith(OPERATOR_CLIENTS)
+    }
+
+
+def test_every_operator_call_is_granted_and_every_grant_is_used() -> None:
+    calls = used()
+    if not calls:
+        pytest.skip(
+            "no operator requests recorded: run this with tests/integration and tests/e2e "
+            "in the same pytest session (as `make test` does)"
+        )
+    rules = granted()
+    assert sorted(calls - rules) == [], "calls the chart's RBAC does not grant"
+    assert sorted(rules - calls) == [], "rules no integration or e2e scenario used"
+
+
+def test_the_proof_notices_a_missing_and_an_unused_rule() -> None:
+    rules = granted()
+    calls = set(rules)
+    dropped = ("batch", "jobs", "delete")
+    assert dropped in rules
+    assert (calls | {("", "secrets", "get")}) - rules == {("", "secrets", "get")}
+    assert rules - (calls - {dropped}) == {dropped}
