@@ -48,8 +48,8 @@ $(CHECKOV):
 	$(TOOLS)/venv/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
 
 $(TOOLS)/.promtool:
-	command -v promtool >/dev/null || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	{ command -v promtool && command -v shellcheck; } >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus shellcheck >/dev/null; }
 	promtool --version >/dev/null
 	mkdir -p $(TOOLS) && touch $@
 
@@ -128,4 +128,4 @@ DATA_KEY ?= stroke/stroke.csv
 ## hospitals: the FederatedRun hospitals: block from `terraform output -json`
 hospitals: setup
 	set -o pipefail; terraform -chdir=terraform output -json \
-	  | $(BIN)/python -m fedrun_operator.terraform_hospitals --data-key '$(DATA_KEY)'
+	  | $(BIN)/fedrun hospitals --data-key '$(DATA_KEY)'

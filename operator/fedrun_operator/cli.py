@@ -209,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_operator)
 
+    from fedrun_operator import terraform_hospitals
+
+    p = sub.add_parser(
+        "hospitals",
+        help="the hospitals: block of a FederatedRun from `terraform output -json` (stdin)",
+    )
+    terraform_hospitals.configure_parser(p)
+    p.set_defaults(func=terraform_hospitals.run)
+
     p = sub.add_parser("demo-data", help="write demo hospital files (synthetic, or a real split)")
     p.add_argument("dir", help="directory for <hospital>.csv files")
     p.add_argument(
