@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import kmock
 import pytest
 import yaml
 
@@ -530,3 +531,28 @@ def test_a_spec_change_that_slips_through_is_ignored_with_a_warning(
             cluster.get("v1", "configmaps", NS, f"{NAME}-config")["data"]["config.json"]
         )
     assert config["spec"]["rounds"] == 5
+
+
+def test_throttled_and_failing_api_calls_are_retried_and_counted(
+    cluster: EmulatedCluster,
+) -> None:
+    def retries() -> float:
+        total = 0.0
+        for line in metrics.render().decode().splitlines():
+            if line.startswith('fedrun_operator_api_retries_total{verb="create"}'):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    before = retries()
+    jobs = kmock.resource("batch", "v1", "jobs")
+    # The next two Job creates fail: throttled, then a server error. kmock's rule: the
+    # reaction replaces the answer but the write happens, as after a lost response.
+    cluster.call(lambda e: e[kmock.method.POST, jobs][0:1] << 429)
+    cluster.call(lambda e: e[kmock.method.POST, jobs][1:2] << 503)
+    with running_operator(cluster):
+        cluster.create(run_doc())
+        kids = all_children(cluster)
+        status = wait_phase(cluster, "Pending")
+    assert len([k for k in kids if k.startswith("Job/")]) == len(HOSPITALS)
+    assert status["progress"] == "0/5"
+    assert retries() >= before + 2
