@@ -68,6 +68,14 @@ def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     return info
 
 
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    """Close the operator's HTTP sessions on shutdown, after the reconciles in flight."""
+    reconciler: Reconciler | None = memo.get(_MEMO_KEY)
+    if reconciler is not None:
+        await reconciler.close()
+
+
 async def _reconcile(handler: str, body: kopf.Body, memo: kopf.Memo) -> Outcome:
     reconciler: Reconciler = memo[_MEMO_KEY]
     started = time.monotonic()

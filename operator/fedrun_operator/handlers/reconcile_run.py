@@ -192,7 +192,14 @@ class Reconciler:
         return self._http
 
     async def close(self) -> None:
-        """Close HTTP sessions."""
+        """Close HTTP sessions once the reconciles in flight have finished.
+
+        A reconcile that starts afterwards (a timer that fires during shutdown) opens a
+        new session rather than failing on a closed one.
+        """
+        for lock in list(self._locks.values()):
+            async with lock:
+                pass
         if self._http is not None:
             await self._http.close()
         await self.kube.close()
