@@ -26,6 +26,12 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         env = {"run": os.environ.get("FEDRUN_RUN"), "hospital": os.environ.get("FEDRUN_HOSPITAL")}
+        # kopf's per-object loggers name the object they log about (the operator's lines).
+        ref = getattr(record, "k8s_ref", None)
+        if isinstance(ref, dict) and ref.get("kind") == "FederatedRun":
+            env["run"] = ref.get("name")
+            if ref.get("namespace"):
+                payload["namespace"] = ref["namespace"]
         for key in _FIELDS:
             value = getattr(record, key, None) or env.get(key)
             if value is not None:
