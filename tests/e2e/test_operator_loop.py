@@ -10,6 +10,8 @@ status back. Everything asserted here is read back from the API, as `kubectl` wo
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +43,26 @@ def kubelet_for(cluster: EmulatedCluster, run: str, out: Path) -> Iterator[Local
     finally:
         stop.set()
         thread.join(timeout=120)
+
+
+def _event_reasons(cluster: EmulatedCluster, name: str) -> list[str]:
+    events = cluster.list("v1", "events", "default")
+    return [str(e.get("reason")) for e in events if e["involvedObject"].get("name") == name]
+
+
+def _kubectl_get(cluster: EmulatedCluster) -> str | None:
+    """`kubectl get federatedruns` against the emulated API (None where kubectl is absent)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return None
+    done = subprocess.run(
+        [kubectl, "--kubeconfig", str(cluster.kubeconfig), "get", "federatedruns"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout
 
 
 def _hospitals(tmp_path: Path, seed: int) -> list[dict[str, str]]:
@@ -79,9 +101,20 @@ def test_a_run_applied_to_the_api_succeeds_within_its_budget(tmp_path: Path) -> 
                 ),
                 timeout=30,
             )
-            events = cluster.list("v1", "events", "default")
+            # kopf posts Events in the background: wait for the final one.
+            reasons = cluster.wait_for(
+                lambda: "RoundsCompleted" in (r := _event_reasons(cluster, name)) and r,
+                timeout=30,
+                what="the RoundsCompleted event",
+            )
+            table = _kubectl_get(cluster)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "federatedrun.json").write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    if table is not None:
+        (OUT / "kubectl-get-federatedruns.txt").write_text(table, encoding="utf-8")
+        header, row = table.splitlines()[:2]
+        assert header.split()[:5] == ["NAME", "PHASE", "ROUND", "EPSILON", "AUROC"]
+        assert row.split()[:3] == [name, "Succeeded", "4/4"]
     status = obj["status"]
     assert status["phase"] == "Succeeded", status.get("message")
     assert status["progress"] == "4/4" and status["round"] == {"current": 4, "total": 4}
@@ -93,8 +126,7 @@ def test_a_run_applied_to_the_api_succeeds_within_its_budget(tmp_path: Path) -> 
     assert {h["state"] for h in status["hospitals"]} == {"Done"}
     assert status["metrics"]["auroc"] > 0.6
     assert status["completionTime"] >= status["startTime"]
-    reasons = [e.get("reason") for e in events if e["involvedObject"].get("name") == name]
-    assert "RoundsCompleted" in reasons
+    assert {"ChildrenCreated", "WaitingForHospitals", "RoundsCompleted"} <= set(reasons)
 
 
 def test_a_killed_hospital_is_restarted_and_its_epsilon_never_goes_down(tmp_path: Path) -> None:
