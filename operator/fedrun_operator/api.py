@@ -56,6 +56,7 @@ __all__ = [
     "PrivacyStatus",
     "Resources",
     "RoundStatus",
+    "SecuritySpec",
     "ServerSpec",
     "SpecError",
     "StrategySpec",
@@ -648,6 +649,21 @@ class ServerSpec(_Spec):
     )
 
 
+class SecuritySpec(_Spec):
+    """Transport security between the run's server and its hospitals."""
+
+    insecure: bool = Field(
+        False,
+        description=(
+            "For local debugging only: run Flower without TLS and without SuperNode "
+            "authentication, so anyone who reaches the server's port can read model updates "
+            "and join the run. The run then carries the condition Insecure=True. By default "
+            "(false) every run gets its own CA, a server certificate and one node key per "
+            "hospital, and only this run's hospitals can join."
+        ),
+    )
+
+
 def _spec_immutable_while_running() -> dict[str, str]:
     """The root transition rule: while Running only spec.suspend may change.
 
@@ -752,6 +768,13 @@ class FederatedRunSpec(_Spec):
         default_factory=ServerSpec,
         description="The run's server pod.",
         json_schema_extra={"default": {}},
+    )
+    security: SecuritySpec | None = Field(
+        None,
+        description=(
+            "Transport security. Unset means the secure default: TLS with a per-run CA and "
+            "SuperNode authentication."
+        ),
     )
     suspend: bool = Field(
         False,
@@ -1082,6 +1105,7 @@ def _all_field_names() -> set[str]:
         Toleration,
         MlflowSpec,
         ServerSpec,
+        SecuritySpec,
     ]
     return {field.alias or name for m in models for name, field in m.model_fields.items()}
 
