@@ -208,6 +208,13 @@ def measure_operator(settings: BenchSettings) -> PartResult:
             table(["measure", "value", "target"], rows),
             "",
             "Targets: " + ", ".join(verdict) + ".",
+            "",
+            f"Reading it: the runs arrived within {apply_s:.2f} s and the last had all its "
+            f"children {all_s:.2f} s after the first was applied, so apply → children is "
+            "mostly queueing behind the burst: every run needs about a dozen API writes (9 "
+            "children, its status, kopf's annotations, an Event), the emulated API server "
+            "answers them in Python on the same 2 cores, and the operator itself used "
+            f"{burst_cpu:.2f} s of CPU in that time.",
         ]
     )
     return PartResult("Operator under load", body)
