@@ -55,8 +55,8 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _MAX_HEAD_BYTES = 64 * 1024
-# Flower's own message limit is 512 MiB (GRPC_MAX_MESSAGE_LENGTH); models larger
-# than that cannot cross the SuperLink anyway.
+# A bound on one request body. Flower ships a message's arrays as separate objects
+# (push-object), so one body is one array or less; fedrun's models are far smaller.
 DEFAULT_MAX_BODY_BYTES = 512 * 1024 * 1024
 _CHUNK = 64 * 1024
 
