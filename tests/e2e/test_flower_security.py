@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,6 +321,23 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
             stderr=subprocess.STDOUT,
         )
         started.append(proxy)
+        # The ServerApp's executor: started by us (in process isolation the SuperLink
+        # starts none), authenticated with the run's secret.
+        executor = subprocess.Popen(
+            [
+                flwr_env.executable("flower-superexec"),
+                "--runtime-api-address",
+                f"127.0.0.1:{superlink_port}",
+                "--root-certificates",
+                str(pki / "ca.crt"),
+                "--superexec-auth-secret-file",
+                str(work / "superexec.secret"),
+            ],
+            env=env,
+            stdout=(work / "superexec.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        started.append(executor)
         client = httpx.Client(verify=_trust(pki), timeout=5)
 
         def healthy(port: int, proc: subprocess.Popen[bytes]) -> bool:
@@ -493,23 +511,103 @@ def test_superlink_itself_serves_control_to_anyone_who_reaches_it(
     assert reply.status_code == 200
 
 
-def test_hospital_cli_cannot_register_a_key_or_list_runs_through_the_fleet_port(
+PING_APP = {
+    "pyproject.toml": """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "ping"
+version = "0.1.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedrun"
+
+[tool.flwr.app.components]
+serverapp = "ping:server_app"
+clientapp = "ping:client_app"
+
+[tool.flwr.app.config]
+out = ""
+""",
+    "ping.py": """
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    nodes = list(grid.get_node_ids())
+    question = RecordDict({"q": ConfigRecord({"x": 41})})
+    messages = [Message(question, dst_node_id=n, message_type="query.ping") for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=60))
+    answers = {r.metadata.src_node_id: r.content["a"]["y"] for r in replies if r.has_content()}
+    Path(str(context.run_config["out"])).write_text(json.dumps(answers))
+
+
+@client_app.query("ping")
+def _ping(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"a": ConfigRecord({"y": msg.content["q"]["x"] + 1})}), reply_to=msg)
+""",
+}
+
+
+def _ping_app(work: Path) -> Path:
+    app = work / "ping-app"
+    app.mkdir(exist_ok=True)
+    for name, text in PING_APP.items():
+        (app / name).write_text(text.lstrip(), encoding="utf-8")
+    return app
+
+
+def test_hospital_cli_cannot_start_stop_or_list_runs_nor_register_keys_via_fleet_port(
     federation: Federation,
 ) -> None:
-    registered = federation.flwr(
-        "supernode", "register", str(federation.pki / "unregistered.pub"), connection="fleet"
-    )
-    listed = federation.flwr("ls", connection="fleet")
-    stopped = federation.flwr("stop", "1", connection="fleet")
+    calls = {
+        "register-node": ("supernode", "register", str(federation.pki / "unregistered.pub")),
+        "list-runs": ("ls",),
+        "stop-run": ("stop", "1"),
+        "start-run": ("run", str(_ping_app(federation.work))),
+    }
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = {
+            path: pool.submit(federation.flwr, *args, connection="fleet")
+            for path, args in calls.items()
+        }
+        answers = {path: future.result() for path, future in futures.items()}
     # flwr reports failure in its JSON (its exit status is 0 either way).
-    for path, answer in [
-        ("register-node", registered),
-        ("list-runs", listed),
-        ("stop-run", stopped),
-    ]:
+    for path, answer in answers.items():
         assert answer.get("success") is False, answer
         assert f"/v1/control/{path}" in answer["error-message"], answer
         assert "404 Not Found" in answer["error-message"], answer
+    _assert_run_unaffected(federation)
+
+
+def test_run_completes_through_the_proxy_after_the_rogues(
+    federation: Federation, attempts: dict[str, Attempt]
+) -> None:
+    # A ServerApp, run by the authenticated executor, asks the hospital a question
+    # through the fleet proxy; the hospital's ClientApp answers. The rogues came first.
+    assert attempts, "the rogues must have run"
+    app = _ping_app(federation.work)
+    out = federation.work / "ping.json"
+    submitted = federation.flwr("run", str(app), "--run-config", f"out='{out}'")
+    assert submitted.get("success"), submitted
+    _wait_for("the ping run's answer", lambda: out.exists() and out.stat().st_size > 0)
+    assert json.loads(out.read_text()) == {str(federation.hospital_node_id): 42}
     _assert_run_unaffected(federation)
 
 
