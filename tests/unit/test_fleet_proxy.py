@@ -233,3 +233,12 @@ def test_parse_head_drops_hop_by_hop_headers() -> None:
     with pytest.raises(RefusedError) as refused:
         parse_head(b"POST /v1/control/start-run HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
     assert refused.value.status == 404
+
+
+def test_refused_requests_are_logged_with_the_request_line(
+    proxy_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="fedrun.fleet_proxy"):
+        assert _raw(proxy_port, _post("/v1/control/stop-run", b"x"))[0] == 404
+    assert "refused POST /v1/control/stop-run HTTP/1.1" in caplog.text
+    assert "404" in caplog.text

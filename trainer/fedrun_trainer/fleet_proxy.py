@@ -29,12 +29,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import re
 import signal
 import ssl
 import sys
 import threading
 from dataclasses import dataclass
+
+log = logging.getLogger("fedrun.fleet_proxy")
 
 # Flower's fleet RPC names are lower-case words joined by dashes
 # (register-node, pull-messages, ...). Anything else (dot segments, percent-escapes,
@@ -218,6 +221,14 @@ class FleetProxy:
                 raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
                 head = parse_head(raw, self.config.max_body_bytes)
             except RefusedError as refused:
+                # A hospital probing Control or Runtime is worth a line in the server's log.
+                log.warning(
+                    "refused %s from %s: %d %s",
+                    raw.split(b"\r\n", 1)[0][:200].decode("ascii", "replace"),
+                    writer.get_extra_info("peername"),
+                    refused.status,
+                    refused.reason,
+                )
                 writer.write(_reply(refused.status, refused.reason))
                 await writer.drain()
                 return
