@@ -227,8 +227,6 @@ def _checkov_skips(run: FederatedRun, resources: Resources | None, field: str) -
     skips = {
         "CKV_K8S_15": "IfNotPresent so that clusters that preload the trainer image (kind, "
         "air-gapped hospital nodes) can start it; pin spec.image by digest to fix what runs",
-        "CKV2_K8S_6": "fedrun renders no NetworkPolicy for run pods yet (docs/design.md); "
-        "the namespace's own policies apply",
     }
     if "@sha256:" not in run.spec.image:
         skips["CKV_K8S_43"] = (
@@ -446,8 +444,12 @@ def render_run(run: FederatedRun) -> list[Manifest]:
     """Every child object of `run`, in apply order.
 
     ConfigMap `<run>-config`, Deployment and Service `<run>-server`, then for each hospital
-    (in spec order) ServiceAccount and Job `<run>-<hospital>`. Equal runs give equal output.
+    (in spec order) ServiceAccount and Job `<run>-<hospital>`, then the run's NetworkPolicies
+    (default deny; the server's and the hospitals' rules, see
+    :func:`fedrun_operator.security.network_policies`). Equal runs give equal output.
     """
+    from fedrun_operator.security import network_policies  # it builds on this module
+
     config = config_json(run)
     manifests = [
         _config_map(run, config),
@@ -457,7 +459,7 @@ def render_run(run: FederatedRun) -> list[Manifest]:
     for hospital in run.spec.hospitals:
         manifests.append(_service_account(run, hospital))
         manifests.append(_hospital_job(run, hospital, config))
-    return manifests
+    return manifests + network_policies(run)
 
 
 class _Dumper(yaml.SafeDumper):

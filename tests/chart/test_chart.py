@@ -253,6 +253,7 @@ RUN_RULES = {
     ("", "serviceaccounts"): ["get", "create", "patch"],
     ("apps", "deployments"): ["get", "create", "patch"],
     ("batch", "jobs"): ["get", "create", "patch", "delete"],
+    ("networking.k8s.io", "networkpolicies"): ["get", "create", "patch"],
     ("", "pods"): ["list"],
     ("", "events"): ["create"],
 }

@@ -142,6 +142,5 @@ def test_run_children_skip_only_what_does_not_fit() -> None:
             "CKV_K8S_13",
             "CKV_K8S_15",
             "CKV_K8S_43",
-            "CKV2_K8S_6",
         }
-        assert skipped_checks(after) == {"CKV_K8S_15", "CKV2_K8S_6"}
+        assert skipped_checks(after) == {"CKV_K8S_15"}

@@ -210,6 +210,12 @@ def test_create_makes_every_child_owned_and_labelled(cluster: EmulatedCluster) -
         kids = all_children(cluster)
         status = wait_phase(cluster, "Pending")
     assert kids.keys() == EXPECTED
+    policies = cluster.list("networking.k8s.io/v1", "networkpolicies", NS)
+    assert sorted(p["metadata"]["name"] for p in policies) == [
+        f"{NAME}-default-deny",
+        f"{NAME}-hospitals",
+        f"{NAME}-server",
+    ]
     for key, obj in kids.items():
         ref = obj["metadata"]["ownerReferences"]
         assert ref == [
@@ -407,6 +413,14 @@ def test_hand_edited_service_account_service_and_job_are_set_back(
             "v1", "serviceaccounts", NS, sa, {"metadata": {"labels": {"fedrun.io/run": "other"}}}
         )
         cluster.patch("v1", "services", NS, f"{NAME}-server", {"spec": {"type": "NodePort"}})
+        # Opening the server's policy to everyone is drift too.
+        cluster.patch(
+            "networking.k8s.io/v1",
+            "networkpolicies",
+            NS,
+            f"{NAME}-server",
+            {"spec": {"ingress": [{}]}},
+        )
         # Kubernetes refuses this edit; a Job re-created by hand with another command is
         # the same drift, and only delete-and-create can set it back.
         cluster.patch(
@@ -432,6 +446,10 @@ def test_hand_edited_service_account_service_and_job_are_set_back(
                 and c[f"ServiceAccount/{sa}"]["metadata"]["labels"]["fedrun.io/run"] == NAME
                 and c[f"Service/{NAME}-server"]["spec"]["type"] == "ClusterIP"
                 and c[f"Job/{job}"]["metadata"]["uid"] != job_uid
+                and cluster.get("networking.k8s.io/v1", "networkpolicies", NS, f"{NAME}-server")[
+                    "spec"
+                ]["ingress"]
+                != [{}]
                 and c
             ),
             timeout=20,

@@ -75,6 +75,9 @@ def test_children_and_their_order(run: FederatedRun) -> None:
         ("Job", "stroke-hospital-a"),
         ("ServiceAccount", "stroke-hospital-b"),
         ("Job", "stroke-hospital-b"),
+        ("NetworkPolicy", "stroke-default-deny"),
+        ("NetworkPolicy", "stroke-server"),
+        ("NetworkPolicy", "stroke-hospitals"),
     ]
 
 
@@ -87,7 +90,12 @@ def test_namespace_labels_and_owner_on_every_child(run: FederatedRun) -> None:
         assert labels[c.LABEL_MANAGED_BY] == "fedrun-operator"
         assert labels[c.LABEL_RUN] == "stroke"
         per_hospital = m["kind"] in ("ServiceAccount", "Job")
-        assert labels[c.LABEL_COMPONENT] == ("hospital" if per_hospital else "server")
+        if m["metadata"]["name"] == "stroke-default-deny":
+            assert c.LABEL_COMPONENT not in labels  # it covers every pod of the run
+        elif m["metadata"]["name"] == "stroke-hospitals":
+            assert labels[c.LABEL_COMPONENT] == "hospital"
+        else:
+            assert labels[c.LABEL_COMPONENT] == ("hospital" if per_hospital else "server")
         if per_hospital:
             assert meta["name"] == f"stroke-{labels[c.LABEL_HOSPITAL]}"
         else:
@@ -342,6 +350,6 @@ def test_config_json_is_stable() -> None:
 def test_examples_render(name: str) -> None:
     run = load_run(ROOT / "examples" / name)
     manifests = render_run(run)
-    assert len(manifests) == 3 + 2 * len(run.spec.hospitals)
+    assert len(manifests) == 3 + 2 * len(run.spec.hospitals) + 3  # + 3 NetworkPolicies
     for m in manifests:
         assert len(m["metadata"]["name"]) <= 63

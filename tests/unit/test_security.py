@@ -518,17 +518,9 @@ def test_objects_are_valid_kubernetes(
             pytest.fail(f"{m['kind']}/{m['metadata']['name']} on {kube_version}: {exc}")
 
 
-def without_network_policy_skip(manifests: list[Manifest]) -> list[Manifest]:
-    out = copy.deepcopy(manifests)
-    for m in out:
-        (m["metadata"].get("annotations") or {}).pop("checkov.io/skip-ckv2-k8s-6", None)
-    return out
-
-
 def test_checkov_finds_nothing_and_every_pod_has_a_policy(tmp_path: Path) -> None:
-    """The run's children with their policies and Secrets: zero failed checks, and the
-    "pod without NetworkPolicy" check (CKV2_K8S_6, skipped by render.py until these
-    policies are applied) passes once its skip is removed."""
+    """The run's children (with their NetworkPolicies) and Secrets: zero failed checks, and
+    the "pod without NetworkPolicy" check (CKV2_K8S_6) runs and passes for every pod."""
     tool = checkov()
     files = []
     for example in EXAMPLES:
@@ -538,7 +530,7 @@ def test_checkov_finds_nothing_and_every_pod_has_a_policy(tmp_path: Path) -> Non
         run_ = parse_run(obj)
         hospitals = [h.name for h in run_.spec.hospitals]
         material = pki.generate(run_.name, run_.namespace, hospitals, now=datetime.now(UTC))
-        objects = without_network_policy_skip(render_run(run_)) + every_object(run_, material)
+        objects = render_run(run_) + security.secret_manifests(run_, material)
         path = tmp_path / f"{example.stem}.yaml"
         path.write_text(to_yaml(objects))
         files.append(path.name)
