@@ -109,6 +109,20 @@ def wait_phase(cluster: EmulatedCluster, phase: str, timeout: float = 20) -> dic
     )
 
 
+def wait_progress(cluster: EmulatedCluster, progress: str) -> dict[str, Any]:
+    """The run's status once it shows `progress` (rounds done / total)."""
+    return cluster.wait_for(
+        lambda: (s := run_status(cluster, NAME)).get("progress") == progress and s,
+        timeout=20,
+        what=f"progress {progress}",
+    )
+
+
+def condition(status: dict[str, Any], ctype: str) -> dict[str, Any]:
+    """The status's condition of type `ctype`."""
+    return next(c for c in status["conditions"] if c["type"] == ctype)
+
+
 def children(cluster: EmulatedCluster) -> dict[str, dict[str, Any]]:
     sel = f"fedrun.io/run={NAME}"
     out = {}
@@ -243,9 +257,7 @@ def test_status_follows_the_server_to_success(cluster: EmulatedCluster, server: 
         cluster.create(run_doc())
         all_children(cluster)
         server.set("Running", current=2, steps=20, metrics={"round": 2, "auroc": 0.7})
-        running = cluster.wait_for(
-            lambda: (s := run_status(cluster, NAME)).get("progress") == "2/5" and s, timeout=20
-        )
+        running = wait_progress(cluster, "2/5")
         server.set(
             "Succeeded",
             current=5,
@@ -271,7 +283,7 @@ def test_status_follows_the_server_to_success(cluster: EmulatedCluster, server: 
     assert final["progress"] == "5/5" and final["metrics"]["auroc"] == 0.81
     assert final["mlflowRunId"] == "run-123"
     assert final["completionTime"] == "2026-11-24T12:00:00Z"
-    succeeded = next(c for c in final["conditions"] if c["type"] == "Succeeded")
+    succeeded = condition(final, "Succeeded")
     assert succeeded["status"] == "True" and succeeded["reason"] == "RoundsCompleted"
     text = metrics.render().decode()
     assert f'fedrun_operator_run_round{{namespace="{NS}",run="{NAME}"}} 5.0' in text
@@ -284,7 +296,7 @@ def test_suspend_stops_everything_and_resume_restarts_with_the_budget_kept(
         cluster.create(run_doc())
         all_children(cluster)
         server.set("Running", current=2, steps=20)
-        cluster.wait_for(lambda: run_status(cluster, NAME).get("progress") == "2/5", timeout=20)
+        wait_progress(cluster, "2/5")
         cluster.patch(API, PLURAL, NS, NAME, {"spec": {"suspend": True}})
         suspended = wait_phase(cluster, "Suspended")
         kids = children(cluster)
@@ -314,7 +326,7 @@ def test_active_deadline_fails_the_run(cluster: EmulatedCluster, server: FakeSer
         cluster.create(run_doc(activeDeadlineSeconds=2))
         server.set("Running", current=1)
         failed = wait_phase(cluster, "Failed", timeout=30)
-    cond = next(c for c in failed["conditions"] if c["type"] == "Failed")
+    cond = condition(failed, "Failed")
     assert cond["reason"] == "DeadlineExceeded"
 
 
@@ -342,7 +354,7 @@ def test_hospital_failures_below_and_above_min_hospitals(
         fail_job(cluster, "hospital-b", "cannot read s3://b/data.csv: AccessDenied")
         failed = wait_phase(cluster, "Failed")
     assert "hospital-a" in failed["message"] and "hospital-b" in failed["message"]
-    cond = next(c for c in failed["conditions"] if c["type"] == "Failed")
+    cond = condition(failed, "Failed")
     assert cond["reason"] == "TooFewHospitals"
 
 
@@ -482,23 +494,16 @@ def test_operator_restart_mid_run_creates_no_duplicates_and_loses_nothing(
         cluster.create(run_doc())
         all_children(cluster)
         server.set("Running", current=2, steps=20)
-        before = cluster.wait_for(
-            lambda: (s := run_status(cluster, NAME)).get("progress") == "2/5" and s, timeout=20
-        )
+        before = wait_progress(cluster, "2/5")
     creates_before = [r for r in cluster.requests() if r.verb == "create"]
     with running_operator(cluster, server_url=server.url):
         server.set("Running", current=3, steps=30)
-        after = cluster.wait_for(
-            lambda: (s := run_status(cluster, NAME)).get("progress") == "3/5" and s, timeout=20
-        )
+        after = wait_progress(cluster, "3/5")
     creates_after = [r for r in cluster.requests() if r.verb == "create" and r.resource != "events"]
     assert len(creates_after) == len([r for r in creates_before if r.resource != "events"])
     assert after["startTime"] == before["startTime"]
-    running = next(c for c in after["conditions"] if c["type"] == "Running")
-    assert (
-        running["lastTransitionTime"]
-        == next(c for c in before["conditions"] if c["type"] == "Running")["lastTransitionTime"]
-    )
+    running = condition(after, "Running")
+    assert running["lastTransitionTime"] == condition(before, "Running")["lastTransitionTime"]
     assert after["privacy"]["epsilonSpent"] > before["privacy"]["epsilonSpent"]
 
 

@@ -11,6 +11,7 @@ import pytest
 from fedrun_operator.accounting import epsilon
 from fedrun_operator.api import FederatedRun, load_run, parse_run
 from fedrun_operator.status import (
+    Decision,
     HospitalObservation,
     Observation,
     decide,
@@ -73,6 +74,16 @@ def jobs(run: FederatedRun, **overrides: HospitalObservation) -> dict[str, Hospi
     return out
 
 
+def look(run: FederatedRun, prev: dict[str, Any], server: dict[str, Any] | None) -> Decision:
+    """One reconcile at T0 with every hospital's Job active and `server` as /status."""
+    return decide(run, prev, Observation(now=T0, server=server, hospitals=jobs(run)), epsilon)
+
+
+def created(run: FederatedRun) -> dict[str, Any]:
+    """The status the first reconcile writes (no server yet)."""
+    return look(run, {}, None).status
+
+
 def test_a_new_run_is_pending_with_every_condition_false_but_none_running() -> None:
     run = make_run()
     d = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon)
@@ -94,7 +105,7 @@ def test_a_new_run_is_pending_with_every_condition_false_but_none_running() -> N
 
 def test_server_progress_reaches_the_status_and_epsilon_is_the_operators_own() -> None:
     run = make_run()
-    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    prev = created(run)
     srv = server_status(run, current=2, steps=20)
     d = decide(
         run,
@@ -125,7 +136,7 @@ def test_server_progress_reaches_the_status_and_epsilon_is_the_operators_own() -
 
 def test_the_servers_final_phase_is_captured_and_stops_the_processes() -> None:
     run = make_run(rounds=2)
-    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    prev = created(run)
     srv = server_status(
         run,
         phase="Succeeded",
@@ -162,7 +173,7 @@ def test_ttl_after_finished_deletes_the_run() -> None:
 
 def test_active_deadline_fails_the_run() -> None:
     run = make_run(activeDeadlineSeconds=300)
-    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    prev = created(run)
     srv = server_status(run, current=1, steps=10)
     d = decide(
         run,
@@ -190,7 +201,7 @@ def _failed_job(run: FederatedRun, name: str) -> HospitalObservation:
 
 def test_a_failed_hospital_above_min_hospitals_is_reported_and_the_run_goes_on() -> None:
     run = make_run(minHospitals=2)
-    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    prev = created(run)
     bad = run.spec.hospitals[0].name
     obs = Observation(
         now=T0,
@@ -206,7 +217,7 @@ def test_a_failed_hospital_above_min_hospitals_is_reported_and_the_run_goes_on()
 
 def test_too_few_hospitals_fails_the_run_naming_them() -> None:
     run = make_run(minHospitals=3)
-    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    prev = created(run)
     bad = run.spec.hospitals[1].name
     obs = Observation(
         now=T0,
@@ -221,10 +232,10 @@ def test_too_few_hospitals_fails_the_run_naming_them() -> None:
 
 def test_epsilon_over_target_stops_the_run() -> None:
     run = make_run()
-    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    prev = created(run)
     # Far more steps than a budget of ε=1 allows at σ=4, q=0.1.
     srv = server_status(run, current=2, steps=5000)
-    d = decide(run, prev, Observation(now=T0, server=srv, hospitals=jobs(run)), epsilon)
+    d = look(run, prev, srv)
     assert d.status["phase"] == "BudgetExhausted"
     assert next(c for c in d.status["conditions"] if c["status"] == "True")["reason"] == (
         "BudgetExceeded"
@@ -241,24 +252,24 @@ def test_a_round_that_would_overspend_is_refused_before_it_starts() -> None:
     rounds = 1
     while epsilon([(4.0, 0.1, 10 * (rounds + 1))], delta) <= target:
         rounds += 1
-    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    prev = created(run)
     srv = server_status(run, current=rounds, steps=10 * rounds)
-    d = decide(run, prev, Observation(now=T0, server=srv, hospitals=jobs(run)), epsilon)
+    d = look(run, prev, srv)
     assert d.status["phase"] == "BudgetExhausted"
     assert d.status["privacy"]["epsilonSpent"] <= target
     reason = next(c for c in d.status["conditions"] if c["status"] == "True")["reason"]
     assert reason == "BudgetWouldBeExceeded"
     # One round fewer leaves room for the next: the run goes on.
     srv = server_status(run, current=rounds - 1, steps=10 * (rounds - 1))
-    d = decide(run, prev, Observation(now=T0, server=srv, hospitals=jobs(run)), epsilon)
+    d = look(run, prev, srv)
     assert d.status["phase"] == "Running"
 
 
 def test_suspend_carries_spent_privacy_over_and_resume_says_it_restarts() -> None:
     run = make_run()
-    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
+    prev = created(run)
     srv = server_status(run, current=2, steps=20)
-    running = decide(run, prev, Observation(now=T0, server=srv, hospitals=jobs(run)), epsilon)
+    running = look(run, prev, srv)
     suspended_run = make_run(suspend=True)
     s = decide(suspended_run, running.status, Observation(now=T0, server=srv), epsilon)
     assert s.status["phase"] == "Suspended" and s.stop
@@ -273,7 +284,7 @@ def test_suspend_carries_spent_privacy_over_and_resume_says_it_restarts() -> Non
     assert "resumed" in resumed.status["message"]
     # The new server starts from zero steps; the operator adds what was carried.
     fresh = server_status(run, current=1, steps=10)
-    r = decide(run, resumed.status, Observation(now=T0, server=fresh, hospitals=jobs(run)), epsilon)
+    r = look(run, resumed.status, fresh)
     expected = epsilon([(4.0, 0.1, 20), (4.0, 0.1, 10)], run.spec.privacy.delta)
     assert r.status["privacy"]["epsilonSpent"] == pytest.approx(expected, rel=1e-5)
     assert r.status["privacy"]["epsilonSpent"] > spent_before
@@ -281,31 +292,16 @@ def test_suspend_carries_spent_privacy_over_and_resume_says_it_restarts() -> Non
 
 def test_epsilon_never_goes_down_when_the_server_restarts() -> None:
     run = make_run()
-    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
-    high = decide(
-        run,
-        prev,
-        Observation(now=T0, server=server_status(run, steps=30), hospitals=jobs(run)),
-        epsilon,
-    ).status
-    low = decide(
-        run,
-        high,
-        Observation(now=T0, server=server_status(run, steps=10), hospitals=jobs(run)),
-        epsilon,
-    ).status
+    prev = created(run)
+    high = look(run, prev, server_status(run, steps=30)).status
+    low = look(run, high, server_status(run, steps=10)).status
     assert low["privacy"]["epsilonSpent"] >= high["privacy"]["epsilonSpent"]
 
 
 def test_an_unreachable_server_keeps_a_running_run_running_and_says_why() -> None:
     run = make_run()
-    prev = decide(run, {}, Observation(now=T0, hospitals=jobs(run)), epsilon).status
-    running = decide(
-        run,
-        prev,
-        Observation(now=T0, server=server_status(run, steps=10), hospitals=jobs(run)),
-        epsilon,
-    ).status
+    prev = created(run)
+    running = look(run, prev, server_status(run, steps=10)).status
     d = decide(
         run,
         running,
