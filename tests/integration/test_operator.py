@@ -579,3 +579,16 @@ def test_throttled_and_failing_api_calls_are_retried_and_counted(
     assert len([k for k in kids if k.startswith("Job/")]) == len(HOSPITALS)
     assert status["progress"] == "0/5"
     assert retries() >= before + 2
+
+
+def test_a_stored_spec_the_models_refuse_fails_the_run_naming_the_field() -> None:
+    # Only without the CRD's admission (an old CRD, a forced write) can such a spec be stored.
+    with EmulatedCluster(admission=False) as cluster, running_operator(cluster):
+        cluster.create(run_doc(rounds=0, trainng={"model": "mlp"}))
+        failed = wait_phase(cluster, "Failed")
+        wait_event(cluster, "Warning", "InvalidSpec")
+        created = children(cluster)
+    assert condition(failed, "Failed")["reason"] == "InvalidSpec"
+    assert "spec.rounds" in failed["message"]
+    assert "spec.trainng: unknown field (did you mean 'training'?)" in failed["message"]
+    assert created == {}  # nothing is created for a run that cannot be carried out
