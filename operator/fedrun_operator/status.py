@@ -273,7 +273,13 @@ def _server_reason(server: Obj) -> str:
 
 
 def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) -> Decision:
-    """The new status of `run`, the Events to post, and what to stop or delete."""
+    """The new status of `run`, the Events to post, and what to stop or delete.
+
+    An insecure run (`spec.security.insecure: true`) also carries `Insecure=True`, and gets
+    a Warning Event the first time the condition appears.
+    """
+    from fedrun_operator import security  # it builds on this module (rfc3339)
+
     spec = run.spec
     now = obs.now
     prev_phase = prev.get("phase") or ""
@@ -363,9 +369,15 @@ def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) 
     if obs.spec_refused and phase not in FINAL_PHASES:
         events.append(Event("Warning", "SpecChangeRefused", obs.spec_refused))
 
+    conds = conditions(prev, phase, reason, message, now, generation)
+    insecure = security.insecure_condition(run, prev.get("conditions", []), now, generation)
+    if insecure is not None:
+        conds.append(insecure)
+        if not _is_true(prev, security.CONDITION_INSECURE):
+            events.append(Event("Warning", security.CONDITION_INSECURE, security.INSECURE_MESSAGE))
     status: Obj = {
         "phase": phase,
-        "conditions": conditions(prev, phase, reason, message, now, generation),
+        "conditions": conds,
         "observedGeneration": generation,
         "startTime": start,
         "round": rnd,
@@ -392,6 +404,13 @@ def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) 
     events += _events(prev, status, reason)
     stop = phase in FINAL_PHASES or phase == SUSPENDED
     return Decision(status=status, events=events, stop=stop)
+
+
+def _is_true(prev: Obj, ctype: str) -> bool:
+    """Whether the previous status has the condition `ctype` with status True."""
+    return any(
+        x.get("type") == ctype and x.get("status") == "True" for x in prev.get("conditions", [])
+    )
 
 
 def _events(prev: Obj, status: Obj, reason: str) -> list[Event]:

@@ -7,10 +7,12 @@ the Job controller and kubelet would write it. Everything is read back over the 
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,12 @@ from typing import Any
 import kmock
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from fedrun_operator import metrics
+from fedrun_operator import metrics, pki
 from fedrun_operator.accounting import epsilon
+from fedrun_operator.security import INSECURE_MESSAGE
 from tests.kube.cluster import ApiError, EmulatedCluster
 from tests.operator_runner import API, PLURAL, run_status, running_operator
 
@@ -153,6 +158,38 @@ def all_children(cluster: EmulatedCluster) -> dict[str, dict[str, Any]]:
     )
 
 
+SERVER_SECRET = f"{NAME}-server-tls"
+HOSPITAL_SECRETS = {h: f"{NAME}-{h}-auth" for h in HOSPITALS}
+OPERATOR = "fedrun-operator/"  # the User-Agent of the operator's own API client
+
+
+def run_secrets(cluster: EmulatedCluster) -> dict[str, dict[str, Any]]:
+    """The run's Secrets by name (read by the test: the operator may not read Secrets)."""
+    items = cluster.list("v1", "secrets", NS, label_selector=f"fedrun.io/run={NAME}")
+    return {obj["metadata"]["name"]: obj for obj in items}
+
+
+def secret_data(obj: dict[str, Any]) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in obj["data"].items()}
+
+
+def secret_creates(cluster: EmulatedCluster) -> int:
+    """How many Secret creates the operator has sent (a 409 counts too)."""
+    return len(
+        [r for r in cluster.requests(OPERATOR) if r.verb == "create" and r.resource == "secrets"]
+    )
+
+
+def public_der(key: Any) -> bytes:
+    """A public key, or a private key's public half, as DER (for comparisons)."""
+    public = key.public_key() if hasattr(key, "private_bytes") else key
+    return bytes(
+        public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
 def fail_job(cluster: EmulatedCluster, hospital: str, message: str) -> None:
     """What the Job controller and kubelet write when a hospital's Job gives up."""
     job = f"{NAME}-{hospital}"
@@ -250,6 +287,108 @@ def test_create_makes_every_child_owned_and_labelled(cluster: EmulatedCluster) -
     assert "waiting for the server" in status["message"]
     # kopf keeps its bookkeeping in annotations, not in the user's status.
     assert "kopf" not in status
+
+
+def test_a_secure_run_gets_its_secrets_before_its_pods(cluster: EmulatedCluster) -> None:
+    with running_operator(cluster):
+        run = cluster.create(run_doc())
+        all_children(cluster)
+        status = wait_phase(cluster, "Pending")
+    now = datetime.now(UTC)
+    secrets = run_secrets(cluster)
+    assert secrets.keys() == {SERVER_SECRET, *HOSPITAL_SECRETS.values()}
+    owner = {
+        "apiVersion": API,
+        "kind": "FederatedRun",
+        "name": NAME,
+        "uid": run["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    for name, obj in secrets.items():
+        assert obj["metadata"]["ownerReferences"] == [owner], name
+        assert obj["immutable"] is True, name
+    assert "Insecure" not in {c["type"] for c in status["conditions"]}
+
+    server = secrets[SERVER_SECRET]
+    assert server["type"] == "kubernetes.io/tls"
+    assert server["metadata"]["labels"]["fedrun.io/component"] == "server"
+    data = secret_data(server)
+    assert data.keys() == {"ca.crt", "tls.crt", "tls.key", *(f"{h}.pub" for h in HOSPITALS)}
+    ca = data["ca.crt"]
+    for name in (f"{NAME}-server", f"{NAME}-server.{NS}.svc", "127.0.0.1"):
+        pki.verify_chain(data["tls.crt"], ca, now=now, name=name)
+    pki.check_pair(data["tls.crt"], data["tls.key"])
+    cert = x509.load_pem_x509_certificate(data["tls.crt"])
+    # No activeDeadlineSeconds: the default lifetime, counted from the first reconcile.
+    assert cert.not_valid_after_utc - now <= pki.DEFAULT_LIFETIME
+    assert cert.not_valid_after_utc - now > pki.DEFAULT_LIFETIME - timedelta(minutes=5)
+
+    ca_public = public_der(x509.load_pem_x509_certificate(ca).public_key())
+    private_keys = {
+        SERVER_SECRET: public_der(serialization.load_pem_private_key(data["tls.key"], None))
+    }
+    for hospital, name in HOSPITAL_SECRETS.items():
+        obj = secrets[name]
+        assert obj["type"] == "Opaque"
+        assert obj["metadata"]["labels"]["fedrun.io/hospital"] == hospital
+        auth = secret_data(obj)
+        assert auth.keys() == {"ca.crt", "node.key", "node.pub"}, name
+        assert auth["ca.crt"] == ca
+        # Its own key, the one the server registers.
+        assert auth["node.pub"] == data[f"{hospital}.pub"]
+        key = serialization.load_ssh_private_key(auth["node.key"], None)
+        public = serialization.load_ssh_public_key(auth["node.pub"])
+        assert public_der(key) == public_der(public)
+        private_keys[name] = public_der(key)
+    # One key pair per pod, no two alike, and the CA's key is in none.
+    assert len(set(private_keys.values())) == len(private_keys)
+    assert ca_public not in private_keys.values()
+
+    # Created before the pods that mount them (a Secret is never written again, so its
+    # resourceVersion says when it was created): the server's first, then the hospitals'.
+    creates = [
+        r.resource
+        for r in cluster.requests(OPERATOR)
+        if r.verb == "create" and r.resource in ("secrets", "deployments", "jobs")
+    ]
+    # The first pass's creates come first (a later pass waits for it to end): n Secrets,
+    # then the n pods' owners, the Deployment and the Jobs.
+    n = 1 + len(HOSPITALS)
+    assert creates[:n] == ["secrets"] * n, creates
+    assert sorted(creates[n : 2 * n]) == ["deployments"] + ["jobs"] * len(HOSPITALS), creates
+    by_creation = sorted(secrets, key=lambda k: int(secrets[k]["metadata"]["resourceVersion"]))
+    assert by_creation == [SERVER_SECRET, *HOSPITAL_SECRETS.values()]
+    # Only created: never read, listed or watched.
+    assert {r.verb for r in cluster.requests(OPERATOR) if r.resource == "secrets"} == {"create"}
+
+
+def test_an_insecure_run_gets_no_secrets_and_is_flagged(
+    cluster: EmulatedCluster, server: FakeServer
+) -> None:
+    with running_operator(cluster, server_url=server.url):
+        cluster.create(run_doc(security={"insecure": True}))
+        all_children(cluster)
+        flagged = cluster.wait_for(
+            lambda: (
+                (s := run_status(cluster, NAME))
+                and any(c["type"] == "Insecure" for c in s.get("conditions", []))
+                and s
+            ),
+            timeout=20,
+            what="condition Insecure",
+        )
+        wait_event(cluster, "Warning", "Insecure")
+        server.set("Running", current=2, steps=20)
+        later = wait_progress(cluster, "2/5")
+        wait_event(cluster, "Normal", "Training")
+    insecure = condition(flagged, "Insecure")
+    assert insecure["status"] == "True"
+    assert insecure["message"] == INSECURE_MESSAGE
+    assert condition(later, "Insecure")["lastTransitionTime"] == insecure["lastTransitionTime"]
+    assert events_for(cluster).count(("Warning", "Insecure")) == 1
+    assert run_secrets(cluster) == {}
+    assert secret_creates(cluster) == 0
 
 
 def test_status_follows_the_server_to_success(cluster: EmulatedCluster, server: FakeServer) -> None:
@@ -413,6 +552,29 @@ def test_drift_is_repaired(cluster: EmulatedCluster) -> None:
     assert repaired[f"Service/{NAME}-server"]["spec"]["ports"]
 
 
+def test_a_deleted_server_is_recreated_and_the_secrets_are_kept(cluster: EmulatedCluster) -> None:
+    with running_operator(cluster):
+        cluster.create(run_doc())
+        kids = all_children(cluster)
+        secrets = run_secrets(cluster)
+        tries = secret_creates(cluster)
+        uid = kids[f"Deployment/{NAME}-server"]["metadata"]["uid"]
+        cluster.delete("apps/v1", "deployments", NS, f"{NAME}-server")
+        cluster.wait_for(
+            lambda: (
+                cluster.get("apps/v1", "deployments", NS, f"{NAME}-server")["metadata"]["uid"]
+                != uid
+            ),
+            timeout=20,
+            what="server Deployment recreated",
+        )
+        wait_event(cluster, "Warning", "ChildRecreated")
+        # The pass that recreated the server tried every Secret first, before the
+        # Deployment, and kept each one that exists (409).
+        assert secret_creates(cluster) == tries + 1 + len(HOSPITALS)
+    assert run_secrets(cluster) == secrets
+
+
 def test_hand_edited_service_account_service_and_job_are_set_back(
     cluster: EmulatedCluster,
 ) -> None:
@@ -496,11 +658,18 @@ def test_operator_restart_mid_run_creates_no_duplicates_and_loses_nothing(
         server.set("Running", current=2, steps=20)
         before = wait_progress(cluster, "2/5")
     creates_before = [r for r in cluster.requests() if r.verb == "create"]
+    secrets_before = run_secrets(cluster)
+    tries = secret_creates(cluster)
     with running_operator(cluster, server_url=server.url):
         server.set("Running", current=3, steps=30)
         after = wait_progress(cluster, "3/5")
     creates_after = [r for r in cluster.requests() if r.verb == "create" and r.resource != "events"]
     assert len(creates_after) == len([r for r in creates_before if r.resource != "events"])
+    # The Secrets were not even tried again (new material would not match the pods'), and
+    # they are the very same objects.
+    assert secret_creates(cluster) == tries
+    assert run_secrets(cluster) == secrets_before
+    assert secrets_before.keys() == {SERVER_SECRET, *HOSPITAL_SECRETS.values()}
     assert after["startTime"] == before["startTime"]
     running = condition(after, "Running")
     assert running["lastTransitionTime"] == condition(before, "Running")["lastTransitionTime"]
@@ -512,8 +681,10 @@ def test_deleting_the_run_removes_its_children_and_metrics(cluster: EmulatedClus
         cluster.create(run_doc())
         all_children(cluster)
         wait_phase(cluster, "Pending")
+        assert run_secrets(cluster)
         cluster.delete(API, PLURAL, NS, NAME)
         cluster.wait_for(lambda: not children(cluster), timeout=20, what="children gone")
+        cluster.wait_for(lambda: not run_secrets(cluster), timeout=20, what="Secrets gone")
         cluster.wait_for(
             lambda: f'run="{NAME}"' not in metrics.render().decode(),
             timeout=20,

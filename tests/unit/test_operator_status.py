@@ -10,8 +10,11 @@ import pytest
 
 from fedrun_operator.accounting import epsilon
 from fedrun_operator.api import FederatedRun, load_run, parse_run
+from fedrun_operator.security import INSECURE_MESSAGE
 from fedrun_operator.status import (
+    CONDITION_TYPES,
     Decision,
+    Event,
     HospitalObservation,
     Observation,
     decide,
@@ -318,3 +321,64 @@ def test_a_refused_spec_change_posts_a_warning() -> None:
     obs = Observation(now=T0, hospitals=jobs(run), spec_refused="spec.rounds changed")
     d = decide(run, {}, obs, epsilon)
     assert ("Warning", "SpecChangeRefused") in [(e.type, e.reason) for e in d.events]
+
+
+# --------------------------------------------------------------------------- spec.security
+
+
+def test_a_secure_run_has_no_insecure_condition_and_no_warning() -> None:
+    for secure in (make_run(), make_run(security={}), make_run(security={"insecure": False})):
+        first = look(secure, {}, None)
+        later = look(secure, first.status, server_status(secure, steps=10))
+        for d in (first, later):
+            assert "Insecure" not in {c["type"] for c in d.status["conditions"]}
+            assert "Insecure" not in {e.reason for e in d.events}
+
+
+def test_an_insecure_run_carries_insecure_and_is_warned_about_once() -> None:
+    run = make_run(security={"insecure": True})
+    first = look(run, {}, None)
+    insecure = [c for c in first.status["conditions"] if c["type"] == "Insecure"]
+    assert insecure == [
+        {
+            "type": "Insecure",
+            "status": "True",
+            "reason": "InsecureTransport",
+            "message": INSECURE_MESSAGE,
+            "lastTransitionTime": rfc3339(T0),
+            "observedGeneration": 1,
+        }
+    ]
+    # The five standard conditions are still there, unchanged.
+    assert [c["type"] for c in first.status["conditions"]] == [*CONDITION_TYPES, "Insecure"]
+    warnings = [e for e in first.events if e.reason == "Insecure"]
+    assert warnings == [Event("Warning", "Insecure", INSECURE_MESSAGE)]
+    # Later reconciles keep the condition (and its time) but do not warn again.
+    later = decide(
+        run,
+        first.status,
+        Observation(
+            now=T0 + timedelta(minutes=5),
+            server=server_status(run, steps=10),
+            hospitals=jobs(run),
+        ),
+        epsilon,
+    )
+    assert later.status["phase"] == "Running"
+    kept = next(c for c in later.status["conditions"] if c["type"] == "Insecure")
+    assert kept["status"] == "True" and kept["lastTransitionTime"] == rfc3339(T0)
+    assert "Insecure" not in {e.reason for e in later.events}
+    # A final run keeps what it had.
+    done = look(run, later.status, server_status(run, "Succeeded", current=5, steps=50))
+    assert "Insecure" in {c["type"] for c in done.status["conditions"]}
+    assert "Insecure" not in {e.reason for e in done.events}
+
+
+def test_the_insecure_warning_comes_back_when_the_condition_reappears() -> None:
+    # While Pending the spec may still change: secure, then insecure again.
+    insecure = make_run(security={"insecure": True})
+    first = look(insecure, {}, None).status
+    secure = look(make_run(), first, None)
+    assert "Insecure" not in {c["type"] for c in secure.status["conditions"]}
+    again = look(insecure, secure.status, None)
+    assert "Insecure" in {e.reason for e in again.events}

@@ -10,6 +10,11 @@ restarted mid-run picks up where the last one stopped and creates no duplicates.
    to stop the run's processes or delete the expired run;
 3. create missing children, set drifted ones back, or (when final) scale the server to zero
    and suspend Jobs still running; patch the status; post the Events.
+
+A secure run's TLS and node-key Secrets (:func:`fedrun_operator.security.secret_manifests`)
+are created, from new material, whenever the server Deployment is about to be created, and
+before it and the Jobs (their pods mount them). The operator only creates Secrets, never
+reads them (least privilege): one that exists already (409) is kept, and none is repaired.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 import aiohttp
 
 from fedrun_operator import constants as c
-from fedrun_operator import metrics
+from fedrun_operator import metrics, pki, security
 from fedrun_operator.accounting import epsilon
 from fedrun_operator.api import FederatedRun, SpecError, parse_run
 from fedrun_operator.children import Action, plan_child
@@ -308,7 +313,7 @@ class Reconciler:
         if phase in FINAL_PHASES:
             await self._stop(ns, run, actual, first)
         else:
-            await self._apply(ns, manifests_by_key, actual, first, outcome)
+            await self._apply(ns, run, manifests_by_key, actual, first, outcome, now)
         if decision.status != prev:
             if first:
                 decision.status.setdefault("startTime", rfc3339(now))
@@ -319,12 +324,18 @@ class Reconciler:
     async def _apply(
         self,
         ns: str,
+        run: FederatedRun,
         manifests: dict[tuple[str, str], Obj],
         actual: dict[tuple[str, str], Obj | None],
         first: bool,
         outcome: Outcome,
+        now: datetime,
     ) -> None:
-        """Create what is missing and set drifted children back (in render order)."""
+        """Create what is missing and set drifted children back (in render order).
+
+        When the server Deployment is about to be created (the first pass, or it is
+        missing), a secure run's Secrets are created first, with the other early children.
+        """
 
         async def one(key: tuple[str, str], desired: Obj) -> None:
             current = actual.get(key)
@@ -363,11 +374,56 @@ class Reconciler:
                 outcome.events.append(Event("Warning", "ChildRepaired", f"{what} set back"))
             outcome.repaired.append(f"{key[0]}/{key[1]}")
 
-        # ConfigMap, Service and ServiceAccounts first: the pods mount and use them.
+        # ConfigMap, Service, ServiceAccounts and Secrets first: the pods mount and use them.
         early = [k for k in manifests if k[0] not in ("Deployment", "Job")]
         late = [k for k in manifests if k[0] in ("Deployment", "Job")]
-        await asyncio.gather(*(one(k, manifests[k]) for k in early))
+        server_missing = first or actual.get(("Deployment", server_name(run))) is None
+        secrets = (
+            [self._create_secrets(ns, run, now, outcome)]
+            if server_missing and not security.is_insecure(run)
+            else []
+        )
+        await asyncio.gather(*secrets, *(one(k, manifests[k]) for k in early))
         await asyncio.gather(*(one(k, manifests[k]) for k in late))
+
+    async def _create_secrets(
+        self, ns: str, run: FederatedRun, now: datetime, outcome: Outcome
+    ) -> None:
+        """Create the run's Secrets that do not exist yet: the server's, then each hospital's.
+
+        The material is new on every call, so it is made only when the server is about to
+        be created. A Secret that exists (409) comes from an earlier pass and is kept:
+        Secrets are immutable, rotation is a new run, and the operator may not read them.
+        If an earlier pass stopped half-way, the ones created now do not match the ones kept
+        (docs/operator.md); server first, then hospitals, keeps that window small.
+        """
+        material = pki.generate(
+            run.name,
+            ns,
+            [h.name for h in run.spec.hospitals],
+            now=now,
+            valid_for=pki.lifetime(run.spec.active_deadline_seconds),
+        )
+        created: list[str] = []
+        kept: list[str] = []
+        for secret in security.secret_manifests(run, material):
+            name = secret["metadata"]["name"]
+            try:
+                await self.kube.create(secret)
+            except ConflictError:
+                kept.append(name)
+                continue
+            created.append(name)
+            outcome.created.append(f"Secret/{name}")
+        if created and kept:
+            log.warning(
+                "Secrets %s existed already and %s were created now: unless a retried create "
+                "made the first ones, their keys do not match and TLS or node authentication "
+                "will fail; the fix is a new run",
+                ", ".join(kept),
+                ", ".join(created),
+                extra={"run": run.name},
+            )
 
     async def _stop(
         self, ns: str, run: FederatedRun, actual: dict[tuple[str, str], Obj | None], first: bool
