@@ -42,6 +42,17 @@ def _local(args: argparse.Namespace) -> int:
     )
 
 
+def _transport_flags(p: argparse.ArgumentParser, tls_dir_help: str) -> None:
+    """`--tls-dir DIR` or `--insecure`: exactly one, so insecure is never a silent default."""
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--tls-dir", help=f"TLS and node-key files: {tls_dir_help}")
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS, no node authentication (spec.security.insecure: local debugging only)",
+    )
+
+
 def _server(args: argparse.Namespace) -> int:
     from fedrun_trainer.server import ServerOptions, main_server
 
@@ -52,6 +63,7 @@ def _server(args: argparse.Namespace) -> int:
             fleet_port=args.fleet_port,
             status_port=args.status_port,
             host=args.host,
+            tls_dir=Path(args.tls_dir) if args.tls_dir else None,
         )
     )
 
@@ -68,6 +80,7 @@ def _client(args: argparse.Namespace) -> int:
             server_lost_timeout_s=args.server_lost_timeout,
             termination_log=Path(args.termination_log) if args.termination_log else None,
             isolation=args.isolation,
+            tls_dir=Path(args.tls_dir) if args.tls_dir else None,
         )
     )
 
@@ -158,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fleet-port", type=int, default=9092)
     p.add_argument("--status-port", type=int, default=9100)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    _transport_flags(
+        p, "the run's <run>-server-tls Secret, mounted (ca.crt, tls.crt, tls.key, <hospital>.pub)"
+    )
     p.set_defaults(func=_server)
 
     p = sub.add_parser("client", help="a hospital pod: Flower SuperNode + wrapper")
@@ -184,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write the final message here (e.g. /dev/termination-log)",
     )
+    _transport_flags(p, "this hospital's <run>-<hospital>-auth Secret, mounted (ca.crt, node.key)")
     p.set_defaults(func=_client)
 
     p = sub.add_parser("operator", help="the Kubernetes operator (kopf) for FederatedRuns")

@@ -44,6 +44,10 @@ CONFIG_FILE: Final = "config.json"
 CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_FILE}"
 STATE_DIR: Final = "/var/lib/fedrun"
 TMP_DIR: Final = "/tmp"
+# A run's TLS and node-key Secret is mounted here: `<run>-server-tls` in the server pod,
+# `<run>-<hospital>-auth` in that hospital's pod (see security.py for the file names).
+SECRETS_DIR: Final = "/var/run/secrets/fedrun"
+SECRETS_VOLUME: Final = "tls"
 # A hospital's pvc://<claim>/<path> data is mounted at <PVC_MOUNT_ROOT>/<claim>.
 PVC_MOUNT_ROOT: Final = "/data"
 

@@ -170,7 +170,19 @@ class LocalKubelet:
         ]
         if dep is None or svc is None or any(j is None for j in jobs):
             return False
+        # The pods' Secret volumes: a pod does not start before its Secret exists.
+        secret_names = [
+            v["secret"]["secretName"]
+            for w in (dep, *jobs)
+            if w is not None
+            for v in w["spec"]["template"]["spec"].get("volumes", [])
+            if "secret" in v
+        ]
+        secrets = [self.api.get("v1", "Secret", self.namespace, n) for n in secret_names]
+        if any(s is None for s in secrets):
+            return False
         manifests = [cm, dep, svc, *[j for j in jobs if j is not None]]
+        manifests += [s for s in secrets if s is not None]
         cluster = LocalCluster(
             run=run, out=self.out.resolve(), manifests=manifests, ports=dict(self.ports)
         )

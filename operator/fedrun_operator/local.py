@@ -3,7 +3,9 @@
 The runner plays kubelet for the manifests :func:`fedrun_operator.render.render_run`
 produces, so what runs here is exactly what a cluster would run:
 
-- ConfigMaps are written to files and mounted by rewriting their mount paths;
+- ConfigMaps are written to files and mounted by rewriting their mount paths; so are the
+  run's Secrets, made with fresh TLS and node-key material as the operator makes them
+  (:func:`run_secrets`), so the local run speaks TLS with node authentication too;
 - emptyDir volumes become directories under ``OUT/pods/<pod>/``;
 - the server Service's name resolves to 127.0.0.1, its ports to free local ports;
 - the server Deployment's container starts first, then each hospital Job's container.
@@ -15,6 +17,7 @@ and prints a table. The MLflow store is the server's (``OUT/pods/<run>-server/st
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -28,12 +31,13 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fedrun_operator import constants as c
 from fedrun_operator.api import FederatedRun, load_run, pvc_claim
-from fedrun_operator.render import render_run
+from fedrun_operator.render import render_run, secure
 
 log = logging.getLogger("fedrun.local")
 
@@ -191,7 +195,7 @@ class LocalCluster:
         problems = cluster_only(run)
         if problems:
             raise ClusterOnlyError("\n".join(problems))
-        cluster = cls(run=run, out=out.resolve(), manifests=render_run(run))
+        cluster = cls(run=run, out=out.resolve(), manifests=render_run(run) + run_secrets(run))
         cluster._prepare()
         return cluster
 
@@ -209,24 +213,40 @@ class LocalCluster:
             dirs[cm["metadata"]["name"]] = d
         return dirs
 
+    def _materialise_secrets(self) -> dict[str, Path]:
+        """Each Secret as a directory of its files, readable by this user only."""
+        dirs: dict[str, Path] = {}
+        for secret in self._by_kind("Secret"):
+            d = self.out / "secrets" / secret["metadata"]["name"]
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for key, value in secret.get("data", {}).items():
+                path = d / key
+                path.unlink(missing_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(base64.b64decode(value))
+            dirs[secret["metadata"]["name"]] = d
+        return dirs
+
     def _prepare(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        configmaps = self._materialise_configmaps()
+        # ConfigMaps and Secrets both become directories, mounted by name.
+        sources = self._materialise_configmaps() | self._materialise_secrets()
         services = {s["metadata"]["name"]: s for s in self._by_kind("Service")}
         for svc in services.values():
             for port in svc["spec"]["ports"]:
                 self.ports.setdefault(int(port["port"]), free_port())
         self.status_port = self.ports[c.STATUS_PORT]
         for dep in self._by_kind("Deployment"):
-            self.server = self._pod(dep, configmaps, services, hospital=None)
+            self.server = self._pod(dep, sources, services, hospital=None)
         for job in self._by_kind("Job"):
             hospital = job["metadata"]["labels"][c.LABEL_HOSPITAL]
-            self.hospitals[hospital] = self._pod(job, configmaps, services, hospital=hospital)
+            self.hospitals[hospital] = self._pod(job, sources, services, hospital=hospital)
 
     def _pod(
         self,
         workload: dict[str, Any],
-        configmaps: dict[str, Path],
+        sources: dict[str, Path],
         services: dict[str, dict[str, Any]],
         hospital: str | None,
     ) -> Pod:
@@ -237,7 +257,9 @@ class LocalCluster:
         volumes: dict[str, Path] = {}
         for vol in pod_spec.get("volumes", []):
             if "configMap" in vol:
-                volumes[vol["name"]] = configmaps[vol["configMap"]["name"]]
+                volumes[vol["name"]] = sources[vol["configMap"]["name"]]
+            elif "secret" in vol:
+                volumes[vol["name"]] = sources[vol["secret"]["secretName"]]
             else:  # emptyDir (and anything else) becomes a directory of the pod's own
                 volumes[vol["name"]] = pod_dir / vol["name"]
                 volumes[vol["name"]].mkdir(parents=True, exist_ok=True)
@@ -392,6 +414,26 @@ class LocalCluster:
             self.server.stop()
 
 
+def run_secrets(run: FederatedRun) -> list[dict[str, Any]]:
+    """The run's Secrets with fresh material, as the operator makes them; none if insecure.
+
+    The server certificate covers 127.0.0.1, which is where the local hospitals reach it.
+    """
+    if not secure(run):
+        return []
+    from fedrun_operator import pki
+    from fedrun_operator.security import secret_manifests
+
+    material = pki.generate(
+        run.name,
+        run.namespace,
+        [h.name for h in run.spec.hospitals],
+        now=datetime.now(UTC),
+        valid_for=pki.lifetime(run.spec.active_deadline_seconds),
+    )
+    return secret_manifests(run, material)
+
+
 def default_timeout(run: FederatedRun) -> float:
     """How long ``fedrun local`` waits: every round's timeout plus joining, with slack."""
     spec = run.spec
@@ -417,6 +459,10 @@ def run_local(opts: LocalOptions) -> int:
             + "".join(f"  {p}\n" for p in problems)
         )
         return 2
+    if not secure(run):
+        from fedrun_operator.security import INSECURE_MESSAGE
+
+        sys.stderr.write(f"fedrun local: warning: {INSECURE_MESSAGE}\n")
     out = opts.out
     if out.exists():
         shutil.rmtree(out)

@@ -20,15 +20,21 @@ __all__ = [
     "config_hash",
     "config_json",
     "config_name",
+    "hospital_auth_secret_name",
     "hospital_name",
     "labels",
     "render_run",
+    "secure",
     "server_address",
     "server_name",
+    "server_tls_secret_name",
     "to_yaml",
 ]
 
 Manifest = dict[str, Any]
+
+# Mode of the files of a mounted run Secret (0440: read-only for root and the pod's fsGroup).
+SECRET_FILE_MODE = 0o440
 
 
 # --------------------------------------------------------------------------- names
@@ -48,6 +54,16 @@ def hospital_name(run: FederatedRun, hospital: Hospital | str) -> str:
     """Name of a hospital's ServiceAccount and Job: `<run>-<hospital>`."""
     name = hospital if isinstance(hospital, str) else hospital.name
     return f"{run.name}-{name}"
+
+
+def server_tls_secret_name(run: FederatedRun) -> str:
+    """Name of the server's TLS Secret: `<run>-server-tls` (made by the operator)."""
+    return f"{server_name(run)}-tls"
+
+
+def hospital_auth_secret_name(run: FederatedRun, hospital: Hospital | str) -> str:
+    """Name of a hospital's node-key Secret: `<run>-<hospital>-auth` (made by the operator)."""
+    return f"{hospital_name(run, hospital)}-auth"
 
 
 def server_address(run: FederatedRun) -> str:
@@ -144,12 +160,21 @@ def _env(run: FederatedRun, hospital: str | None) -> list[dict[str, str]]:
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
-def _volumes(run: FederatedRun) -> list[dict[str, Any]]:
-    return [
+def _volumes(run: FederatedRun, secret: str | None) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_name(run)}},
         {"name": "state", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
     ]
+    if secret is not None:
+        # Owner (root) and the pod's fsGroup may read; nobody may write.
+        volumes.append(
+            {
+                "name": c.SECRETS_VOLUME,
+                "secret": {"secretName": secret, "defaultMode": SECRET_FILE_MODE},
+            }
+        )
+    return volumes
 
 
 _VOLUME_MOUNTS: list[dict[str, Any]] = [
@@ -202,13 +227,29 @@ def _container(
     return container
 
 
-def _pod_spec(run: FederatedRun, container: dict[str, Any]) -> dict[str, Any]:
+def secure(run: FederatedRun) -> bool:
+    """Whether the run's pods use TLS and node authentication (the default)."""
+    return not (run.spec.security is not None and run.spec.security.insecure)
+
+
+def _transport_args(run: FederatedRun) -> list[str]:
+    """`--tls-dir` (the mounted Secret) for a secure run, else the explicit `--insecure`."""
+    return ["--tls-dir", c.SECRETS_DIR] if secure(run) else ["--insecure"]
+
+
+def _pod_spec(run: FederatedRun, container: dict[str, Any], secret: str) -> dict[str, Any]:
+    """The pod around `container`; a secure run's pod mounts `secret` at SECRETS_DIR."""
+    mounted = secret if secure(run) else None
+    if mounted is not None:
+        container["volumeMounts"].append(
+            {"name": c.SECRETS_VOLUME, "mountPath": c.SECRETS_DIR, "readOnly": True}
+        )
     return {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": _pod_security_context(),
         "containers": [container],
-        "volumes": _volumes(run),
+        "volumes": _volumes(run, mounted),
     }
 
 
@@ -274,6 +315,7 @@ def _server_deployment(run: FederatedRun, config: str) -> Manifest:
             str(c.FLEET_PORT),
             "--status-port",
             str(c.STATUS_PORT),
+            *_transport_args(run),
         ],
         run.spec.server.resources,
         None,
@@ -308,7 +350,7 @@ def _server_deployment(run: FederatedRun, config: str) -> Manifest:
                     "labels": labels(run, c.COMPONENT_SERVER),
                     "annotations": {c.ANNOTATION_CONFIG_HASH: config_hash(config)},
                 },
-                "spec": _pod_spec(run, container),
+                "spec": _pod_spec(run, container, server_tls_secret_name(run)),
             },
         },
     }
@@ -388,11 +430,12 @@ def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifes
             c.STATE_DIR,
             "--termination-log",
             "/dev/termination-log",
+            *_transport_args(run),
         ],
         hospital.resources,
         hospital.name,
     )
-    pod = _pod_spec(run, container)
+    pod = _pod_spec(run, container, hospital_auth_secret_name(run, hospital))
     for volume_name, claim, read_only in _claims(hospital):
         pod["volumes"].append(
             {

@@ -26,7 +26,13 @@ from urllib.parse import urlsplit
 from fedrun_operator import constants as c
 from fedrun_operator.api import FederatedRun
 from fedrun_operator.pki import RunMaterial
-from fedrun_operator.render import _metadata, hospital_name, server_name
+from fedrun_operator.render import (
+    _metadata,
+    hospital_auth_secret_name,
+    secure,
+    server_name,
+    server_tls_secret_name,
+)
 from fedrun_operator.status import rfc3339
 
 __all__ = [
@@ -82,16 +88,6 @@ INSECURE_MESSAGE = (
 
 
 # --------------------------------------------------------------------------- names
-
-
-def server_tls_secret_name(run: FederatedRun) -> str:
-    """Name of the server's Secret: `<run>-server-tls`."""
-    return f"{server_name(run)}-tls"
-
-
-def hospital_auth_secret_name(run: FederatedRun, hospital: str) -> str:
-    """Name of a hospital's Secret: `<run>-<hospital>-auth`."""
-    return f"{hospital_name(run, hospital)}-auth"
 
 
 def hospital_pub_file(hospital: str) -> str:
@@ -287,7 +283,7 @@ def network_policies(run: FederatedRun) -> list[Manifest]:
 
 def is_insecure(run: FederatedRun) -> bool:
     """Whether the run asked for `spec.security.insecure: true` (no TLS, no node auth)."""
-    return run.spec.security is not None and run.spec.security.insecure
+    return not secure(run)
 
 
 def insecure_condition(

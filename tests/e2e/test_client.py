@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -35,6 +36,18 @@ def _fedrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     )
 
 
+def _auth_dir(tmp_path: Path) -> Path:
+    """The hospital-a files of a run's Secret, as the pod mounts them."""
+    from fedrun_operator import pki
+
+    material = pki.generate("demo", "default", ["hospital-a"], now=datetime.now(UTC))
+    auth = tmp_path / "auth"
+    auth.mkdir()
+    (auth / "ca.crt").write_bytes(material.ca_cert)
+    (auth / "node.key").write_bytes(material.nodes["hospital-a"].private_key)
+    return auth
+
+
 def test_client_exits_3_naming_the_server_when_it_stays_unreachable(tmp_path):
     term = tmp_path / "termination-log"
     out = _fedrun(
@@ -51,9 +64,11 @@ def test_client_exits_3_naming_the_server_when_it_stays_unreachable(tmp_path):
         "6",
         "--termination-log",
         str(term),
+        "--tls-dir",
+        str(_auth_dir(tmp_path)),
     )
     assert out.returncode == 3, out.stderr[-2000:]
-    assert "server 127.0.0.1:1 unreachable" in term.read_text(encoding="utf-8")
+    assert "server 127.0.0.1:1 not reachable within 6s" in term.read_text(encoding="utf-8")
 
 
 def test_client_refuses_a_hospital_the_run_does_not_have(tmp_path):
@@ -67,6 +82,7 @@ def test_client_refuses_a_hospital_the_run_does_not_have(tmp_path):
         "127.0.0.1:1",
         "--state-dir",
         str(tmp_path / "state"),
+        "--insecure",
     )
     assert out.returncode == 2
     assert "hospital 'hospital-z' is not in spec.hospitals" in out.stderr

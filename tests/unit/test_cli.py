@@ -98,12 +98,27 @@ def test_every_subcommand_is_known_to_the_parser() -> None:
     for argv in (
         ["render", "f.yaml"],
         ["local", "f.yaml"],
-        ["server", "--config", "c.json"],
-        ["client", "--config", "c.json", "--hospital", "h", "--server", "s:1"],
+        ["server", "--config", "c.json", "--tls-dir", "tls"],
+        ["server", "--config", "c.json", "--insecure"],
+        ["client", "--config", "c.json", "--hospital", "h", "--server", "s:1", "--tls-dir", "t"],
         ["budget", "f.yaml"],
         ["demo-data", "d"],
     ):
         assert parser.parse_args(argv).command == argv[0]
+
+
+@pytest.mark.parametrize("command", ["server", "client"])
+def test_server_and_client_need_tls_or_an_explicit_insecure(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [command, "--config", "c.json", "--hospital", "h", "--server", "s:1"]
+    if command == "server":
+        argv = argv[:3]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert "one of the arguments --tls-dir --insecure is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--tls-dir", "t", "--insecure"])
 
 
 def test_demo_data_refuses_a_missing_real_file(

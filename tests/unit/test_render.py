@@ -156,6 +156,8 @@ def test_server_deployment(children: dict[Any, Manifest]) -> None:
         "9092",
         "--status-port",
         "9100",
+        "--tls-dir",
+        "/var/run/secrets/fedrun",
     ]
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
         "fleet": 9092,
@@ -219,8 +221,54 @@ def test_hospital_jobs(children: dict[Any, Manifest]) -> None:
         "/var/lib/fedrun",
         "--termination-log",
         "/dev/termination-log",
+        "--tls-dir",
+        "/var/run/secrets/fedrun",
     ]
     assert "ports" not in container
+
+
+def _secret_mount(workload: Manifest) -> tuple[str, dict[str, Any]] | None:
+    """(secretName, mount) of the pod's Secret volume, or None."""
+    pod = workload["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    if not secrets:
+        return None
+    ((volume, secret),) = secrets.items()
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume]
+    assert secret["defaultMode"] == 0o440  # nobody may write, others may not read
+    return secret["secretName"], mount
+
+
+def test_each_pod_mounts_only_its_own_secret_read_only(children: dict[Any, Manifest]) -> None:
+    from fedrun_operator.security import hospital_auth_secret_name, server_tls_secret_name
+
+    run = make_run()
+    mounts = {
+        key[1]: _secret_mount(m) for key, m in children.items() if key[0] in ("Deployment", "Job")
+    }
+    expected = {
+        "stroke-server": server_tls_secret_name(run),
+        "stroke-hospital-a": hospital_auth_secret_name(run, "hospital-a"),
+        "stroke-hospital-b": hospital_auth_secret_name(run, "hospital-b"),
+    }
+    assert {name: m[0] for name, m in mounts.items() if m} == expected
+    for mounted in mounts.values():
+        assert mounted is not None
+        assert mounted[1] == {
+            "name": "tls",
+            "mountPath": "/var/run/secrets/fedrun",
+            "readOnly": True,
+        }
+
+
+def test_an_insecure_run_mounts_no_secret_and_says_insecure() -> None:
+    run = make_run(security={"insecure": True})
+    for m in render_run(run):
+        if m["kind"] in ("Deployment", "Job"):
+            assert _secret_mount(m) is None
+            args = m["spec"]["template"]["spec"]["containers"][0]["args"]
+            assert "--insecure" in args
+            assert "--tls-dir" not in args
 
 
 def test_hospital_scheduling_and_resources_come_from_the_spec(

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedrun_trainer import protocol
@@ -136,13 +137,10 @@ class Coordinator:
         current = set(self.grid.get_node_ids())
         for node_id, hospital in list(self._node_hospital.items()):
             if node_id not in current:
-                self._dead_nodes.add(node_id)
-                del self._node_hospital[node_id]
-                h = self.state.hospitals.get(hospital)
-                if h is not None and h.node_id == node_id and h.state not in ("Done", "Failed"):
-                    h.state, h.node_id = "Pending", None
-                    h.message = "lost connection; waiting for the hospital to rejoin"
-                    self.publish(self.state)
+                self._lose(node_id, hospital)
+        # A node id is its hospital's registered key: a node that went away may come back
+        # (a restarted hospital), and is then greeted again.
+        self._dead_nodes &= current
         for node_id in list(self._hello_pending):
             if node_id not in current:
                 del self._hello_pending[node_id]
@@ -164,6 +162,15 @@ class Coordinator:
                 continue
             self._node_hospital[node_id] = reply.hospital
             self._attach(node_id, reply)
+
+    def _lose(self, node_id: int, hospital: str) -> None:
+        """Forget a node that went offline; its hospital waits to rejoin (same or new node)."""
+        self._node_hospital.pop(node_id, None)
+        h = self.state.hospitals.get(hospital)
+        if h is not None and h.node_id == node_id and h.state not in ("Done", "Failed"):
+            h.state, h.node_id = "Pending", None
+            h.message = "lost connection; waiting for the hospital to rejoin"
+            self.publish(self.state)
 
     def _attach(self, node_id: int, reply: HospitalReply) -> None:
         h = self.state.hospitals.get(reply.hospital)
@@ -282,19 +289,37 @@ class Coordinator:
         content_for: Callable[[str], RecordDict],
         timeout_s: float,
     ) -> dict[str, HospitalReply]:
-        """Send to each named hospital, re-sending to a hospital that rejoined meanwhile."""
-        pending: dict[str, tuple[int, str]] = {}
+        """Send to each named hospital, re-sending to a hospital that rejoined meanwhile.
+
+        A hospital rejoins on a new node, or (with node authentication, where a node is its
+        registered key) on the same node with a new incarnation: Flower then answers the
+        message sent to the lost incarnation with "node unavailable", and the message is
+        sent again once the hospital has greeted the server anew.
+        """
+        pending: dict[str, tuple[int, str, str]] = {}
+
+        def send(name: str) -> None:
+            h = self.state.hospitals[name]
+            assert h.node_id is not None
+            mid = self._send(h.node_id, message_type, content_for(name))
+            pending[name] = (h.node_id, h.incarnation, mid)
+
         for name in names:
-            node = self.state.hospitals[name].node_id
-            if node is not None:
-                pending[name] = (node, self._send(node, message_type, content_for(name)))
+            if self.state.hospitals[name].node_id is not None:
+                send(name)
         replies: dict[str, HospitalReply] = {}
         deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:
-            by_id = {mid: name for name, (_, mid) in pending.items()}
+            by_id = {mid: name for name, (_, _, mid) in pending.items() if mid}
             for msg in self.grid.pull_messages(list(by_id)):
                 name = by_id[msg.metadata.reply_to_message_id]
+                node = pending[name][0]
                 reply = decode_reply(msg)
+                if msg.has_error() and msg.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    log.info("%s: node %s unavailable; waiting for it to rejoin", name, node)
+                    self._lose(node, name)
+                    pending[name] = (node, self.state.hospitals[name].incarnation, "")
+                    continue
                 del pending[name]
                 if reply is None:
                     err = msg.error.reason if msg.has_error() else "malformed reply"
@@ -302,16 +327,15 @@ class Coordinator:
                 else:
                     replies[name] = reply
             self.refresh_nodes()
-            for name, (node, _) in list(pending.items()):
+            for name, (node, incarnation, mid) in list(pending.items()):
                 h = self.state.hospitals[name]
                 if h.state == "Failed":
                     del pending[name]
-                elif h.node_id is not None and h.node_id != node:
-                    log.info("re-sending %s to %s on its new node", message_type, name)
-                    pending[name] = (
-                        h.node_id,
-                        self._send(h.node_id, message_type, content_for(name)),
-                    )
+                elif h.node_id is not None and (
+                    h.node_id != node or h.incarnation != incarnation or not mid
+                ):
+                    log.info("re-sending %s to %s, which rejoined", message_type, name)
+                    send(name)
             if pending:
                 time.sleep(POLL_S)
         return replies

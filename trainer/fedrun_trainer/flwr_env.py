@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,16 +39,31 @@ def executable(name: str) -> str:
     return str(beside) if beside.exists() else name
 
 
-def write_connection(flwr_home: Path, address: str, insecure: bool = True) -> Path:
-    """Write the ``flwr`` CLI's connection file naming the local SuperLink ``local``."""
+def write_connection(flwr_home: Path, address: str, root_certificates: Path | None = None) -> Path:
+    """Write the ``flwr`` CLI's connection file naming the local SuperLink ``local``.
+
+    With ``root_certificates`` (the run's CA) the CLI speaks TLS and verifies the
+    SuperLink against it; without, it connects insecurely.
+    """
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
+    transport = (
+        "insecure = true\n"
+        if root_certificates is None
+        else f'root-certificates = "{root_certificates.resolve()}"\n'
+    )
     path.write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-        f'address = "{address}"\ninsecure = {"true" if insecure else "false"}\n',
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{address}"\n{transport}',
         encoding="utf-8",
     )
     return path
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now (for a process's private listener)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def write_secret(path: Path) -> Path:

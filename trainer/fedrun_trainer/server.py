@@ -13,22 +13,21 @@ import json
 import logging
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fedrun_trainer import files, flwr_env
+from fedrun_trainer import files
 from fedrun_trainer.federation import HISTORY_FILE, STATUS_FILE, new_run_state
 from fedrun_trainer.run_state import PHASES_FINAL, now_rfc3339, to_status
 from fedrun_trainer.server_metrics import render_metrics
 from fedrun_trainer.settings import RunSettings
+from fedrun_trainer.superlink import FlowerServer, MaterialError, ServerTls, check_material, utc_now
 
 log = logging.getLogger("fedrun.server")
 
@@ -45,6 +44,7 @@ class ServerOptions:
     fleet_port: int = 9092
     status_port: int = 9100
     host: str = "0.0.0.0"
+    tls_dir: Path | None = None  # the mounted <run>-server-tls Secret; None: insecure
 
 
 class StatusServer:
@@ -112,21 +112,6 @@ def _publish_failure(state_dir: Path, reason: str, message: str) -> None:
     log.error("run failed: %s", message)
 
 
-def _wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback URL
-                if resp.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.2)
-    return False
-
-
 def _prepare_app(state_dir: Path) -> Path:
     """Copy the code-free Flower App (one pyproject.toml) into the state directory."""
     app_dir = state_dir / "app"
@@ -154,50 +139,47 @@ def run_server(opts: ServerOptions) -> int:
     http.start()
     log.info("status on :%d (/status, /metrics, /healthz)", opts.status_port)
 
-    env = flwr_env.environment(state_dir / "flwr-home")
-    flwr_env.write_connection(state_dir / "flwr-home", f"127.0.0.1:{opts.fleet_port}")
     app_dir = _prepare_app(state_dir)
-    superlink = subprocess.Popen(
-        [
-            flwr_env.executable("flower-superlink"),
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            opts.host,
-            "--port",
-            str(opts.fleet_port),
-        ],
-        env=env,
-    )
-    code = 0
+    tls = None if opts.tls_dir is None else ServerTls(opts.tls_dir)
     try:
-        if not _wait_http_ok(f"http://127.0.0.1:{opts.fleet_port}/health", 60, superlink):
-            _publish_failure(state_dir, "ServerError", "the Flower SuperLink did not start")
-            code = 1
-        else:
-            code = _submit_and_follow(settings, opts, state_dir, app_dir, env, superlink, stop)
-    finally:
-        flwr_env.terminate(superlink)
+        if tls is not None:
+            check_material(tls, settings.hospital_names, utc_now())
+    except MaterialError as err:
+        # Flower would start with these files and only its clients would fail: refuse here.
+        _publish_failure(state_dir, "CertificateInvalid", str(err))
+        code = 1
+    else:
+        flower = FlowerServer(state_dir, opts.host, opts.fleet_port, tls)
+        try:
+            code = _start_and_follow(settings, opts, state_dir, app_dir, flower, stop)
+        finally:
+            flower.stop()
     log.info("run over; serving the final status until terminated")
     stop.wait()
     http.stop()
     return code
 
 
-def _flwr_json(args: list[str], env: dict[str, str], timeout_s: float = 60) -> dict[str, Any]:
-    out = subprocess.run(
-        [flwr_env.executable("flwr"), *args, "--format", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
+def _start_and_follow(
+    settings: RunSettings,
+    opts: ServerOptions,
+    state_dir: Path,
+    app_dir: Path,
+    flower: FlowerServer,
+    stop: threading.Event,
+) -> int:
+    flower.start()
+    if not flower.wait_ready(60):
+        why = flower.failure() or "it did not answer /health within 60 s"
+        _publish_failure(state_dir, "ServerError", f"the Flower SuperLink did not start: {why}")
+        return 1
     try:
-        parsed: dict[str, Any] = json.loads(out.stdout)
-    except json.JSONDecodeError:
-        parsed = {"success": False, "error-message": (out.stderr or out.stdout).strip()[-2000:]}
-    return parsed
+        flower.register(settings.hospital_names)
+        flower.serve_fleet()
+    except (RuntimeError, OSError) as err:
+        _publish_failure(state_dir, "ServerError", str(err))
+        return 1
+    return _submit_and_follow(settings, opts, state_dir, app_dir, flower, stop)
 
 
 def run_deadline_s(settings: RunSettings) -> float:
@@ -212,12 +194,11 @@ def _submit_and_follow(
     opts: ServerOptions,
     state_dir: Path,
     app_dir: Path,
-    env: dict[str, str],
-    superlink: subprocess.Popen[bytes],
+    flower: FlowerServer,
     stop: threading.Event,
 ) -> int:
     run_config = f'fedrun-config="{Path(opts.config).resolve()}" state-dir="{state_dir}"'
-    submitted = _flwr_json(["run", str(app_dir), "local", "--run-config", run_config], env)
+    submitted = flower.flwr_json(["run", str(app_dir), "local", "--run-config", run_config])
     if not submitted.get("success"):
         _publish_failure(
             state_dir, "ServerError", f"could not submit the run to Flower: {submitted}"
@@ -238,15 +219,12 @@ def _submit_and_follow(
         if final_since is not None and time.monotonic() - final_since > FINAL_GRACE_S:
             log.warning("the ServerApp has not exited %ss after its final status", FINAL_GRACE_S)
             return 0 if status["phase"] == "Succeeded" else 1
-        if superlink.poll() is not None:
-            _publish_failure(
-                state_dir,
-                "ServerError",
-                f"the Flower SuperLink exited with status {superlink.returncode}",
-            )
+        failure = flower.failure()
+        if failure:
+            _publish_failure(state_dir, "ServerError", failure)
             return 1
         if time.monotonic() >= deadline:
-            _flwr_json(["stop", run_id, "local"], env)
+            flower.flwr_json(["stop", run_id, "local"])
             _publish_failure(
                 state_dir,
                 "DeadlineExceeded",
@@ -255,7 +233,7 @@ def _submit_and_follow(
             return 1
         if time.monotonic() >= next_check:
             next_check = time.monotonic() + (2.0 if final else FLOWER_CHECK_S)
-            if _flower_status(run_id, env).startswith("finished"):
+            if _flower_status(run_id, flower).startswith("finished"):
                 status = files.read_json(state_dir / STATUS_FILE) or {}
                 if status.get("phase") in PHASES_FINAL:
                     return 0 if status["phase"] == "Succeeded" else 1
@@ -270,8 +248,8 @@ def _submit_and_follow(
     return 143
 
 
-def _flower_status(run_id: str, env: dict[str, str]) -> str:
-    listed = _flwr_json(["list", "--run-id", run_id, "local"], env)
+def _flower_status(run_id: str, flower: FlowerServer) -> str:
+    listed = flower.flwr_json(["list", "--run-id", run_id, "local"])
     runs = listed.get("runs") or []
     return str(runs[0].get("status", "")) if runs else ""
 
