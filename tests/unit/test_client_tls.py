@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +29,7 @@ from fedrun_operator import pki, security
 from fedrun_operator.api import parse_run
 from fedrun_trainer import client, flwr_env
 from fedrun_trainer.client import ClientOptions, OutputTail, explain_flower_exit, run_client
+from fedrun_trainer.hospital import DONE_MARKER
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 HOSPITALS = ["hospital-a", "hospital-b"]
@@ -371,3 +374,162 @@ def test_a_supernode_failing_otherwise_passes_its_status_on(
     assert run_client(options(config, tmp_path, listening, auth)) == 7
     message = (tmp_path / "termination-log").read_text(encoding="utf-8")
     assert "Flower SuperNode exited with status 7" in message
+
+
+# --------------------------------------------------------------------------- rejoin after restart
+# A restarted hospital container comes back with the same node key, which the server holds
+# online until the old SuperNode's heartbeats have lapsed: Flower refuses it (A4) meanwhile.
+
+
+def rejoining_supernode(
+    monkeypatch: pytest.MonkeyPatch,
+    directory: Path,
+    state_dir: Path,
+    refusals: int | None,
+    refusal: str = UNKNOWN_KEY,
+) -> Path:
+    """A stand-in ``flower-supernode`` that Flower refuses the first ``refusals`` times
+    (``None``: every time); after that it joins: it writes the DONE marker, as the hospital
+    app does when the server ends the run, and runs until it is stopped.
+
+    Each start appends its arguments (JSON) to the returned file, and the joined one its pid.
+    """
+    starts = directory / "supernode-starts"
+    script = directory / "flower-supernode"
+    limit = -1 if refusals is None else refusals
+    script.write_text(
+        f"""#!{sys.executable}
+import json, os, pathlib, signal, sys
+starts = pathlib.Path({str(starts)!r})
+with starts.open("a", encoding="utf-8") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+n = len(starts.read_text(encoding="utf-8").splitlines())
+if {limit} < 0 or n <= {limit}:
+    sys.stdout.write({"".join(flower_exit(305, CONNECT, refusal))!r})
+    sys.exit(1)
+sys.stdout.write("joined\\n")
+sys.stdout.flush()
+pathlib.Path({str(directory / "joined.pid")!r}).write_text(str(os.getpid()))
+done = pathlib.Path({str(state_dir / DONE_MARKER)!r})
+tmp = done.with_name(".done.tmp")
+tmp.write_text("{{}}")
+tmp.replace(done)
+signal.pause()
+""",
+        encoding="utf-8",
+    )
+    script.chmod(0o755)
+    real = flwr_env.executable
+    monkeypatch.setattr(
+        flwr_env,
+        "executable",
+        lambda name: str(script) if name == "flower-supernode" else real(name),
+    )
+    return starts
+
+
+def started_with(starts: Path) -> list[list[str]]:
+    """The arguments of each start of the stand-in, in order."""
+    if not starts.exists():
+        return []
+    return [json.loads(line) for line in starts.read_text(encoding="utf-8").splitlines()]
+
+
+def without_port(argv: list[str]) -> list[str]:
+    """A SuperNode's arguments less its private runtime port (free_port picks one a start)."""
+    i = argv.index("--port")
+    return argv[:i] + argv[i + 2 :]
+
+
+def restarted_options(config: str, tmp_path: Path, server: str, tls_dir: Path) -> ClientOptions:
+    """Options for a container that ran before: its state dir holds STARTED_MARKER."""
+    opts = options(config, tmp_path, server, tls_dir)
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    (opts.state_dir / client.STARTED_MARKER).touch()
+    return opts
+
+
+@pytest.mark.usefixtures("keep_signal_handlers")
+def test_a_restarted_hospital_retries_while_its_node_is_held_and_then_joins(
+    tmp_path: Path, config: str, auth: Path, listening: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client, "REJOIN_RETRY_S", 0.05)
+    monkeypatch.setattr(client, "REJOIN_WAIT_S", 120.0)
+    opts = restarted_options(config, tmp_path, listening, auth)
+    starts = rejoining_supernode(monkeypatch, tmp_path, opts.state_dir.resolve(), refusals=3)
+
+    assert run_client(opts) == client.EXIT_DONE
+    argvs = started_with(starts)
+    assert len(argvs) == 4  # three refusals, then the start that joined
+    # Every start is the same hospital: same server, node key and incarnation.
+    assert len({json.dumps(without_port(a)) for a in argvs}) == 1
+    assert "--auth-supernode-private-key" in argvs[0]
+    message = (tmp_path / "termination-log").read_text(encoding="utf-8")
+    assert message.strip() == "hospital hospital-a: run finished"
+    # The joined SuperNode was stopped (and reaped) before run_client returned.
+    pid = int((tmp_path / "joined.pid").read_text(encoding="utf-8"))
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@pytest.mark.usefixtures("keep_signal_handlers")
+def test_a_restarted_hospital_refused_for_longer_than_the_rejoin_wait_exits_1(
+    tmp_path: Path, config: str, auth: Path, listening: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wait_s = 1.0
+    monkeypatch.setattr(client, "REJOIN_RETRY_S", 0.05)
+    monkeypatch.setattr(client, "REJOIN_WAIT_S", wait_s)
+    opts = restarted_options(config, tmp_path, listening, auth)
+    starts = rejoining_supernode(monkeypatch, tmp_path, opts.state_dir.resolve(), refusals=None)
+
+    started = time.monotonic()
+    assert run_client(opts) == client.EXIT_FAILED
+    assert time.monotonic() - started >= wait_s  # it kept trying that long
+    assert len(started_with(starts)) >= 2
+    message = (tmp_path / "termination-log").read_text(encoding="utf-8")
+    assert message.startswith(
+        f"hospital hospital-a: Flower SuperNode refused by or refusing server {listening}: "
+    )
+    assert UNKNOWN_KEY in message
+    assert "does not know this hospital's node key" in message
+
+
+@pytest.mark.usefixtures("keep_signal_handlers")
+@pytest.mark.parametrize(
+    ("restarted", "line", "meaning"),
+    [
+        pytest.param(
+            False, UNKNOWN_KEY, "does not know this hospital's node key", id="first-start-A4"
+        ),
+        # Only "not activated" means the server still holds the node: nothing else is retried.
+        pytest.param(True, EXPIRED, "expired", id="restarted-T3-expired"),
+    ],
+)
+def test_a_refusal_that_is_no_held_node_exits_1_at_the_first_start(
+    tmp_path: Path,
+    config: str,
+    auth: Path,
+    listening: str,
+    monkeypatch: pytest.MonkeyPatch,
+    restarted: bool,
+    line: str,
+    meaning: str,
+) -> None:
+    monkeypatch.setattr(client, "REJOIN_RETRY_S", 0.05)
+    monkeypatch.setattr(client, "REJOIN_WAIT_S", 120.0)
+    if restarted:
+        opts = restarted_options(config, tmp_path, listening, auth)
+    else:
+        opts = options(config, tmp_path, listening, auth)
+    state_dir = opts.state_dir.resolve()
+    assert not (state_dir / client.STARTED_MARKER).exists() or restarted
+    # Refused once only: a wrapper that tried again would join and exit 0.
+    starts = rejoining_supernode(monkeypatch, tmp_path, state_dir, refusals=1, refusal=line)
+
+    assert run_client(opts) == client.EXIT_FAILED
+    assert len(started_with(starts)) == 1
+    message = (tmp_path / "termination-log").read_text(encoding="utf-8")
+    assert f"refused by or refusing server {listening}: " in message
+    assert line in message and meaning in message
+    # The container's next start counts as a restart.
+    assert (state_dir / client.STARTED_MARKER).exists()

@@ -18,12 +18,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Message, RecordDict
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrun_operator.api import FederatedRunStatus
+from fedrun_trainer import coordinator as coordinator_module
 from fedrun_trainer import protocol
 from fedrun_trainer.coordinator import Coordinator, CoordinatorSettings, Weights
 from fedrun_trainer.hospital import NodeSettings, _reply
@@ -160,6 +163,10 @@ class FakeGrid(Grid):
     def __init__(self, hospitals: Iterable[ScriptedHospital] = ()) -> None:
         self.nodes: dict[int, ScriptedHospital] = {}
         self.sent: list[Message] = []
+        self.listings: list[set[int]] = []  # what each get_node_ids returned
+        # node id -> (listings it is still missing from, the hospital that then comes back on
+        # it): a restarted hospital whose registered key gives it back its node id.
+        self.returning: dict[int, tuple[int, ScriptedHospital]] = {}
         self._replies: dict[str, Message] = {}
         self._run = Run.create_empty(7)
         for i, h in enumerate(hospitals):
@@ -187,6 +194,13 @@ class FakeGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
+        for node, (missing, hospital) in list(self.returning.items()):
+            if missing > 0:
+                self.returning[node] = (missing - 1, hospital)
+            else:
+                del self.returning[node]
+                self.nodes[node] = hospital
+        self.listings.append(set(self.nodes))
         return list(self.nodes)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -569,3 +583,223 @@ def test_restarted_hospital_is_recognised_and_gets_the_round_again() -> None:
     shift = (100 + 400 + 900) / 600
     assert weights is not None
     assert np.allclose(weights[1], [2 * shift])
+
+
+# --------------------------------------------------------------------------- rejoin, same node
+# With node authentication a node id is the hospital's registered key: a restarted hospital
+# comes back on the same node id with a new incarnation, and the SuperLink answers what was
+# sent to the lost incarnation with a NODE_UNAVAILABLE error.
+
+
+def node_unavailable(msg: Message) -> Message:
+    """The SuperLink's own answer to a message whose node stopped sending heartbeats."""
+    return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+
+
+@dataclass
+class CrashingHospital(ScriptedHospital):
+    """A hospital whose ClientApp raises: Flower answers every message with an error."""
+
+    def __call__(self, msg: Message) -> Message | None:
+        self.received.append(msg)
+        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="ImportError: numpy")
+        return Message(error=error, reply_to=msg)
+
+
+def hellos_to(grid: FakeGrid, node: int) -> list[Message]:
+    return [
+        m
+        for m in grid.sent
+        if m.metadata.message_type == protocol.HELLO and m.metadata.dst_node_id == node
+    ]
+
+
+def trains_to(grid: FakeGrid, server_round: int, node: int) -> list[Message]:
+    return [m for m in grid.trains(server_round) if m.metadata.dst_node_id == node]
+
+
+def was_published_lost(h: Harness, name: str) -> bool:
+    """Whether some published status showed ``name`` waiting to rejoin."""
+    return any(
+        x["name"] == name and x["state"] == "Pending" and "lost connection" in x.get("message", "")
+        for status in h.published
+        for x in status["hospitals"]
+    )
+
+
+def test_the_fake_s_node_unavailable_answer_is_flower_s() -> None:
+    """The fake's error reply is what the coordinator keys on (guards the tests below)."""
+    msg = Message(RecordDict(), 1001, protocol.TRAIN, ttl=60.0)
+    msg.metadata.__dict__["_message_id"] = "m-1"
+    reply = node_unavailable(msg)
+    assert reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
+    assert reply.metadata.reply_to_message_id == "m-1"
+    assert "Node Unavailable" in (reply.error.reason or "")
+
+
+@pytest.mark.parametrize(
+    ("missing", "incarnation", "restarts"),
+    [
+        pytest.param(1, "2", 1, id="restart-node-gone-then-back"),
+        pytest.param(0, "2", 1, id="restart-node-listed-throughout"),
+        # The same SuperNode back after its heartbeats lapsed: no restart, still re-sent.
+        pytest.param(1, "1", 0, id="same-incarnation-after-heartbeat-lapse"),
+    ],
+)
+def test_hospital_back_on_its_registered_node_gets_the_round_again(
+    monkeypatch: pytest.MonkeyPatch, missing: int, incarnation: str, restarts: int
+) -> None:
+    monkeypatch.setattr(coordinator_module, "NODE_REFRESH_S", 0.05)
+    hospitals = three()
+    # A generous deadline: the re-send must come well within it, not at it.
+    h = harness(hospitals, target_epsilon=None, round_timeout_s=10.0)
+    grid = h.grid
+    node = grid.node_of("hospital-b")
+    reborn = ScriptedHospital(
+        "hospital-b", shift=2.0, n_train=200, n_test=20, incarnation=incarnation
+    )
+
+    def crash(msg: Message) -> Message:
+        """hospital-b's node goes offline during round 1 and comes back on its node id."""
+        del grid.nodes[node]
+        grid.returning[node] = (missing, reborn)
+        return node_unavailable(msg)
+
+    hospitals[1].train[1] = crash
+    started = time.monotonic()
+    weights = h.run()
+
+    assert time.monotonic() - started < 5.0
+    assert (h.state.phase, h.state.reason) == ("Succeeded", "RoundsCompleted")
+    b = h.state.hospitals["hospital-b"]
+    assert (b.node_id, b.incarnation, b.restarts) == (node, incarnation, restarts)
+    assert hospital_status(h)["hospital-b"]["restarts"] == restarts
+    assert was_published_lost(h, "hospital-b")
+    if missing:
+        assert any(node not in listing for listing in grid.listings)
+    else:
+        assert all(node in listing for listing in grid.listings)
+    # Greeted again on the same node; the round's message sent again, unchanged.
+    assert len(hellos_to(grid, node)) == 2
+    lost, resent = trains_to(grid, 1, node)
+    for x, y in zip(
+        lost.content.array_records[protocol.WEIGHTS].to_numpy_ndarrays(),
+        resent.content.array_records[protocol.WEIGHTS].to_numpy_ndarrays(),
+        strict=True,
+    ):
+        assert np.array_equal(x, y)
+    assert [m.metadata.message_type for m in reborn.received][:2] == [
+        protocol.HELLO,
+        protocol.TRAIN,
+    ]
+    # hospital-b's update is in round 1: FedAvg over all three, both rounds.
+    assert h.state.rounds[0].hospitals_trained == ["hospital-a", "hospital-b", "hospital-c"]
+    assert h.state.rounds[1].hospitals_trained == ["hospital-a", "hospital-b", "hospital-c"]
+    shift = (100 + 400 + 900) / 600
+    assert weights is not None
+    assert np.allclose(weights[1], [2 * shift])
+    assert {x["state"] for x in to_status(h.state)["hospitals"]} == {"Done"}
+    assert_published_statuses_are_valid(h)
+
+
+@pytest.mark.parametrize("min_hospitals", [2, 3])
+def test_hospital_that_never_comes_back_misses_the_round_at_its_timeout(
+    monkeypatch: pytest.MonkeyPatch, min_hospitals: int
+) -> None:
+    monkeypatch.setattr(coordinator_module, "NODE_REFRESH_S", 0.05)
+    timeout_s = 1.0
+    hospitals = three()
+    h = harness(
+        hospitals, target_epsilon=None, min_hospitals=min_hospitals, round_timeout_s=timeout_s
+    )
+    grid = h.grid
+    node = grid.node_of("hospital-b")
+
+    def crash(msg: Message) -> Message:
+        """hospital-b goes away for good during round 1."""
+        del grid.nodes[node]
+        return node_unavailable(msg)
+
+    hospitals[1].train[1] = crash
+    started = time.monotonic()
+    weights = h.run()
+    elapsed = time.monotonic() - started
+
+    b = h.state.hospitals["hospital-b"]
+    # Lost, not failed: Flower's error is no verdict on the hospital.
+    assert b.state != "Failed"
+    assert "client error" not in b.message
+    assert (b.node_id, b.restarts) == (None, 0)
+    assert was_published_lost(h, "hospital-b")
+    assert len(hellos_to(grid, node)) == 1
+    assert len(trains_to(grid, 1, node)) == 1  # nothing re-sent to a node that did not return
+    assert not trains_to(grid, 2, node)
+    assert elapsed >= timeout_s  # round 1 waited for hospital-b until its deadline
+    st = h.state
+    if min_hospitals == 2:
+        # Two updates are enough: the run goes on without hospital-b, which stays Pending.
+        assert (st.phase, st.reason) == ("Succeeded", "RoundsCompleted")
+        assert st.rounds[0].duration_s >= timeout_s
+        assert st.rounds[0].hospitals_trained == ["hospital-a", "hospital-c"]
+        assert st.rounds[1].hospitals_trained == ["hospital-a", "hospital-c"]
+        assert (b.state, b.message) == ("Pending", "no reply in round 1 within 1s")
+        shift = (100 * 1 + 300 * 3) / 400  # FedAvg over a and c only
+        assert weights is not None
+        assert np.allclose(weights[1], [2 * shift])
+    else:
+        # Two updates are too few: the run fails at round 1's end, naming no failed hospital.
+        assert (st.phase, st.reason) == ("Failed", "TooFewHospitals")
+        assert st.message == "round 1: 2 hospitals returned an update, minHospitals is 3."
+        assert st.rounds == [] and st.current_round == 0
+        assert (b.state, b.message) == ("Pending", "no reply in round 1 within 1s")
+    assert_published_statuses_are_valid(h)
+
+
+def test_a_node_that_went_away_and_came_back_is_greeted_again() -> None:
+    hospitals = three()
+    h = harness(hospitals)
+    grid, coord = h.grid, h.coordinator
+    node = grid.node_of("hospital-b")
+    b = h.state.hospitals["hospital-b"]
+
+    coord.refresh_nodes(force=True)
+    assert (b.state, b.node_id, b.incarnation) == ("Connected", node, "1")
+    del grid.nodes[node]
+    coord.refresh_nodes(force=True)
+    assert (b.state, b.node_id) == ("Pending", None)
+    assert "lost connection" in b.message
+    reborn = ScriptedHospital("hospital-b", n_train=200, n_test=20, incarnation="2")
+    grid.nodes[node] = reborn  # the same registered key, a new SuperNode
+    coord.refresh_nodes(force=True)
+
+    assert len(hellos_to(grid, node)) == 2
+    assert [m.metadata.message_type for m in reborn.received] == [protocol.HELLO]
+    assert (b.state, b.node_id, b.incarnation, b.restarts) == ("Connected", node, "2", 1)
+    # A node that stays is greeted once: no hello at every refresh.
+    coord.refresh_nodes(force=True)
+    assert len(hellos_to(grid, node)) == 2
+    for other in ("hospital-a", "hospital-c"):
+        assert len(hellos_to(grid, grid.node_of(other))) == 1
+
+
+def test_a_node_whose_hello_failed_is_greeted_again_once_it_came_back() -> None:
+    hospitals = three()
+    h = harness(hospitals)
+    grid, coord = h.grid, h.coordinator
+    node = grid.node_of("hospital-b")
+    b = h.state.hospitals["hospital-b"]
+    grid.nodes[node] = CrashingHospital("hospital-b")
+
+    coord.refresh_nodes(force=True)
+    coord.refresh_nodes(force=True)
+    # Flower's error to the hello: ignored, and not asked again while the node stays.
+    assert len(hellos_to(grid, node)) == 1
+    assert (b.state, b.node_id) == ("Pending", None)
+    del grid.nodes[node]
+    coord.refresh_nodes(force=True)
+    grid.nodes[node] = hospitals[1]  # restarted with a working ClientApp, same key
+    coord.refresh_nodes(force=True)
+
+    assert len(hellos_to(grid, node)) == 2
+    assert [m.metadata.message_type for m in hospitals[1].received] == [protocol.HELLO]
+    assert (b.state, b.node_id, b.restarts) == ("Connected", node, 0)
