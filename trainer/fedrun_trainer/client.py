@@ -327,6 +327,11 @@ def run_client(opts: ClientOptions) -> int:
                     flower = _start_flower(opts, env, state_dir, transport, incarnation)
                     continue
                 why = explain_flower_exit(lines) if supernode.returncode else ""
+                if why and restarted and any(_NOT_ACTIVATED in line for line in lines):
+                    why += (
+                        f"; this container was restarted and retried for {REJOIN_WAIT_S:.0f}s, "
+                        "so the server may also still hold its previous SuperNode online"
+                    )
                 if why:
                     return _finish(
                         opts,
