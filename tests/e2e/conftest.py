@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -59,3 +60,21 @@ def cluster_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Local
         cluster.stop()
         if os.environ.get("FEDRUN_KEEP_E2E") is None:
             shutil.rmtree(cluster.out / "pods", ignore_errors=True)
+
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, condition: Callable[[], T | None], timeout_s: float) -> T:
+    """Poll ``condition`` every 0.2 s until it returns something truthy; that value.
+
+    Raises AssertionError naming ``what`` after ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.2)

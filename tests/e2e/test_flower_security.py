@@ -21,7 +21,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,8 @@ from fedrun_trainer.fleet_proxy import (
     upstream_context,
 )
 
+from .conftest import wait_for
+
 STARTUP_S = 60.0
 EXIT_S = 60.0
 
@@ -54,14 +56,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _wait_for(what: str, condition: Callable[[], bool], timeout_s: float = STARTUP_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 # --- a per-run PKI, as the operator will make it -------------------------------------
@@ -347,8 +341,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
             except httpx.TransportError:
                 return False
 
-        _wait_for("the SuperLink", lambda: healthy(superlink_port, superlink))
-        _wait_for("the proxy", lambda: healthy(fleet_port, proxy))
+        wait_for("the SuperLink", lambda: healthy(superlink_port, superlink), STARTUP_S)
+        wait_for("the proxy", lambda: healthy(fleet_port, proxy), STARTUP_S)
 
         fed = Federation(pki, work, env, superlink_port, fleet_port, 0, superlink, secret)
         registered = fed.flwr("supernode", "register", str(pki / "hospital-a.pub"))
@@ -362,9 +356,10 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
             str(pki / "hospital-a"),
         )
         started.append(fed.hospital)
-        _wait_for(
+        wait_for(
             "hospital-a online",
             lambda: fed.nodes().get(fed.hospital_node_id) == "online",
+            STARTUP_S,
         )
         yield fed
     finally:
@@ -606,7 +601,7 @@ def test_run_completes_through_the_proxy_after_the_rogues(
     out = federation.work / "ping.json"
     submitted = federation.flwr("run", str(app), "--run-config", f"out='{out}'")
     assert submitted.get("success"), submitted
-    _wait_for("the ping run's answer", lambda: out.exists() and out.stat().st_size > 0)
+    wait_for("the ping run's answer", lambda: out.exists() and out.stat().st_size > 0, STARTUP_S)
     assert json.loads(out.read_text()) == {str(federation.hospital_node_id): 42}
     _assert_run_unaffected(federation)
 

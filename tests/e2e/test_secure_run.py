@@ -27,14 +27,13 @@ import shutil
 import ssl
 import subprocess
 import sys
-import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -53,7 +52,7 @@ from fedrun_operator.security import server_tls_secret_name
 from fedrun_trainer import flwr_env
 from fedrun_trainer.synthetic import write_demo_hospitals
 
-from .conftest import example_run
+from .conftest import example_run, wait_for
 
 pytestmark = pytest.mark.slow  # conftest marks every test here e2e too
 
@@ -64,20 +63,6 @@ ROUNDS = 2
 STARTUP_S = 120.0  # generous: the machine may be busy with other test runs
 ATTACK_S = 150.0  # every rogue must have been refused by then
 RUN_S = 300.0  # the run's rounds, once hospital-b joined
-
-T = TypeVar("T")
-
-
-def _wait_for(what: str, condition: Callable[[], T | None], timeout_s: float) -> T:
-    """Poll ``condition`` until it returns something truthy; that value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def _write_private(path: Path, data: bytes) -> Path:
@@ -180,7 +165,7 @@ def _start_server_and(cluster: LocalCluster, hospital: str) -> None:
         assert server.running, f"the server exited: {server.termination_message()}"
         return cluster.status() is not None
 
-    _wait_for("the server's /status", serving, STARTUP_S)
+    wait_for("the server's /status", serving, STARTUP_S)
     cluster.hospitals[hospital].start()
 
 
@@ -236,7 +221,7 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureRun]:
                 assert cluster.server.running, cluster.server.termination_message()
                 return _registered_nodes(server_log.read_text(encoding="utf-8", errors="replace"))
 
-            nodes = _wait_for("the server to register the node keys", registered, STARTUP_S)
+            nodes = wait_for("the server to register the node keys", registered, STARTUP_S)
             connection = cluster.out / "pods" / server_name(run) / "state" / "flwr-home"
             written = tomllib.loads((connection / "config.toml").read_text(encoding="utf-8"))
             superlink = str(written["superlink"]["local"]["address"])
@@ -254,7 +239,7 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureRun]:
                     and secure.nodes().get(nodes[JOINED]) == "online"
                 )
 
-            _wait_for(f"{JOINED} to join the run", joined, STARTUP_S)
+            wait_for(f"{JOINED} to join the run", joined, STARTUP_S)
             yield secure
         finally:
             cluster.stop()
@@ -487,7 +472,7 @@ def finish(secure_run: SecureRun, attack: Attack) -> Finish:
         return nodes if {n for n, s in nodes.items() if s == "online"} >= wanted else None
 
     # While the rounds run, the SuperLink has both nodes online (and nothing else).
-    nodes = _wait_for(f"{HELD} online beside {JOINED}", both_online, STARTUP_S)
+    nodes = wait_for(f"{HELD} online beside {JOINED}", both_online, STARTUP_S)
     final = secure.cluster.wait(timeout_s=RUN_S)
     return Finish(final, nodes)
 

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,21 +29,10 @@ from fedrun_operator.api import FederatedRun, parse_run
 from fedrun_operator.render import config_json
 from fedrun_trainer import flwr_env
 
-from .conftest import example_run
+from .conftest import example_run, wait_for
 
 START_S = 180.0  # a cold Python start-up with torch on a busy 2-core machine
 EXIT_S = 60.0
-
-
-def _wait_for(what: str, condition: Callable[[], Any], timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def _mount_server_secret(run: FederatedRun, material: pki.RunMaterial, directory: Path) -> Path:
@@ -132,7 +120,7 @@ def _expect_refused(server: Server, cause: str) -> None:
         status = server.status()
         return status if status and status.get("phase") == "Failed" else None
 
-    status = _wait_for("phase Failed on /status", failed, START_S)
+    status = wait_for("phase Failed on /status", failed, START_S)
     assert cause in status["message"], status["message"]
     assert str(server.state_dir.parent / "server-tls") in status["message"]
     (condition,) = (c for c in status["conditions"] if c["type"] == "Failed")

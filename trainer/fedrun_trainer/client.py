@@ -45,7 +45,6 @@ STARTED_MARKER = "supernode.started"
 # and refuses to activate it again before; a restarted hospital retries that long, and more.
 REJOIN_WAIT_S = 90.0
 REJOIN_RETRY_S = 5.0
-_NOT_ACTIVATED = "Failed to activate SuperNode"
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,8 @@ class ClientOptions:
     tls_dir: Path | None = None  # the mounted <run>-<hospital>-auth Secret; None: insecure
 
 
+_NOT_ACTIVATED = "Failed to activate SuperNode"  # Flower's refusal of a node key (A4)
+
 # What Flower prints when it refuses to connect, and what it means for a fedrun hospital.
 _FLOWER_REFUSALS = (
     (
@@ -71,7 +72,7 @@ _FLOWER_REFUSALS = (
         "belongs to another run",
     ),
     (
-        "Failed to activate SuperNode",
+        _NOT_ACTIVATED,
         "the server does not know this hospital's node key (node.key belongs to another run, "
         "or the server did not register it)",
     ),
@@ -211,14 +212,13 @@ def _start_flower(
         # Longer than the wrapper's own limit: the wrapper, not Flower, reports a lost server.
         str(int(opts.server_lost_timeout_s) + 30),
     ]
-    if opts.isolation != "warm":
-        supernode = subprocess.Popen(
-            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        return _Flower(supernode, OutputTail(supernode), None)
-    secret = flwr_env.write_secret(state_dir / "superexec.secret")
-    argv += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+    secret = None
+    if opts.isolation == "warm":
+        secret = flwr_env.write_secret(state_dir / "superexec.secret")
+        argv += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     supernode = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if secret is None:
+        return _Flower(supernode, OutputTail(supernode), None)
     executor = subprocess.Popen(
         [
             sys.executable,
