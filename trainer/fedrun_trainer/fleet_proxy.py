@@ -17,8 +17,15 @@ could not filter paths inside TLS, hence an HTTP proxy that terminates TLS itsel
 
 Each forwarded request gets its own upstream connection and ``Connection: close``:
 exactly ``Content-Length`` body bytes go upstream, so a client cannot smuggle a second
-request onto the SuperLink connection. Requests with ``Transfer-Encoding``, several or
-malformed ``Content-Length`` headers, or an unusual request target are refused.
+request onto the SuperLink connection. The request head is parsed strictly
+(:func:`parse_head`): request line ``METHOD SP target SP HTTP/1.1``, header names that
+are RFC 9110 tokens, header values without control characters, no obsolete line
+folding, ``Content-Length`` as 1 to 19 ASCII digits; ``Transfer-Encoding`` and bodies
+on ``GET`` are refused. Each connection is bounded in number
+(:attr:`ProxyConfig.max_connections`), in body size (:attr:`ProxyConfig.max_body_bytes`),
+in time between reads (:attr:`ProxyConfig.idle_timeout_s`) and in total time
+(:attr:`ProxyConfig.request_timeout_s`). Every refusal is a short fixed-text answer and
+one log line with the request line and the peer, never header values or bodies.
 
 Run it standalone (``python -m fedrun_trainer.fleet_proxy --help``) or in a thread
 (:class:`ProxyThread`).
@@ -36,6 +43,7 @@ import ssl
 import sys
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("fedrun.fleet_proxy")
 
@@ -45,6 +53,15 @@ log = logging.getLogger("fedrun.fleet_proxy")
 # router can never be steered to another prefix.
 _FLEET_TARGET = re.compile(r"/v1/fleet/[a-z][a-z0-9-]{0,63}")
 _HEALTH_TARGET = "/health"
+# RFC 9110 5.1 / 5.6.2: a field name (and a method) is a token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 5.5: a field value holds visible ASCII, SP and HTAB; no other control character
+# (a bare CR or LF could start a new line on a lenient backend). obs-text is refused too.
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
+# A request target: visible ASCII only (RFC 9112 3.2); allowed() narrows it further.
+_TARGET = re.compile(r"[\x21-\x7e]+")
+# 19 digits stay below 2**63 and far below Python's int() digit limit.
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,19}")
 # Headers that describe one hop, not the request: never forwarded.
 _HOP_BY_HOP = frozenset(
     {
@@ -58,21 +75,42 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _MAX_HEAD_BYTES = 64 * 1024
-# A bound on one request body. Flower ships a message's arrays as separate objects
-# (push-object), so one body is one array or less; fedrun's models are far smaller.
-DEFAULT_MAX_BODY_BYTES = 512 * 1024 * 1024
+# Flower 1.41 splits every array into chunks of at most 5 MiB
+# (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE) and pushes each chunk as its own push-object body;
+# the other Fleet requests are small protobufs. 64 MiB leaves more than tenfold headroom
+# (for a raised chunk size) while bounding what one client can make the proxy stream.
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+# A SuperNode holds about four connections at once (its main loop, its heartbeat, two
+# concurrent object pushes or pulls); a run has at most 50 hospitals (the CRD's bound).
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+# One request is at most one array chunk plus Flower's answer (no Fleet RPC long-polls):
+# seconds inside a cluster, so two minutes only cuts off clients that drip on purpose.
+DEFAULT_REQUEST_TIMEOUT_S = 120.0
 _CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    """Where the proxy listens and where it forwards to.
+    """Where the proxy listens, where it forwards to, and its limits.
 
     ``server_ssl`` is the TLS context presented to SuperNodes (the run's server
     certificate; None serves plain HTTP, for tests only). ``upstream_ssl`` verifies the
     SuperLink's certificate on loopback (None connects in plain HTTP). ``upstream_hostname``
     is the name checked against that certificate (``127.0.0.1`` by default, which is why
     the run's server certificate must cover 127.0.0.1).
+
+    Limits, each answered with a fixed-text error and a log line:
+
+    - ``max_body_bytes``: the largest ``Content-Length`` forwarded; larger is ``413``
+      before any body byte is read.
+    - ``max_connections``: client connections served at once (counted from the end of
+      the TLS handshake); one more is answered ``503`` and closed without being read.
+    - ``idle_timeout_s``: the longest wait for the request head, for each body read, for
+      the SuperLink's connection and for each read of its answer (also bounds the TLS
+      handshake).
+    - ``request_timeout_s``: the longest one connection may take from its first request
+      byte to the end of the SuperLink's answer, however steadily bytes trickle in.
     """
 
     listen_host: str
@@ -83,7 +121,9 @@ class ProxyConfig:
     upstream_ssl: ssl.SSLContext | None = None
     upstream_hostname: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    idle_timeout_s: float = 60.0
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
 
 
 class RefusedError(Exception):
@@ -108,40 +148,54 @@ def allowed(method: str, target: str) -> bool:
 class _Head:
     method: str
     target: str
-    version: str
     headers: list[tuple[str, str]]
     content_length: int
 
+    @property
+    def request_line(self) -> str:
+        return f"{self.method} {self.target} HTTP/1.1"
+
 
 def parse_head(raw: bytes, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> _Head:
-    """Parse and vet an HTTP/1.x request head (up to and including the blank line).
+    """Parse and vet an HTTP/1.1 request head (up to and including the blank line).
 
-    Raises :class:`RefusedError` with the status the client gets: 404 for anything but the
-    fleet API and health check, 400 for malformed heads, 411/413/501 for bodies the
-    proxy will not frame.
+    Raises :class:`RefusedError` with the status the client gets: 400 for a malformed
+    head (anything but ``METHOD SP target SP HTTP/1.1``, a header name that is not a
+    token, a control character in a value, obsolete line folding, a malformed or
+    repeated ``Content-Length``, a body on ``GET``), 404 for anything but the fleet API
+    and the health check, 411/413/501 for bodies the proxy will not frame.
     """
+    if not raw.endswith(b"\r\n\r\n"):
+        raise RefusedError(400, "Bad Request")
     try:
-        text = raw.decode("ascii")
+        text = raw[:-4].decode("ascii")
     except UnicodeDecodeError as exc:
         raise RefusedError(400, "Bad Request") from exc
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
+    if (
+        len(parts) != 3
+        or _TOKEN.fullmatch(parts[0]) is None
+        or _TARGET.fullmatch(parts[1]) is None
+        or parts[2] != "HTTP/1.1"
+    ):
         raise RefusedError(400, "Bad Request")
-    method, target, version = parts
+    method, target, _ = parts
     if not allowed(method, target):
         raise RefusedError(404, "Not Found")
     headers: list[tuple[str, str]] = []
     lengths: list[str] = []
     named: set[str] = set()
     for line in lines[1:]:
-        if not line:
-            continue
         name, sep, value = line.partition(":")
-        # No obsolete line folding, no whitespace before the colon (RFC 9112 5.1).
-        if not sep or not name or name != name.strip() or line[0] in " \t":
+        # A name must be a token right up to the colon: this also refuses empty lines,
+        # whitespace before the colon and obsolete line folding (a line that starts with
+        # SP or HTAB), RFC 9112 5.1-5.2.
+        if not sep or _TOKEN.fullmatch(name) is None:
             raise RefusedError(400, "Bad Request")
-        value = value.strip()
+        value = value.strip(" \t")
+        if _FIELD_VALUE.fullmatch(value) is None:
+            raise RefusedError(400, "Bad Request")
         lower = name.lower()
         if lower == "transfer-encoding":
             raise RefusedError(501, "Not Implemented")
@@ -150,23 +204,26 @@ def parse_head(raw: bytes, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> _Hea
             continue
         if lower == "connection":
             # Headers the client names in Connection are hop-by-hop too (RFC 9110 7.6.1).
-            named.update(token.strip().lower() for token in value.split(","))
+            named.update(token.strip(" \t").lower() for token in value.split(","))
         if lower in _HOP_BY_HOP:
             continue
         headers.append((name, value))
     headers = [(name, value) for name, value in headers if name.lower() not in named]
-    if len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
+    if len(lengths) > 1 or (lengths and _CONTENT_LENGTH.fullmatch(lengths[0]) is None):
         raise RefusedError(400, "Bad Request")
     length = int(lengths[0]) if lengths else 0
     if method == "POST" and not lengths:
         raise RefusedError(411, "Length Required")
+    if method == "GET" and length:
+        # Nothing would tell the SuperLink where such a body ends.
+        raise RefusedError(400, "Bad Request")
     if length > max_body_bytes:
         raise RefusedError(413, "Content Too Large")
-    return _Head(method, target, version, headers, length)
+    return _Head(method, target, headers, length)
 
 
 def _upstream_head(head: _Head) -> bytes:
-    lines = [f"{head.method} {head.target} HTTP/1.1"]
+    lines = [head.request_line]
     lines += [f"{name}: {value}" for name, value in head.headers]
     if head.method == "POST":
         lines.append(f"Content-Length: {head.content_length}")
@@ -182,12 +239,27 @@ def _reply(status: int, reason: str) -> bytes:
     ).encode("ascii") + body
 
 
+def _printable(line: bytes) -> str:
+    """A client's request line, fit for one log line: at most 200 bytes, escaped."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in line[:200])
+
+
+class _Exchange:
+    """What one connection has got to: for the log line and the answer on a timeout."""
+
+    def __init__(self) -> None:
+        self.request_line = "<no request head>"
+        self.phase = "head"  # head -> upstream (connecting) -> body -> upstream -> answer
+
+
 class FleetProxy:
     """The proxy as an asyncio server: ``await start()``, then ``await close()``."""
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self._server: asyncio.Server | None = None
+        self._open = 0
+        self._tasks: set[asyncio.Task[Any]] = set()  # one per open client connection
 
     @property
     def port(self) -> int:
@@ -199,56 +271,125 @@ class FleetProxy:
 
     async def start(self) -> None:
         """Bind and start accepting connections."""
+        cfg = self.config
         self._server = await asyncio.start_server(
             self._handle,
-            self.config.listen_host,
-            self.config.listen_port,
-            ssl=self.config.server_ssl,
+            cfg.listen_host,
+            cfg.listen_port,
             limit=_MAX_HEAD_BYTES,
+            ssl=cfg.server_ssl,
+            ssl_handshake_timeout=cfg.idle_timeout_s if cfg.server_ssl is not None else None,
         )
 
     async def close(self) -> None:
-        """Stop accepting; connections in flight are cut."""
+        """Stop accepting and cut the connections in flight; returns once they are closed."""
         if self._server is not None:
             self._server.close()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        timeout = self.config.idle_timeout_s
+        peer = writer.get_extra_info("peername")
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        counted = self._open < self.config.max_connections
+        if counted:
+            self._open += 1
         try:
-            try:
-                raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-                head = parse_head(raw, self.config.max_body_bytes)
-            except RefusedError as refused:
-                # A hospital probing Control or Runtime is worth a line in the server's log.
+            if counted:
+                await self._serve(reader, writer, peer)
+            else:
                 log.warning(
-                    "refused %s from %s: %d %s",
-                    raw.split(b"\r\n", 1)[0][:200].decode("ascii", "replace"),
-                    writer.get_extra_info("peername"),
-                    refused.status,
-                    refused.reason,
+                    "refused a connection from %s: %d connections open (max_connections): "
+                    "503 Service Unavailable",
+                    peer,
+                    self._open,
                 )
-                writer.write(_reply(refused.status, refused.reason))
-                await writer.drain()
-                return
-            except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, TimeoutError):
-                writer.write(_reply(400, "Bad Request"))
-                await writer.drain()
-                return
-            await self._forward(head, reader, writer)
-        except (OSError, ssl.SSLError, asyncio.IncompleteReadError, TimeoutError):
+                writer.write(_reply(503, "Service Unavailable"))
+        except asyncio.CancelledError:
+            pass  # close() cut the connection; asyncio would log a cancelled handler as an error
+        except Exception:
+            # A bug must cost one connection, never the server task.
+            log.exception("fleet proxy failed serving %s", peer)
+        finally:
+            await self._close(writer)
+            if counted:
+                self._open -= 1
+
+    async def _close(self, writer: asyncio.StreamWriter) -> None:
+        """Close the client connection, sending what is buffered; bounded in time."""
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), self.config.idle_timeout_s)
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object
+    ) -> None:
+        exchange = _Exchange()
+        try:
+            async with asyncio.timeout(self.config.request_timeout_s):
+                head = await self._read_head(reader, exchange)
+                await self._forward(head, reader, writer, exchange)
+        except RefusedError as refused:
+            self._refuse(writer, peer, exchange, refused)
+        except TimeoutError:
+            # The total time limit (or the idle one while the answer streams): a client
+            # dripping its head or body gets 408, a SuperLink that has not answered 504;
+            # once its answer streams, the connection is only cut.
+            if exchange.phase in ("head", "body"):
+                self._refuse(writer, peer, exchange, RefusedError(408, "Request Timeout"))
+            elif exchange.phase == "upstream":
+                self._refuse(writer, peer, exchange, RefusedError(504, "Gateway Timeout"))
+            else:
+                log.warning("cut %s from %s: timed out in the answer", exchange.request_line, peer)
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             # A client that vanished or a TLS failure: nothing to answer.
             pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+
+    @staticmethod
+    def _refuse(
+        writer: asyncio.StreamWriter, peer: object, exchange: _Exchange, refused: RefusedError
+    ) -> None:
+        # A hospital probing Control or Runtime is worth a line in the server's log.
+        log.warning(
+            "refused %s from %s: %d %s",
+            exchange.request_line,
+            peer,
+            refused.status,
+            refused.reason,
+        )
+        writer.write(_reply(refused.status, refused.reason))
+
+    async def _read_head(self, reader: asyncio.StreamReader, exchange: _Exchange) -> _Head:
+        try:
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.config.idle_timeout_s)
+        except asyncio.LimitOverrunError as exc:
+            exchange.request_line = f"<request head over {_MAX_HEAD_BYTES} bytes>"
+            raise RefusedError(431, "Request Header Fields Too Large") from exc
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                raise  # connected and closed (a port probe): nothing to answer or log
+            exchange.request_line = _printable(exc.partial.split(b"\r\n", 1)[0])
+            raise RefusedError(400, "Bad Request") from exc
+        except TimeoutError as exc:
+            raise RefusedError(408, "Request Timeout") from exc
+        exchange.request_line = _printable(raw.split(b"\r\n", 1)[0])
+        return parse_head(raw, self.config.max_body_bytes)
 
     async def _forward(
-        self, head: _Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        head: _Head,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        exchange: _Exchange,
     ) -> None:
         cfg = self.config
+        exchange.phase = "upstream"
         try:
             up_reader, up_writer = await asyncio.wait_for(
                 asyncio.open_connection(
@@ -261,33 +402,42 @@ class FleetProxy:
                 ),
                 cfg.idle_timeout_s,
             )
-        except (OSError, ssl.SSLError, TimeoutError):
-            writer.write(_reply(502, "Bad Gateway"))
-            await writer.drain()
-            return
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            raise RefusedError(502, "Bad Gateway") from exc
         try:
+            exchange.phase = "body"
             up_writer.write(_upstream_head(head))
             remaining = head.content_length
             while remaining:
-                chunk = await asyncio.wait_for(
-                    reader.read(min(_CHUNK, remaining)), cfg.idle_timeout_s
-                )
+                try:
+                    chunk = await asyncio.wait_for(
+                        reader.read(min(_CHUNK, remaining)), cfg.idle_timeout_s
+                    )
+                except TimeoutError as exc:
+                    raise RefusedError(408, "Request Timeout") from exc
                 if not chunk:
                     return  # client gave up mid-body: the SuperLink sees a short body
                 remaining -= len(chunk)
                 up_writer.write(chunk)
                 await up_writer.drain()
             await up_writer.drain()
+            exchange.phase = "upstream"
             while True:
-                chunk = await asyncio.wait_for(up_reader.read(_CHUNK), cfg.idle_timeout_s)
+                try:
+                    chunk = await asyncio.wait_for(up_reader.read(_CHUNK), cfg.idle_timeout_s)
+                except TimeoutError as exc:
+                    if exchange.phase == "upstream":
+                        raise RefusedError(504, "Gateway Timeout") from exc
+                    raise
                 if not chunk:
                     break
+                exchange.phase = "answer"
                 writer.write(chunk)
                 await writer.drain()
         finally:
             up_writer.close()
             with contextlib.suppress(Exception):
-                await up_writer.wait_closed()
+                await asyncio.wait_for(up_writer.wait_closed(), cfg.idle_timeout_s)
 
 
 def server_context(certfile: str, keyfile: str) -> ssl.SSLContext:

@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from fedrun_trainer import flwr_env
-from fedrun_trainer.fleet_proxy import ProxyConfig, ProxyThread, server_context, upstream_context
+from fedrun_trainer.fleet_proxy import (
+    DEFAULT_MAX_BODY_BYTES,
+    ProxyConfig,
+    ProxyThread,
+    server_context,
+    upstream_context,
+)
 
 log = logging.getLogger("fedrun.server")
 
@@ -128,12 +134,16 @@ class FlowerServer:
 
     ``address`` is where the ``flwr`` CLI reaches the SuperLink (the connection named
     ``local`` in ``env``'s FLWR_HOME); ``fleet_port`` is where hospitals connect.
+    ``proxy_max_body_bytes`` is the fleet proxy's cap on one request body (secure runs only):
+    Flower sends each array in chunks of at most 5 MiB, so the default fits every model
+    unless ``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE`` is raised past it.
     """
 
     state_dir: Path
     host: str
     fleet_port: int
     tls: ServerTls | None
+    proxy_max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     env: dict[str, str] = field(default_factory=dict)
     address: str = ""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -282,6 +292,7 @@ class FlowerServer:
                 upstream_port=self._internal_port,
                 server_ssl=server_context(str(tls.cert), str(tls.key)),
                 upstream_ssl=upstream_context(str(tls.ca)),
+                max_body_bytes=self.proxy_max_body_bytes,
             )
         )
         self.proxy.start()
