@@ -34,8 +34,8 @@ def print_budget(file: Path, rows: int | None = None) -> int:
         if n is None:
             try:
                 train, _ = load_hospital_data(h.data_uri, spec.data, t.test_fraction, t.seed)
-            except DataError as err:
-                sys.stdout.write(f"  {h.name}: cannot read data: {err}\n")
+            except DataError as err:  # a local command: the value found may be shown
+                sys.stdout.write(f"  {h.name}: cannot read data: {err.detail}\n")
                 code = 1
                 continue
             n = len(train)

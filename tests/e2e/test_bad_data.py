@@ -1,4 +1,8 @@
-"""Bad data fails its hospital, named with file and row; the run follows minHospitals."""
+"""Bad data fails its hospital, named with file and row; the run follows minHospitals.
+
+The value found stays in the hospital's own log: the status and the pod's termination
+message (what the operator copies into the FederatedRun and Events) only locate it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ import pandas as pd
 from fedrun_trainer.synthetic import synthetic_stroke
 
 from .conftest import example_run
+
+# Planted in the non-numeric file: it must reach the hospital's log and nothing else.
+VALUE = "forty"
 
 
 def _write_bad_files(d: Path) -> dict[str, tuple[Path, list[str]]]:
@@ -24,15 +31,21 @@ def _write_bad_files(d: Path) -> dict[str, tuple[Path, list[str]]]:
     cases["wrong-columns"] = (d / "wrong-columns.csv", ["wrong-columns.csv", "avg_glucose_level"])
 
     text = good.astype(str)
-    text.loc[text.index[6], "age"] = "forty"  # data row 7 -> line 8 of the file
+    text.loc[text.index[6], "age"] = VALUE  # data row 7 -> line 8 of the file
     text.to_csv(d / "non-numeric.csv", index=False)
-    cases["non-numeric"] = (d / "non-numeric.csv", ["non-numeric.csv", "age", "forty", "8"])
+    cases["non-numeric"] = (
+        d / "non-numeric.csv",
+        ["non-numeric.csv", "line 8, column 'age': not a number"],
+    )
 
     multi = good.copy()
     multi["stroke"] = multi["stroke"].astype(str)
     multi.loc[multi.index[3], "stroke"] = "2"
     multi.to_csv(d / "non-binary.csv", index=False)
-    cases["non-binary"] = (d / "non-binary.csv", ["non-binary.csv", "stroke", "2"])
+    cases["non-binary"] = (
+        d / "non-binary.csv",
+        ["non-binary.csv", "target column 'stroke' must be binary (0/1): 1 row is not", "line 5"],
+    )
 
     (d / "empty.csv").write_text("", encoding="utf-8")
     cases["empty"] = (d / "empty.csv", ["empty.csv"])
@@ -68,6 +81,11 @@ def test_each_bad_file_fails_only_its_hospital_and_the_run_succeeds(tmp_path, cl
         pod = cluster.hospitals[name]
         assert pod.exit_code == 1, (name, pod.exit_code)
         assert words[0] in pod.termination_message()
+    # The value is in the hospital's own log only, for whoever may read its data.
+    pod = cluster.hospitals["non-numeric"]
+    assert VALUE not in by_name["non-numeric"]["message"]
+    assert VALUE not in pod.termination_message()
+    assert f"found '{VALUE}'" in pod.log_path.read_text(encoding="utf-8")
 
 
 def test_too_few_good_hospitals_fails_the_run_without_hanging(tmp_path, cluster_factory):

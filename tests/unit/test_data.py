@@ -71,18 +71,22 @@ def test_header_only(tmp_path: Path) -> None:
 
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     path = write(tmp_path, "age,smoker,result\n1,yes,0\n")
-    with pytest.raises(DataError, match=r"h\.csv: missing column\(s\) 'outcome', 'score'"):
+    with pytest.raises(DataError, match=r"h\.csv: missing column\(s\) 'outcome', 'score'") as err:
         load(path)
+    assert "'result'" not in str(err.value)  # the file's own headers stay local
+    assert "'result'" in err.value.detail
 
 
-def test_non_numeric_value_names_file_line_column_value(tmp_path: Path) -> None:
+def test_non_numeric_value_names_file_line_column_and_logs_the_value(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD.replace("70,2.5", "seventy,2.5"))
     with pytest.raises(DataError) as err:
         load(path)
     message = str(err.value)
     assert str(path) in message
     assert "line 4" in message  # header is line 1; the bad row is the third data row
-    assert "'age'" in message and "'seventy'" in message
+    assert "'age'" in message and "not a number" in message
+    assert "seventy" not in message  # the value stays in the hospital's log
+    assert err.value.detail == f"{message}; found 'seventy'"
 
 
 def test_blank_lines_keep_line_numbers(tmp_path: Path) -> None:
@@ -92,19 +96,27 @@ def test_blank_lines_keep_line_numbers(tmp_path: Path) -> None:
 
 
 def test_missing_numeric_value(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="line 3, column 'score': missing value"):
+    with pytest.raises(DataError, match=r"line 3, column 'score': missing value$"):
         load(write(tmp_path, GOOD.replace("20,0.5", "20,")))
 
 
-def test_non_binary_target_lists_values(tmp_path: Path) -> None:
+def test_non_binary_target_counts_rows_and_logs_the_values(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD.replace("yes,1\n", "yes,2\n").replace("no,0\n", "no,maybe\n", 1))
-    with pytest.raises(DataError, match=r"'outcome' must be binary.*'2', 'maybe'.*line 2"):
+    with pytest.raises(
+        DataError, match=r"'outcome' must be binary \(0/1\): 2 rows .*line 2"
+    ) as err:
         load(path)
+    assert "maybe" not in str(err.value)
+    assert err.value.detail.endswith("found '2', 'maybe'")
 
 
 def test_unknown_category(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"h\.csv: line 5, column 'smoker': unknown category 'y'"):
+    with pytest.raises(
+        DataError,
+        match=r"h\.csv: line 5, column 'smoker': unknown category \(expected one of 'yes', 'no'\)$",
+    ) as err:
         load(write(tmp_path, GOOD.replace("30,0.1,yes", "30,0.1,y")))
+    assert err.value.detail.endswith("found 'y'")
 
 
 def test_stroke_preset_on_synthetic(tmp_path: Path) -> None:

@@ -9,7 +9,11 @@ wrapper decides the pod's fate:
 - the SuperNode's own status if it dies first.
 
 The message is also written to ``--termination-log`` (Kubernetes' termination message),
-so ``kubectl describe`` and the operator show it.
+so ``kubectl describe`` and the operator show it. A hospital's failure message is the one
+its ClientApp sent the server, which holds no value from the data (see
+:mod:`fedrun_trainer.hospital`); it is written there as soon as the failure is seen, so
+that a pod killed while it waits for the server's acknowledgement does not fall back to
+the tail of its log (``FallbackToLogsOnError``), where the ClientApp logged the value.
 """
 
 from __future__ import annotations
@@ -157,12 +161,22 @@ def reachable(address: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _finish(opts: ClientOptions, code: int, message: str) -> int:
-    (log.info if code == 0 else log.error)("%s", message)
+def _write_termination_log(opts: ClientOptions, message: str) -> None:
     if opts.termination_log is not None:
         with contextlib.suppress(OSError):
             opts.termination_log.write_text(message + "\n", encoding="utf-8")
+
+
+def _finish(opts: ClientOptions, code: int, message: str) -> int:
+    (log.info if code == 0 else log.error)("%s", message)
+    _write_termination_log(opts, message)
     return code
+
+
+def _failure_message(opts: ClientOptions, failed: Path) -> str:
+    """The pod's message for the hospital's ``failed.json`` (the message the server got)."""
+    message = json.loads(failed.read_text(encoding="utf-8")).get("message", "")
+    return f"hospital {opts.hospital} failed: {message}"
 
 
 def node_config(opts: ClientOptions, incarnation: str) -> str:
@@ -290,6 +304,7 @@ def run_client(opts: ClientOptions) -> int:
     log.info("hospital %s joining %s (%s isolation)", opts.hospital, opts.server, opts.isolation)
     last_seen = time.monotonic()
     last_probe = 0.0
+    failure_written = False
     try:
         while not stop.is_set():
             done = state_dir / DONE_MARKER
@@ -299,9 +314,11 @@ def run_client(opts: ClientOptions) -> int:
             ):
                 # Exit once the server acknowledged the failure (its shutdown message), so
                 # the reason reached the run's status before this SuperNode goes away.
-                message = json.loads(failed.read_text(encoding="utf-8")).get("message", "")
-                return _finish(opts, EXIT_FAILED, f"hospital {opts.hospital} failed: {message}")
+                return _finish(opts, EXIT_FAILED, _failure_message(opts, failed))
             if failed.exists():
+                if not failure_written:
+                    _write_termination_log(opts, _failure_message(opts, failed))
+                    failure_written = True
                 stop.wait(0.2)
                 continue
             if done.exists():

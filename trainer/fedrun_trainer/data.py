@@ -40,14 +40,18 @@ missing BMI is itself strongly associated with stroke in that data; ``hypertensi
 ``heart_disease`` must be 0/1; the target is ``stroke`` (0/1).
 
 Errors are :class:`DataError` and name the file, the line (the header is line 1, so the
-first data row is line 2; Parquet files report the 1-based row instead) and the column.
+first data row is line 2; Parquet files report the 1-based row instead), the column and
+the kind of problem. What leaves the hospital (``str(err)``, sent to the server and
+copied into the run's status and Kubernetes Events) never holds a cell value or a header
+name of the file; the value is only in :attr:`DataError.detail`, for the hospital's own log.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -117,7 +121,38 @@ _MISSING = {"", "N/A", "NA", "NaN", "nan", "None", "null"}
 
 
 class DataError(ValueError):
-    """The hospital's data cannot be used; the message names file, line and column."""
+    """The hospital's data cannot be used.
+
+    An error has two texts:
+
+    ``public``
+        What may leave the hospital: the file (its URI from the spec), the line or row,
+        the column and the *kind* of problem (``not a number``, ``unknown category``...),
+        plus anything taken from the spec itself (expected categories, missing column
+        names). Never a cell value, a header name of the file, or a parser's or S3's own
+        message (those can quote the file). ``str(err)`` returns it; it is what the
+        hospital sends to the server, and so what reaches the run's status and Events.
+    ``detail``
+        The public text plus what was found (the offending value, the file's header, the
+        parser's message). Only for the hospital's own log and for checks run where the
+        data lives. Equal to ``public`` when there is nothing more to say.
+    """
+
+    def __init__(self, public: str, detail: str | None = None) -> None:
+        super().__init__(public)
+        self.public = public
+        self.detail = public if detail is None else detail
+
+    def __str__(self) -> str:
+        return self.public
+
+    def __reduce__(self) -> tuple[type[DataError], tuple[str, str]]:
+        return (type(self), (self.public, self.detail))
+
+    @classmethod
+    def found(cls, public: str, what: str) -> DataError:
+        """An error whose ``detail`` is ``public`` followed by ``what`` (the found value)."""
+        return cls(public, f"{public}; found {what}")
 
 
 class FeatureSpec(Protocol):
@@ -216,7 +251,14 @@ def _read_s3(uri: str) -> bytes:
         obj = boto3.client("s3").get_object(Bucket=bucket, Key=key)
         body: bytes = obj["Body"].read()
     except Exception as exc:  # botocore's errors are many; name the object and the cause
-        raise DataError(f"{uri}: cannot read from S3: {exc}") from exc
+        # The error code (NoSuchKey, AccessDenied...) is safe to send; the message is not
+        # ours to vouch for, so it stays in the detail.
+        response = getattr(exc, "response", None)
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        raise DataError(
+            f"{uri}: cannot read from S3 ({code or type(exc).__name__}); see the hospital's log",
+            f"{uri}: cannot read from S3: {type(exc).__name__}: {exc}",
+        ) from exc
     return body
 
 
@@ -251,7 +293,7 @@ def load_table(uri: str, fmt: str) -> pd.DataFrame:
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{uri}: file is empty") from exc
     except (pd.errors.ParserError, ValueError, OSError) as exc:
-        raise DataError(f"{uri}: cannot parse as {fmt}: {exc}") from exc
+        raise _parse_error(uri, fmt, source, exc) from exc
     if fmt == "csv":
         df.index = pd.RangeIndex(2, 2 + len(df))
         blank = df.apply(lambda col: col.fillna("").str.strip() == "").all(axis=1)
@@ -264,6 +306,76 @@ def load_table(uri: str, fmt: str) -> pd.DataFrame:
     if len(df) == 0:
         raise DataError(f"{uri}: file has a header but no data rows")
     return df
+
+
+_PARSER_LINE = re.compile(r"\bline (\d+)\b")
+_PARSER_ROW = re.compile(r"\bstarting at row (\d+)\b")  # 0-based, the header is row 0
+
+
+def _raw_lines(source: Any) -> Iterator[bytes]:
+    """The lines of a local file or an in-memory S3 body, without their line ends."""
+    if isinstance(source, io.BytesIO):
+        yield from source.getvalue().splitlines()
+        return
+    with Path(source).open("rb") as f:
+        for line in f:
+            yield line.rstrip(b"\r\n")
+
+
+def _find_line(source: Any, test: Callable[[int, bytes], bool]) -> tuple[int, bytes] | None:
+    """The first 1-based ``(number, text)`` where ``test`` holds; None if none or unreadable."""
+    try:
+        for number, raw in enumerate(_raw_lines(source), start=1):
+            if test(number, raw):
+                return number, raw
+    except OSError:
+        pass
+    return None
+
+
+def _not_utf8(_: int, raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def _parse_error(uri: str, fmt: str, source: Any, exc: Exception) -> DataError:
+    """A reader's failure as a :class:`DataError`: a fixed description and the line.
+
+    The reader's own message can quote the file, so it (and the text of the line it names)
+    goes to ``detail`` only.
+    """
+    text = str(exc)
+    line: int | None = None
+    if fmt == "csv":
+        if m := _PARSER_LINE.search(text):
+            line = int(m.group(1))
+        elif m := _PARSER_ROW.search(text):
+            line = int(m.group(1)) + 1
+    found: tuple[int, bytes] | None = None
+    if isinstance(exc, UnicodeDecodeError):
+        what = "not UTF-8 text (save it as UTF-8)"
+        found = _find_line(source, _not_utf8)  # the decoder's position is no line number
+        line = found[0] if found is not None else None
+    elif "Expected" in text and "fields" in text:
+        what = "a line has a different number of fields than the header"
+    elif "EOF inside string" in text:
+        what = "a quoted field is never closed"
+    elif isinstance(exc, OSError):
+        what = f"cannot be read ({type(exc).__name__})"
+    else:
+        what = f"not a valid {fmt} file"
+    if line is not None and found is None:
+        found = _find_line(source, lambda number, _: number == line)
+    where = f" (line {line})" if line is not None else ""
+    public = f"{uri}: cannot parse as {fmt}{where}: {what}; see the hospital's log"
+    detail = f"{uri}: cannot parse as {fmt}{where}: {type(exc).__name__}: {text.strip()}"
+    if found is not None:
+        shown = found[1].decode("utf-8", errors="replace")[:200]
+        detail += f"; line {found[0]} reads {shown!r}"
+    return DataError(public, detail)
 
 
 # --------------------------------------------------------------------------- checking
@@ -298,25 +410,27 @@ def _numeric(
     bad = np.isnan(values) & ~missing | np.isinf(values)
     if bad.any():
         i = int(np.argmax(bad))
-        raise DataError(
-            f"{source}: {_where(df, df.index[i])}, column {column!r}: "
-            f"value {raw.iloc[i]!r} is not a number"
+        raise DataError.found(
+            f"{source}: {_where(df, df.index[i])}, column {column!r}: not a number",
+            repr(raw.iloc[i]),
         )
     if missing.any() and not missing_ok:
         i = int(np.argmax(missing))
-        raise DataError(
-            f"{source}: {_where(df, df.index[i])}, column {column!r}: missing value "
-            f"({raw.iloc[i]!r})"
+        raise DataError.found(
+            f"{source}: {_where(df, df.index[i])}, column {column!r}: missing value",
+            repr(raw.iloc[i]),
         )
     return values, missing
 
 
 def _check_columns(df: pd.DataFrame, needed: Sequence[str], source: str) -> None:
+    # Only the spec's names may leave: the file's own header names can hold data.
     missing = [c for c in needed if c not in df.columns]
     if missing:
-        raise DataError(
-            f"{source}: missing column(s) {', '.join(repr(c) for c in missing)}; "
-            f"the file has {', '.join(repr(c) for c in df.columns)}"
+        raise DataError.found(
+            f"{source}: missing column(s) {', '.join(repr(c) for c in missing)} "
+            f"(the file's header has {len(df.columns)} columns)",
+            f"header {', '.join(repr(c) for c in df.columns)}",
         )
 
 
@@ -330,11 +444,13 @@ def _target(df: pd.DataFrame, column: str, source: str) -> FloatArray:
     if not ok.all():
         bad_values = sorted({str(v) for v in raw[~ok]})
         first = df.index[int(np.argmax(~ok))]
+        n_bad = int((~ok).sum())
         shown = ", ".join(repr(v) for v in bad_values[:5])
         more = f" and {len(bad_values) - 5} more" if len(bad_values) > 5 else ""
-        raise DataError(
-            f"{source}: target column {column!r} must be binary (0/1); found {shown}{more} "
-            f"(first at {_where(df, first)})"
+        raise DataError.found(
+            f"{source}: target column {column!r} must be binary (0/1): {n_bad} "
+            f"{'row is' if n_bad == 1 else 'rows are'} not (first at {_where(df, first)})",
+            f"{shown}{more}",
         )
     return values.astype(np.float32)
 
@@ -348,9 +464,10 @@ def _one_hot(
     unknown = codes.isna().to_numpy()
     if unknown.any():
         i = int(np.argmax(unknown))
-        raise DataError(
+        raise DataError.found(
             f"{source}: {_where(df, df.index[i])}, column {column!r}: unknown category "
-            f"{df[column].iloc[i]!r} (expected one of {', '.join(map(repr, categories))})"
+            f"(expected one of {', '.join(map(repr, categories))})",
+            repr(df[column].iloc[i]),
         )
     out = np.zeros((len(df), len(categories)), dtype=np.float32)
     out[np.arange(len(df)), codes.to_numpy(dtype=np.int64)] = INDICATOR_VALUE
@@ -390,9 +507,9 @@ def _prepare_stroke(df: pd.DataFrame, source: str) -> Table:
         bad = ~np.isin(values, (0.0, 1.0))
         if bad.any():
             i = int(np.argmax(bad))
-            raise DataError(
-                f"{source}: {_where(df, df.index[i])}, column {column!r}: value "
-                f"{df[column].iloc[i]!r} must be 0 or 1"
+            raise DataError.found(
+                f"{source}: {_where(df, df.index[i])}, column {column!r}: must be 0 or 1",
+                repr(df[column].iloc[i]),
             )
         blocks.append((values * INDICATOR_VALUE).astype(np.float32)[:, None])
         names.append(column)

@@ -5,6 +5,12 @@ but model weights and aggregate figures ever leaves the hospital), and always an
 with an explicit outcome instead of raising, so the server can name the hospital and the
 reason in the run's status. A failure is also written to the hospital's state directory,
 where ``fedrun client`` picks it up and exits non-zero with the same message.
+
+A failure's message leaves the hospital (server, run status, Kubernetes Events), so it
+names file, line, column and the kind of problem but never a value from the data: for bad
+data it is :class:`~fedrun_trainer.data.DataError`'s public text, for an unexpected
+exception only the exception's type. What was found (the value, the exception's text and
+traceback) is logged once at ERROR here, in the hospital's own pod log.
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,8 +97,21 @@ def _reply(
     return Message(content, reply_to=msg)
 
 
-def _fail(msg: Message, node: NodeSettings, message: str) -> Message:
-    log.error("hospital %s failed: %s", node.hospital, message)
+def _fail(
+    msg: Message,
+    node: NodeSettings,
+    message: str,
+    *,
+    detail: str | None = None,
+    exc_info: bool = False,
+) -> Message:
+    """Report a failure: ``message`` to the server and ``failed.json``, ``detail`` to the log.
+
+    ``message`` leaves the hospital and must hold no value from the data; ``detail`` (by
+    default ``message``) may, as it is only logged here, once, at ERROR, with the
+    traceback of the exception being handled when ``exc_info`` is set.
+    """
+    log.error("hospital %s failed: %s", node.hospital, detail or message, exc_info=exc_info)
     write_marker(node.state_dir, FAILED_MARKER, {"hospital": node.hospital, "message": message})
     return _reply(msg, node, Outcome.FAILED, message)
 
@@ -138,13 +156,20 @@ def _guarded(kind: str, msg: Message, context: Context) -> Message:
             evaluation=outcome.evaluation,
             privacy=outcome.privacy,
         )
-    except DataError as err:
+    except DataError as err:  # file, line, column and kind leave; the value is logged
+        return _fail(msg, node, err.public, detail=err.detail)
+    except session.HospitalConfigError as err:  # names only hospitals of the spec
         return _fail(msg, node, str(err))
-    except session.HospitalConfigError as err:
-        return _fail(msg, node, str(err))
-    except Exception as err:  # a crash must reach the status, not vanish in a log
-        log.error("%s", traceback.format_exc())
-        return _fail(msg, node, f"{kind} failed: {type(err).__name__}: {err}")
+    except Exception as err:  # a crash must reach the status, not vanish in a log...
+        # ...but its text can quote the data (a pandas or torch error), so only its type
+        # leaves; the text and the traceback stay in this hospital's log.
+        return _fail(
+            msg,
+            node,
+            f"{kind} failed: {type(err).__name__}; see the hospital's log",
+            detail=f"{kind} failed: {type(err).__name__}: {err}",
+            exc_info=True,
+        )
 
 
 def hello(msg: Message, context: Context) -> Message:
