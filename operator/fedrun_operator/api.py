@@ -567,8 +567,10 @@ class Hospital(_Spec):
             "Where the hospital keeps its privacy ledger, so a restarted client never starts "
             "again from zero ε. Same forms as dataUri (a pvc:// claim is then mounted "
             "read-write). Default: "
-            "s3://<dataUri's bucket>/fedrun-ledger/<namespace>/<run>/<hospital>.json for S3 "
-            "data, otherwise file:///var/lib/fedrun/ledger/<hospital>.json."
+            "s3://<dataUri's bucket>/fedrun-ledger/<namespace>/<run>/<uid>/<hospital>.json "
+            "for S3 data, otherwise file:///var/lib/fedrun/ledger/<uid>/<hospital>.json. A "
+            "ledger is this run's only (keyed by its uid): one written by another run, or "
+            "under other privacy terms, is refused."
         ),
         json_schema_extra={"pattern": DATA_URI},
     )
@@ -1208,17 +1210,21 @@ def ledger_uri(run: FederatedRun, hospital: Hospital | str) -> str:
     """Where `hospital` keeps its privacy ledger.
 
     The hospital's own `ledgerUri` when set; for S3 data the data bucket under
-    `fedrun-ledger/<namespace>/<run>/<hospital>.json`; otherwise the pod's state directory,
-    `file:///var/lib/fedrun/ledger/<hospital>.json` (the local runner maps /var/lib/fedrun
-    to a local directory).
+    `fedrun-ledger/<namespace>/<run>/<uid>/<hospital>.json`; otherwise the pod's state
+    directory, `file:///var/lib/fedrun/ledger/<uid>/<hospital>.json` (the local runner maps
+    /var/lib/fedrun to a local directory). `<uid>/` is left out for a run without a uid
+    (one rendered by `fedrun render`, never applied).
     """
     h = run.hospital(hospital) if isinstance(hospital, str) else hospital
     if h.ledger_uri is not None:
         return h.ledger_uri
+    # Keyed by the run's uid: a run deleted and created again under the same name is
+    # another run and must not find the first one's ledger.
+    key = f"{run.metadata.uid}/{h.name}" if run.metadata.uid else h.name
     if h.data_uri.startswith("s3://"):
         bucket = h.data_uri.removeprefix("s3://").split("/", 1)[0]
-        return f"s3://{bucket}/fedrun-ledger/{run.namespace}/{run.name}/{h.name}.json"
-    return f"file://{c.STATE_DIR}/ledger/{h.name}.json"
+        return f"s3://{bucket}/fedrun-ledger/{run.namespace}/{run.name}/{key}.json"
+    return f"file://{c.STATE_DIR}/ledger/{key}.json"
 
 
 # --------------------------------------------------------------------------- PVC data

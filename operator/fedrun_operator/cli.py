@@ -64,6 +64,7 @@ def _server(args: argparse.Namespace) -> int:
             status_port=args.status_port,
             host=args.host,
             tls_dir=Path(args.tls_dir) if args.tls_dir else None,
+            **({"max_request_bytes": args.max_request_bytes} if args.max_request_bytes else {}),
         )
     )
 
@@ -171,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fleet-port", type=int, default=9092)
     p.add_argument("--status-port", type=int, default=9100)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        help="largest request body the fleet port accepts (default 64 MiB; Flower sends each "
+        "array in chunks of at most 5 MiB)",
+    )
     _transport_flags(
         p, "the run's <run>-server-tls Secret, mounted (ca.crt, tls.crt, tls.key, <hospital>.pub)"
     )

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -195,6 +196,7 @@ class LocalCluster:
         problems = cluster_only(run)
         if problems:
             raise ClusterOnlyError("\n".join(problems))
+        run = with_uid(run)
         cluster = cls(run=run, out=out.resolve(), manifests=render_run(run) + run_secrets(run))
         cluster._prepare()
         return cluster
@@ -443,6 +445,18 @@ def default_timeout(run: FederatedRun) -> float:
         if (spec.active_deadline_seconds)
         else budget
     )
+
+
+def with_uid(run: FederatedRun) -> FederatedRun:
+    """The run with a uid of its own, as the API server gives every object it creates.
+
+    Each local run is a new run: its hospitals key their privacy ledgers by the uid, so a
+    ledger another run left behind is refused rather than resumed.
+    """
+    if run.metadata.uid:
+        return run
+    metadata = run.metadata.model_copy(update={"uid": str(uuid.uuid4())})
+    return run.model_copy(update={"metadata": metadata})
 
 
 def run_local(opts: LocalOptions) -> int:

@@ -123,10 +123,13 @@ def config_json(run: FederatedRun) -> str:
     """
     spec = run.spec_dict()
     spec.pop("suspend", None)
+    metadata = {"name": run.name, "namespace": run.namespace}
+    if run.metadata.uid:
+        metadata["uid"] = run.metadata.uid  # the hospitals key their privacy ledgers by it
     doc = {
         "apiVersion": c.API_VERSION,
         "kind": c.KIND,
-        "metadata": {"name": run.name, "namespace": run.namespace},
+        "metadata": metadata,
         "spec": spec,
     }
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"

@@ -266,7 +266,10 @@ def harness(
     target_epsilon: float | None = 10.0,
     round_timeout_s: float = 3.0,
     join_grace_s: float = 1.0,
+    round_cost: Callable[[int], tuple[float, float, int]] | None = None,
+    registered: dict[int, str] | None = None,
 ) -> Harness:
+    """A coordinator over scripted hospitals; by default a round costs (SIGMA, Q, STEPS)."""
     grid = FakeGrid(hospitals)
     state = RunState.new(
         "demo",
@@ -298,6 +301,8 @@ def harness(
         epsilon_of=accounted,
         publish=lambda st: published.append(to_status(st)),
         on_round=on_round,
+        round_cost=round_cost or (lambda n_train: (SIGMA, Q, STEPS)),
+        registered=registered,
     )
     return Harness(grid, coordinator, published, reported)
 
@@ -530,16 +535,85 @@ def test_can_afford_round_projects_one_more_round() -> None:
     for target, affordable in ((EPS_TWO_ROUNDS + 0.01, True), (EPS_TWO_ROUNDS - 0.01, False)):
         h = harness(hospitals, target_epsilon=target)
         a = h.state.hospitals["hospital-a"]
+        a.num_train = 100
         a.noise_multiplier, a.sample_rate, a.steps_per_round = SIGMA, Q, STEPS
         a.history = [(SIGMA, Q, STEPS)]
         assert h.coordinator.can_afford_round("hospital-a") is affordable
-        # Nothing trained yet (no σ, q known): nothing to refuse.
+        # Nothing trained yet: the plan's cost of the first round is checked.
+        b = h.state.hospitals["hospital-b"]
+        assert not h.coordinator.can_afford_round("hospital-b")  # no row count: no plan
+        b.num_train = 200
         assert h.coordinator.can_afford_round("hospital-b")
     no_privacy = harness(hospitals, target_epsilon=None)
     a = no_privacy.state.hospitals["hospital-a"]
     a.noise_multiplier, a.sample_rate, a.steps_per_round = SIGMA, Q, STEPS
     a.history = [(SIGMA, Q, STEPS)] * 50
     assert no_privacy.coordinator.can_afford_round("hospital-a")
+
+
+def test_server_checks_the_first_round_too() -> None:
+    """A plan whose first round alone overspends: no round is sent at all.
+
+    The scripted hospitals train whatever they are sent (they check nothing), so only the
+    server's own check stands between the spec and an overspent first round.
+    """
+    target = EPS_ONE_ROUND / 2
+    h = harness(three(), rounds=3, min_hospitals=2, target_epsilon=target)
+    h.run()
+
+    assert h.state.phase == "BudgetExhausted"
+    assert h.grid.trains(1) == []
+    assert to_status(h.state)["privacy"]["epsilonSpent"] == 0.0
+    for hs in h.state.hospitals.values():
+        assert hs.budget_exhausted and hs.rounds_trained == 0
+
+
+def test_reported_cost_is_checked_when_it_exceeds_the_plan() -> None:
+    """A hospital that reports a lower σ than the plan's is held to what it reported."""
+    h = harness(three(), target_epsilon=EPS_ONE_ROUND * 1.5)
+    a = h.state.hospitals["hospital-a"]
+    a.num_train = 100
+    assert h.coordinator.can_afford_round("hospital-a")
+    a.noise_multiplier, a.sample_rate, a.steps_per_round = SIGMA / 2, Q, STEPS
+    assert not h.coordinator.can_afford_round("hospital-a")
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_a_node_cannot_speak_for_another_hospital() -> None:
+    """hospital-c's node (registered for c's key) says it is hospital-b and reports a failure.
+
+    The claim is refused: hospital-b trains on its own node, and the liar, hospital-c, is
+    failed. Before node ids were checked against the registered keys, this failed
+    hospital-b and then the run.
+    """
+    registered = {1000: "hospital-a", 1001: "hospital-b", 1002: "hospital-c"}
+    h = harness(three(), min_hospitals=3, registered=registered)
+    assert h.grid.node_of("hospital-c") == 1002
+    h.grid.nodes[1002] = ScriptedHospital(
+        "hospital-b", n_train=300, hello=(Outcome.FAILED, "hospital-b: disk full")
+    )
+    h.run()
+
+    st = h.state
+    b, c = st.hospitals["hospital-b"], st.hospitals["hospital-c"]
+    assert b.state != "Failed" and b.node_id == 1001
+    assert c.state == "Failed"
+    assert "claimed to be another hospital ('hospital-b')" in c.message
+    # hospital-c failed, so minHospitals 3 cannot be met: the run says so, naming c only.
+    assert (st.phase, st.reason) == ("Failed", "TooFewHospitals")
+    assert "hospital-c" in st.message and "hospital-b:" not in st.message
+
+
+def test_a_node_with_no_registered_key_is_ignored() -> None:
+    hospitals = three()
+    h = harness(hospitals, min_hospitals=2, registered={1000: "hospital-a", 1001: "hospital-b"})
+    h.run()
+    st = h.state
+    assert st.phase == "Succeeded"
+    assert st.hospitals["hospital-c"].node_id is None
+    assert st.rounds[0].hospitals_trained == ["hospital-a", "hospital-b"]
 
 
 # --------------------------------------------------------------------------- restarts

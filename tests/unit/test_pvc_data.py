@@ -133,6 +133,25 @@ def test_ledger_defaults_to_the_state_volume_for_pvc_data() -> None:
     assert api.ledger_uri(run, "a") == f"file://{c.STATE_DIR}/ledger/a.json"
 
 
+def test_default_ledgers_are_keyed_by_the_run_uid() -> None:
+    """A run deleted and created again under the same name gets a new uid: its hospitals
+    must not find the first run's ledger at the default place."""
+    obj = run_obj(
+        [
+            {"name": "a", "dataUri": "pvc://data/a.csv"},
+            {"name": "b", "dataUri": "s3://bucket-b/b.csv"},
+        ]
+    )
+    paths = set()
+    for uid in ("uid-1", "uid-2"):
+        obj["metadata"]["uid"] = uid
+        run = parse_run(obj)
+        assert api.ledger_uri(run, "a") == f"file://{c.STATE_DIR}/ledger/{uid}/a.json"
+        assert api.ledger_uri(run, "b") == f"s3://bucket-b/fedrun-ledger/research/demo/{uid}/b.json"
+        paths |= {api.ledger_uri(run, "a"), api.ledger_uri(run, "b")}
+    assert len(paths) == 4
+
+
 # --------------------------------------------------------------------------- rendering
 
 

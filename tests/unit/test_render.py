@@ -128,7 +128,13 @@ def test_config_map_holds_the_spec(run: FederatedRun, children: dict[Any, Manife
     config = json.loads(data["config.json"])
     assert config["apiVersion"] == "fedrun.io/v1alpha1"
     assert config["kind"] == "FederatedRun"
-    assert config["metadata"] == {"name": "stroke", "namespace": "research"}
+    # The uid: the hospitals key their privacy ledgers by it.
+    assert config["metadata"] == {
+        "name": "stroke",
+        "namespace": "research",
+        "uid": run.metadata.uid,
+    }
+    assert run.metadata.uid
     assert config["spec"]["minHospitals"] == 2  # camelCase, as in YAML
     assert parse_run(config).spec == run.spec  # the pods read back the same run
 

@@ -1,10 +1,15 @@
 """The ServerApp's round loop: who trains, what comes back, when the run ends.
 
 It talks to hospitals only through Flower's public ``Grid`` (push/pull with a short
-poll instead of ``send_and_receive``'s 3 s one), attributes every reply to a hospital
-by name (a restarted hospital comes back with a new node id), accounts each hospital's
-ε on its own from (σ, q, steps), and stops with ``BudgetExhausted`` rather than let a
-round take a hospital over its target.
+poll instead of ``send_and_receive``'s 3 s one), attributes every reply to a hospital,
+accounts each hospital's ε on its own from (σ, q, steps), and stops with
+``BudgetExhausted`` rather than let a round take a hospital over its target.
+
+Which node is which hospital: with node authentication (every secure run) each hospital's
+node id is the one Flower gave its registered public key, and the coordinator is given that
+map (``registered``): a node's claim to be another hospital is refused, and fails the
+hospital whose key the node holds. Without it (an insecure run) a node is whichever
+hospital it says it is, and a restarted hospital may come back on a new node id.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ Weights = list[np.ndarray]
 POLL_S = 0.05
 NODE_REFRESH_S = 1.0
 TRAIN_TTL_S = 3600.0
+
+
+#: What one more round costs a hospital: (σ, q, steps), from the spec and its row count.
+RoundCost = tuple[float, float, int]
+# Relative slack when comparing ε with the target, the hospitals' own (float noise only).
+_EPS_SLACK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,18 @@ def decode_reply(msg: Message) -> HospitalReply | None:
     )
 
 
+def _from(msg: Message, node_id: int) -> bool:
+    """Whether a reply came from the node its message was sent to (else it is dropped)."""
+    if msg.metadata.src_node_id == node_id:
+        return True
+    log.warning(
+        "a reply meant to come from node %s came from node %s; ignored",
+        node_id,
+        msg.metadata.src_node_id,
+    )
+    return False
+
+
 def weighted_mean(values: Iterable[tuple[float | None, float]]) -> float | None:
     """Mean of ``(value, weight)`` pairs, skipping missing values; ``None`` if nothing is left."""
     pairs = [(v, w) for v, w in values if v is not None and w > 0]
@@ -105,7 +128,14 @@ class Coordinator:
         epsilon_of: Callable[[list[tuple[float, float, int]]], float],
         publish: Callable[[RunState], None],
         on_round: Callable[[RunState, RoundRecord], None] | None = None,
+        round_cost: Callable[[int], RoundCost] | None = None,
+        registered: dict[int, str] | None = None,
     ) -> None:
+        """``round_cost(n_train)`` is what a round costs a hospital with ``n_train`` rows
+        under the spec (its plan); with privacy on and no way to tell, no round is sent.
+        ``registered`` maps each registered node id to its hospital (node authentication);
+        None when the run has no node authentication.
+        """
         self.grid = grid
         self.state = state
         self.settings = settings
@@ -113,6 +143,8 @@ class Coordinator:
         self.epsilon_of = epsilon_of
         self.publish = publish
         self.on_round = on_round
+        self.round_cost = round_cost
+        self.registered = dict(registered) if registered is not None else None
         self._node_hospital: dict[int, str] = {}
         self._dead_nodes: set[int] = set()
         self._hello_pending: dict[int, str] = {}
@@ -156,12 +188,48 @@ class Coordinator:
         for reply_msg in self.grid.pull_messages(list(by_id)):
             node_id = by_id[reply_msg.metadata.reply_to_message_id]
             del self._hello_pending[node_id]
-            reply = decode_reply(reply_msg)
+            reply = decode_reply(reply_msg) if _from(reply_msg, node_id) else None
             if reply is None:
                 self._dead_nodes.add(node_id)  # Flower error: ignore; a restart reconnects
                 continue
-            self._node_hospital[node_id] = reply.hospital
+            owner = self._owner(node_id, reply)
+            if owner is None:
+                self._dead_nodes.add(node_id)
+                continue
+            self._node_hospital[node_id] = owner
             self._attach(node_id, reply)
+
+    def _owner(self, node_id: int, reply: HospitalReply) -> str | None:
+        """The hospital a node speaks for, or None when its claim is refused.
+
+        With registered keys the node speaks only for the hospital whose key it holds: a
+        claim to be another hospital fails the key's own hospital (a node that lies about
+        who it is cannot be trusted to train) and is never attributed to the one it named.
+        """
+        if self.registered is None:
+            return reply.hospital
+        owner = self.registered.get(node_id)
+        if owner is None:
+            log.warning("node %s holds no registered key of this run; ignored", node_id)
+            return None
+        if reply.hospital != owner:
+            log.error(
+                "node %s holds hospital %s's key but says it is %r: refused",
+                node_id,
+                owner,
+                reply.hospital,
+            )
+            h = self.state.hospitals.get(owner)
+            if h is not None and h.state != "Failed":
+                h.node_id = node_id
+                self._fail_hospital(
+                    owner,
+                    f"its node (registered for {owner}) claimed to be another hospital "
+                    f"({reply.hospital!r}); the claim was refused",
+                )
+                self.publish(self.state)
+            return None
+        return owner
 
     def _lose(self, node_id: int, hospital: str) -> None:
         """Forget a node that went offline; its hospital waits to rejoin (same or new node)."""
@@ -239,16 +307,34 @@ class Coordinator:
             time.sleep(0.2)
 
     # -- privacy ----------------------------------------------------------------------
+    def round_costs(self, name: str) -> list[RoundCost]:
+        """What one more round may cost ``name``: the plan's figure for its row count, and
+        the (σ, q, steps) it last reported when that differs (whichever costs more wins)."""
+        h = self.state.hospitals[name]
+        costs: list[RoundCost] = []
+        if self.round_cost is not None and h.num_train > 0:
+            costs.append(self.round_cost(h.num_train))
+        reported = (h.noise_multiplier, h.sample_rate, h.steps_per_round)
+        if h.steps_per_round > 0 and h.noise_multiplier > 0 and reported not in costs:
+            costs.append(reported)
+        return costs
+
     def can_afford_round(self, name: str) -> bool:
-        """Server-side budget check from (σ, q, steps): would one more round overspend?"""
+        """Server-side budget check before every round, the first included.
+
+        Would one more round, at the spec's plan for this hospital's rows (and at what the
+        hospital last reported), take it over the target? With privacy on and no cost known
+        (no row count, no report), the answer is no: a round is refused, never guessed.
+        """
         h = self.state.hospitals[name]
         target = self.settings.target_epsilon
-        if not self.settings.privacy_enabled or target is None or h.steps_per_round == 0:
+        if not self.settings.privacy_enabled or target is None:
             return True
-        projected = self.epsilon_of(
-            [*h.history, (h.noise_multiplier, h.sample_rate, h.steps_per_round)]
-        )
-        return projected <= target + 1e-9
+        costs = self.round_costs(name)
+        if not costs:
+            return False
+        limit = target * (1.0 + _EPS_SLACK)
+        return all(self.epsilon_of([*h.history, cost]) <= limit for cost in costs)
 
     def _record_privacy(self, name: str, privacy: dict[str, float]) -> None:
         h = self.state.hospitals[name]
@@ -314,7 +400,7 @@ class Coordinator:
             for msg in self.grid.pull_messages(list(by_id)):
                 name = by_id[msg.metadata.reply_to_message_id]
                 node = pending[name][0]
-                reply = decode_reply(msg)
+                reply = decode_reply(msg) if _from(msg, node) else None
                 if msg.has_error() and msg.error.code == ErrorCode.NODE_UNAVAILABLE:
                     log.info("%s: node %s unavailable; waiting for it to rejoin", name, node)
                     self._lose(node, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid
 
 from fedrun_trainer import files
-from fedrun_trainer.coordinator import Coordinator, CoordinatorSettings, Weights
+from fedrun_trainer.coordinator import Coordinator, CoordinatorSettings, RoundCost, Weights
 from fedrun_trainer.run_state import RoundRecord, RunState, to_history, to_status
 from fedrun_trainer.settings import RunSettings
 from fedrun_trainer.tracking import Tracker, default_tracking_uri
@@ -28,7 +29,59 @@ log = logging.getLogger("fedrun.server")
 STATUS_FILE = "status.json"
 HISTORY_FILE = "history.json"
 MODEL_FILE = "model.npz"
+#: ``{"<node id>": "<hospital>"}``: the node ids Flower gave the hospitals' registered keys,
+#: written by ``fedrun server`` before the run is submitted.
+NODES_FILE = "nodes.json"
 JOIN_GRACE_S = 20.0
+
+
+def write_registered_nodes(state_dir: Path, nodes: dict[str, int]) -> None:
+    """Record which node id each hospital's registered key got (``fedrun server``)."""
+    files.write_json_atomic(
+        state_dir / NODES_FILE, {str(node): hospital for hospital, node in nodes.items()}
+    )
+
+
+def read_registered_nodes(state_dir: Path, settings: RunSettings) -> dict[int, str] | None:
+    """Node id → hospital for a secure run; None for an insecure one (no node keys).
+
+    Raises RuntimeError when a secure run has no usable record: the round loop must never
+    fall back to believing what nodes say about themselves.
+    """
+    if not settings.secure:
+        return None
+    raw = files.read_json(state_dir / NODES_FILE)
+    names = set(settings.hospital_names)
+    if not isinstance(raw, dict) or not raw:
+        raise RuntimeError(f"no record of the registered node keys in {NODES_FILE}")
+    nodes: dict[int, str] = {}
+    for node, hospital in raw.items():
+        if not str(node).isdigit() or hospital not in names:
+            raise RuntimeError(f"{NODES_FILE} holds an entry that is not this run's: {node}")
+        nodes[int(node)] = str(hospital)
+    return nodes
+
+
+def round_cost_of(settings: RunSettings) -> Callable[[int], RoundCost]:
+    """What a round costs a hospital with ``n`` training rows under the spec (its plan)."""
+    from fedrun_trainer.privacy import plan_privacy
+
+    spec = settings.run.spec
+
+    def cost(n_train: int) -> RoundCost:
+        plan = plan_privacy(
+            n_train=n_train,
+            batch_size=spec.training.batch_size,
+            local_epochs=spec.training.local_epochs,
+            rounds=spec.rounds,
+            target_epsilon=spec.privacy.target_epsilon,
+            delta=spec.privacy.delta,
+            accountant=spec.privacy.accountant,
+            noise_multiplier=spec.privacy.noise_multiplier,
+        )
+        return plan.cost_of_round
+
+    return cost
 
 
 def new_run_state(settings: RunSettings) -> RunState:
@@ -113,7 +166,14 @@ def run_federation(grid: Grid, context: Context) -> None:
         epsilon_of=lambda history: epsilon_of(history, settings.delta, settings.accountant),
         publish=publish,
         on_round=on_round,
+        round_cost=round_cost_of(settings) if settings.privacy_enabled else None,
     )
+    try:
+        coordinator.registered = read_registered_nodes(state_dir, settings)
+    except RuntimeError as err:
+        state.finish("Failed", "ServerError", f"server error: {err}")
+        publish(state)
+        return
     publish(state)
     state.mlflow_run_id = tracker.start(
         settings.run_name, settings.mlflow_params(), {"fedrun.run": settings.run_name}

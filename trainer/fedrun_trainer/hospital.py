@@ -134,6 +134,7 @@ def _guarded(kind: str, msg: Message, context: Context) -> Message:
     try:
         site = session.HospitalSession.open(node.config_path, node.hospital, node.state_dir)
         if kind == "hello":
+            site.open_ledger()  # a refused ledger fails the hospital before any round
             return _reply(msg, node, Outcome.OK, metrics=site.summary())
         if kind == "evaluate":
             weights = msg.content.array_records[protocol.WEIGHTS].to_numpy_ndarrays()
@@ -159,6 +160,8 @@ def _guarded(kind: str, msg: Message, context: Context) -> Message:
     except DataError as err:  # file, line, column and kind leave; the value is logged
         return _fail(msg, node, err.public, detail=err.detail)
     except session.HospitalConfigError as err:  # names only hospitals of the spec
+        return _fail(msg, node, str(err))
+    except session.LedgerRefused as err:  # names the ledger, the runs and the terms
         return _fail(msg, node, str(err))
     except Exception as err:  # a crash must reach the status, not vanish in a log...
         # ...but its text can quote the data (a pandas or torch error), so only its type

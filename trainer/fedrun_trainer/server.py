@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from fedrun_trainer import files
-from fedrun_trainer.federation import HISTORY_FILE, STATUS_FILE, new_run_state
+from fedrun_trainer.federation import (
+    HISTORY_FILE,
+    NODES_FILE,
+    STATUS_FILE,
+    new_run_state,
+    write_registered_nodes,
+)
+from fedrun_trainer.fleet_proxy import DEFAULT_MAX_BODY_BYTES
 from fedrun_trainer.run_state import PHASES_FINAL, now_rfc3339, to_status
 from fedrun_trainer.server_metrics import render_metrics
 from fedrun_trainer.settings import RunSettings
@@ -45,6 +52,7 @@ class ServerOptions:
     status_port: int = 9100
     host: str = "0.0.0.0"
     tls_dir: Path | None = None  # the mounted <run>-server-tls Secret; None: insecure
+    max_request_bytes: int = DEFAULT_MAX_BODY_BYTES  # the fleet proxy's cap on one body
 
 
 class StatusServer:
@@ -126,7 +134,7 @@ def run_server(opts: ServerOptions) -> int:
     settings = RunSettings.load(opts.config)
     state_dir = opts.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (STATUS_FILE, HISTORY_FILE):
+    for stale in (STATUS_FILE, HISTORY_FILE, NODES_FILE):
         (state_dir / stale).unlink(missing_ok=True)
     initial = new_run_state(settings)
     files.write_json_atomic(state_dir / STATUS_FILE, to_status(initial))
@@ -149,7 +157,9 @@ def run_server(opts: ServerOptions) -> int:
         _publish_failure(state_dir, "CertificateInvalid", str(err))
         code = 1
     else:
-        flower = FlowerServer(state_dir, opts.host, opts.fleet_port, tls)
+        flower = FlowerServer(
+            state_dir, opts.host, opts.fleet_port, tls, proxy_max_body_bytes=opts.max_request_bytes
+        )
         try:
             code = _start_and_follow(settings, opts, state_dir, app_dir, flower, stop)
         finally:
@@ -174,7 +184,7 @@ def _start_and_follow(
         _publish_failure(state_dir, "ServerError", f"the Flower SuperLink did not start: {why}")
         return 1
     try:
-        flower.register(settings.hospital_names)
+        write_registered_nodes(state_dir, flower.register(settings.hospital_names))
         flower.serve_fleet()
     except (RuntimeError, OSError) as err:
         _publish_failure(state_dir, "ServerError", str(err))

@@ -8,7 +8,7 @@ privacy ledger (read, checked, trained, written back before replying).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,9 @@ from fedrun_trainer.data import Table, load_hospital_data
 from fedrun_trainer.model import build_model
 from fedrun_trainer.privacy import (
     BudgetExceeded,
+    LedgerRefused,
     PrivacyLedger,
-    epsilon_of,
+    checked_history,
     open_ledger,
     save_ledger,
 )
@@ -29,7 +30,7 @@ from fedrun_trainer.protocol import Outcome
 from fedrun_trainer.settings import HospitalConfigError, RunSettings
 from fedrun_trainer.train import EvalResult, evaluate, train_round
 
-__all__ = ["HospitalConfigError", "HospitalSession", "TrainOutcome"]
+__all__ = ["HospitalConfigError", "HospitalSession", "LedgerRefused", "TrainOutcome"]
 
 Weights = list[np.ndarray]
 log = logging.getLogger("fedrun.hospital")
@@ -71,7 +72,12 @@ def local_ledger_uri(uri: str, state_dir: Path) -> str:
 def resume_from_server(
     ledger: PrivacyLedger, server_history: list[tuple[float, float, int]]
 ) -> PrivacyLedger:
-    """The ledger, or the server's record of this hospital's steps when that is longer."""
+    """The ledger, or the server's record of this hospital's steps when that is longer.
+
+    Only the record of what was spent is taken from the server (a longer one can only
+    raise ε); the σ and q of the next steps stay the plan's, from the spec.
+    ``server_history`` must have passed :func:`~fedrun_trainer.privacy.checked_history`.
+    """
     server_steps = sum(n for _, _, n in server_history)
     if server_steps <= ledger.steps:
         return ledger
@@ -82,14 +88,7 @@ def resume_from_server(
         ledger.steps,
         server_steps,
     )
-    sigma, q, _ = server_history[-1]
-    return replace(
-        ledger,
-        history=list(server_history),
-        noise_multiplier=sigma,
-        sample_rate=q,
-        epsilon=epsilon_of(server_history, ledger.delta, ledger.accountant),
-    )
+    return ledger.with_history(server_history)
 
 
 @dataclass
@@ -135,6 +134,29 @@ class HospitalSession:
     def ledger_uri(self) -> str:
         return local_ledger_uri(ledger_uri(self.settings.run, self.name), self.state_dir)
 
+    def open_ledger(self) -> PrivacyLedger | None:
+        """This hospital's ledger on the spec's plan (None with privacy off).
+
+        Raises :class:`~fedrun_trainer.privacy.LedgerRefused` for a stored ledger of
+        another run or under other terms; the hospital then fails before it trains.
+        """
+        spec = self.settings.run.spec
+        if not spec.privacy.enabled:
+            return None
+        return open_ledger(
+            self.ledger_uri(),
+            hospital=self.name,
+            n_train=len(self.train_table),
+            batch_size=spec.training.batch_size,
+            local_epochs=spec.training.local_epochs,
+            rounds=spec.rounds,
+            target_epsilon=spec.privacy.target_epsilon,
+            delta=spec.privacy.delta,
+            accountant=spec.privacy.accountant,
+            noise_multiplier=spec.privacy.noise_multiplier,
+            run_uid=self.settings.run_uid,
+        )
+
     def train(
         self,
         weights: Weights,
@@ -150,22 +172,11 @@ class HospitalSession:
         """
         evaluation = self.evaluate(weights) if evaluate_first else {}
         spec = self.settings.run.spec
-        ledger = None
         uri = self.ledger_uri()
-        if spec.privacy.enabled:
-            ledger = open_ledger(
-                uri,
-                hospital=self.name,
-                n_train=len(self.train_table),
-                batch_size=spec.training.batch_size,
-                local_epochs=spec.training.local_epochs,
-                rounds=spec.rounds,
-                target_epsilon=spec.privacy.target_epsilon,
-                delta=spec.privacy.delta,
-                accountant=spec.privacy.accountant,
-                noise_multiplier=spec.privacy.noise_multiplier,
-            )
-            ledger = resume_from_server(ledger, server_history or [])
+        ledger = self.open_ledger()
+        if ledger is not None:
+            record = checked_history(server_history or [], "the server's record of spent steps")
+            ledger = resume_from_server(ledger, record)
         try:
             result = train_round(
                 self._model(),

@@ -32,6 +32,17 @@ class RunSettings:
         return self.run.metadata.name
 
     @property
+    def run_uid(self) -> str:
+        """The run's uid (empty for a run that never went through the API or the local runner)."""
+        return self.run.metadata.uid or ""
+
+    @property
+    def secure(self) -> bool:
+        """Whether the run uses TLS and node authentication (the default)."""
+        security = self.run.spec.security
+        return not (security is not None and security.insecure)
+
+    @property
     def hospital_names(self) -> list[str]:
         return [h.name for h in self.run.spec.hospitals]
 
