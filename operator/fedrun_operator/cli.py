@@ -1,6 +1,7 @@
 """The ``fedrun`` command: one entry point, a subcommand per job.
 
-- ``fedrun render FILE``: the Kubernetes manifests for a FederatedRun (a review aid for GitOps)
+- ``fedrun render FILE [--operator-namespace NS]``: the Kubernetes manifests for a
+  FederatedRun (a review aid for GitOps)
 - ``fedrun local FILE --out DIR``: run the FederatedRun on this machine as local processes
 - ``fedrun server`` / ``fedrun client``: what the server and hospital pods run
 - ``fedrun budget FILE``: the noise multiplier and ε per round each hospital will get
@@ -24,7 +25,8 @@ def _render(args: argparse.Namespace) -> int:
     from fedrun_operator.api import load_run
     from fedrun_operator.render import render_run, to_yaml
 
-    sys.stdout.write(to_yaml(render_run(load_run(Path(args.file)))))
+    run = load_run(Path(args.file))
+    sys.stdout.write(to_yaml(render_run(run, operator_namespace=args.operator_namespace)))
     return 0
 
 
@@ -144,8 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from fedrun_operator.config import namespace_name
+    from fedrun_operator.render import DEFAULT_OPERATOR_NAMESPACE
+
     p = sub.add_parser("render", help="print the Kubernetes manifests for a FederatedRun")
     p.add_argument("file", help="FederatedRun YAML")
+    p.add_argument(
+        "--operator-namespace",
+        metavar="NS",
+        type=namespace_name,
+        default=DEFAULT_OPERATOR_NAMESPACE,
+        help="namespace the operator runs in (the chart's release namespace): the run "
+        "server's NetworkPolicy admits status reads from the operator's pods there only "
+        f"(default: {DEFAULT_OPERATOR_NAMESPACE})",
+    )
     p.set_defaults(func=_render)
 
     p = sub.add_parser("local", help="run a FederatedRun on this machine, no cluster")

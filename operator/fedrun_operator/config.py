@@ -7,11 +7,24 @@ default that suits a cluster.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from fedrun_operator import constants as c
+from fedrun_operator.render import DEFAULT_OPERATOR_NAMESPACE
 
 DEFAULT_SERVER_URL = "http://{service}.{namespace}.svc:{port}"
+# The namespace the operator's pod runs in; the chart sets it from the downward API
+# (`metadata.namespace`). Run servers admit the operator's status reads from there only.
+OPERATOR_NAMESPACE_ENV = "FEDRUN_OPERATOR_NAMESPACE"
+_NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def namespace_name(value: str) -> str:
+    """`value` if it is a Kubernetes namespace name (an RFC 1123 label), else ValueError."""
+    if not _NAMESPACE_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a namespace name (lowercase RFC 1123 label)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -28,10 +41,17 @@ class OperatorConfig:
     watch_timeout_seconds: int = 300
     # Port of /metrics (0: do not serve).
     metrics_port: int = 8080
+    # Namespace of the operator's own pod: every run server's NetworkPolicy admits the
+    # status port only from the operator's pods in this namespace (render_run's argument).
+    operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
-        """Settings from the environment, defaults for what is unset."""
+        """Settings from the environment, defaults for what is unset (or empty).
+
+        Raises ValueError when a setting cannot be parsed, for example a
+        FEDRUN_OPERATOR_NAMESPACE that is not a namespace name.
+        """
         env = os.environ
         return cls(
             poll_seconds=float(env.get("FEDRUN_OPERATOR_POLL_SECONDS", cls.poll_seconds)),
@@ -43,6 +63,9 @@ class OperatorConfig:
                 env.get("FEDRUN_OPERATOR_WATCH_TIMEOUT_SECONDS", cls.watch_timeout_seconds)
             ),
             metrics_port=int(env.get("FEDRUN_OPERATOR_METRICS_PORT", cls.metrics_port)),
+            operator_namespace=namespace_name(
+                env.get(OPERATOR_NAMESPACE_ENV) or cls.operator_namespace
+            ),
         )
 
     def status_url(self, service: str, namespace: str) -> str:

@@ -17,6 +17,7 @@ from fedrun_operator import constants as c
 from fedrun_operator.api import FederatedRun, Hospital, Resources, pvc_claim, pvc_mount_path
 
 __all__ = [
+    "DEFAULT_OPERATOR_NAMESPACE",
     "config_hash",
     "config_json",
     "config_name",
@@ -35,6 +36,12 @@ Manifest = dict[str, Any]
 
 # Mode of the files of a mounted run Secret (0440: read-only for root and the pod's fsGroup).
 SECRET_FILE_MODE = 0o440
+
+# Namespace of the operator when nobody says otherwise: the release namespace docs/install.md
+# installs the chart into. The operator itself renders with the namespace it runs in (the
+# chart sets FEDRUN_OPERATOR_NAMESPACE from the pod's metadata.namespace); `fedrun render`
+# and the local runner use this unless told otherwise.
+DEFAULT_OPERATOR_NAMESPACE = "fedrun-system"
 
 
 # --------------------------------------------------------------------------- names
@@ -486,13 +493,20 @@ def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifes
 # --------------------------------------------------------------------------- entry points
 
 
-def render_run(run: FederatedRun) -> list[Manifest]:
+def render_run(
+    run: FederatedRun, *, operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE
+) -> list[Manifest]:
     """Every child object of `run`, in apply order.
 
     ConfigMap `<run>-config`, Deployment and Service `<run>-server`, then for each hospital
     (in spec order) ServiceAccount and Job `<run>-<hospital>`, then the run's NetworkPolicies
     (default deny; the server's and the hospitals' rules, see
-    :func:`fedrun_operator.security.network_policies`). Equal runs give equal output.
+    :func:`fedrun_operator.security.network_policies`). Equal arguments give equal output.
+
+    `operator_namespace` is the namespace the operator's pod runs in: the server's status
+    port (9100) admits the operator's pods from that namespace only. The operator passes its
+    own (`OperatorConfig.operator_namespace`); pass the release namespace of the chart when
+    rendering for a cluster by hand.
     """
     from fedrun_operator.security import network_policies  # it builds on this module
 
@@ -505,7 +519,7 @@ def render_run(run: FederatedRun) -> list[Manifest]:
     for hospital in run.spec.hospitals:
         manifests.append(_service_account(run, hospital))
         manifests.append(_hospital_job(run, hospital, config))
-    return manifests + network_policies(run)
+    return manifests + network_policies(run, operator_namespace=operator_namespace)
 
 
 class _Dumper(yaml.SafeDumper):

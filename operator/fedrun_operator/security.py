@@ -25,8 +25,10 @@ from urllib.parse import urlsplit
 
 from fedrun_operator import constants as c
 from fedrun_operator.api import FederatedRun
+from fedrun_operator.config import namespace_name
 from fedrun_operator.pki import RunMaterial
 from fedrun_operator.render import (
+    DEFAULT_OPERATOR_NAMESPACE,
     _metadata,
     hospital_auth_secret_name,
     secure,
@@ -42,6 +44,7 @@ __all__ = [
     "HTTPS_PORT",
     "INSECURE_MESSAGE",
     "KUBE_SYSTEM_NAMESPACE_LABELS",
+    "NAMESPACE_NAME_LABEL",
     "NODE_KEY_FILE",
     "NODE_PUB_FILE",
     "OPERATOR_POD_LABELS",
@@ -66,15 +69,18 @@ TLS_KEY_FILE = "tls.key"
 NODE_KEY_FILE = "node.key"
 NODE_PUB_FILE = "node.pub"
 
-# Labels of the operator's pod, as the chart sets them (charts/fedrun/templates/_helpers.tpl,
-# fedrun.operator.selectorLabels, with the chart's default name). Only pods with these labels
-# may reach a run server's status port. A release with `nameOverride` changes the name label.
+# Labels of the operator's pod that a run server's status port admits (with the operator's
+# namespace, see `network_policies`). The chart sets exactly these on the operator pod
+# whatever its values (charts/fedrun/templates/_helpers.tpl, fedrun.operator.policyLabels):
+# `nameOverride` and `podLabels` change neither, so the policy keeps matching the operator.
 OPERATOR_POD_LABELS: dict[str, str] = {
-    "app.kubernetes.io/name": "fedrun",
-    "app.kubernetes.io/component": "operator",
+    c.LABEL_PART_OF: c.PART_OF,
+    c.LABEL_COMPONENT: "operator",
 }
-# Every namespace carries this label (Kubernetes >= 1.22): it selects the cluster DNS's.
-KUBE_SYSTEM_NAMESPACE_LABELS: dict[str, str] = {"kubernetes.io/metadata.name": "kube-system"}
+# Every namespace carries this label, set by the API server to the namespace's name
+# (Kubernetes >= 1.22): NetworkPolicies select a namespace by name with it.
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+KUBE_SYSTEM_NAMESPACE_LABELS: dict[str, str] = {NAMESPACE_NAME_LABEL: "kube-system"}
 DNS_PORT = 53
 HTTPS_PORT = 443
 
@@ -202,21 +208,26 @@ def mlflow_egress_ports(run: FederatedRun) -> list[int]:
     return sorted({port, HTTPS_PORT})
 
 
-def network_policies(run: FederatedRun) -> list[Manifest]:
+def network_policies(
+    run: FederatedRun, *, operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE
+) -> list[Manifest]:
     """The run's NetworkPolicies: default deny, then the server's and the hospitals' rules.
 
     - `<run>-default-deny`: every pod of the run, no ingress and no egress.
     - `<run>-server`: ingress to the fleet port (9092) only from this run's hospital pods
       (from anywhere when `spec.server.serviceType` is NodePort or LoadBalancer: those are
       for hospitals outside the cluster, which TLS and node authentication still gate), and
-      to the status port (9100) only from the operator's pods in any namespace; egress only
-      to the cluster DNS and, with a remote MLflow tracking URI, to its port and 443.
+      to the status port (9100) only from pods with `OPERATOR_POD_LABELS` in the namespace
+      `operator_namespace` (the operator's own); egress only to the cluster DNS and, with a
+      remote MLflow tracking URI, to its port and 443.
     - `<run>-hospitals`: no ingress; egress only to this run's server pods on 9092, the
       cluster DNS, and TCP 443 anywhere (S3 data and ledgers, STS for IRSA).
 
     Kubernetes ORs policies that select a pod, so the default deny only matters for what the
-    other two do not allow; it also covers any pod of the run a later change adds.
+    other two do not allow; it also covers any pod of the run a later change adds. Raises
+    ValueError when `operator_namespace` is not a namespace name.
     """
+    operator_namespace = namespace_name(operator_namespace)
     server_pods = _pods(run, c.COMPONENT_SERVER)
     hospital_pods = _pods(run, c.COMPONENT_HOSPITAL)
     fleet_from: dict[str, Any] = {"ports": [_tcp(c.FLEET_PORT)]}
@@ -251,7 +262,9 @@ def network_policies(run: FederatedRun) -> list[Manifest]:
                     {
                         "from": [
                             {
-                                "namespaceSelector": {},
+                                "namespaceSelector": {
+                                    "matchLabels": {NAMESPACE_NAME_LABEL: operator_namespace}
+                                },
                                 "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)},
                             }
                         ],

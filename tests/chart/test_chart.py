@@ -22,10 +22,12 @@ import pytest
 import yaml
 
 from fedrun_operator import constants as c
+from fedrun_operator import security
 from fedrun_operator.api import load_run, parse_run
+from fedrun_operator.config import OPERATOR_NAMESPACE_ENV
 from fedrun_operator.crd import build_crd, crd_yaml
 from fedrun_operator.metrics import render as render_metrics
-from fedrun_operator.render import render_run
+from fedrun_operator.render import DEFAULT_OPERATOR_NAMESPACE, render_run
 
 from .tools import (
     CHART,
@@ -56,7 +58,12 @@ NO_SCHEMA = {"ServiceMonitor", "PrometheusRule"}
 
 
 def test_the_ci_values_files_cover_the_required_cases() -> None:
-    assert set(CI) >= {"default", "watch-namespaces", "monitoring", "no-crds"}
+    assert set(CI) >= {"default", "watch-namespaces", "cluster-wide", "monitoring", "no-crds"}
+
+
+def test_the_documented_release_namespace_is_the_operator_s_default() -> None:
+    # `fedrun render` and the local runner pin run servers' status port to this namespace.
+    assert DEFAULT_OPERATOR_NAMESPACE == NAMESPACE
 
 
 # --------------------------------------------------------------------------- lint, render
@@ -110,12 +117,12 @@ def test_defaults() -> None:
     assert kinds == [
         ("ClusterRole", OPERATOR),
         ("ClusterRole", f"{OPERATOR}-scan"),
-        ("ClusterRoleBinding", OPERATOR),
         ("ClusterRoleBinding", f"{OPERATOR}-scan"),
         ("CustomResourceDefinition", "federatedruns.fedrun.io"),
         ("Deployment", OPERATOR),
         ("NetworkPolicy", OPERATOR),
         ("Pod", f"{OPERATOR}-test-metrics"),
+        ("RoleBinding", OPERATOR),
         ("Service", f"{OPERATOR}-metrics"),
         ("ServiceAccount", OPERATOR),
     ]
@@ -153,12 +160,22 @@ def test_objects_carry_the_release_labels() -> None:
         ('watchNamespaces=["Not_A_Namespace"]', "watchNamespaces.0: Does not match pattern"),
         ("prometheusRule.budgetUsedRatio=1.5", "budgetUsedRatio: Must be less than or equal"),
         ("healthPort=8080", "metricsPort and healthPort must differ"),
+        ('clusterWide="yes"', "clusterWide: Invalid type"),
     ],
 )
 def test_bad_values_are_refused(item: str, message: str) -> None:
     done = run(*template_args(sets=(item,)), check=False)
     assert done.returncode != 0
     assert message in done.stderr, done.stderr
+
+
+def test_cluster_wide_and_watch_namespaces_exclude_each_other() -> None:
+    # Which one would win is not obvious, so the chart refuses to guess.
+    done = run(
+        *template_args(sets=("clusterWide=true", 'watchNamespaces=["research"]')), check=False
+    )
+    assert done.returncode != 0
+    assert "clusterWide and watchNamespaces exclude each other" in done.stderr, done.stderr
 
 
 # --------------------------------------------------------------------------- schemas
@@ -281,8 +298,35 @@ def subject(binding: Manifest) -> dict[str, str]:
 OPERATOR_SA = {"kind": "ServiceAccount", "name": OPERATOR, "namespace": NAMESPACE}
 
 
+def bindings_of(manifests: list[Manifest], kind: str, role: str) -> list[Manifest]:
+    """The `kind` bindings (RoleBinding, ClusterRoleBinding) that grant ClusterRole `role`."""
+    return [
+        b
+        for b in find(manifests, kind)
+        if b["roleRef"]
+        == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}
+    ]
+
+
+@pytest.mark.parametrize("namespace", [NAMESPACE, "platform-ops"])
+def test_default_rbac_is_the_release_namespace_only(namespace: str) -> None:
+    # Least privilege by default: the run rules are granted in the release's namespace, and
+    # nothing binds them cluster-wide (that is the explicit clusterWide opt-in).
+    manifests = render(namespace=namespace)
+    assert bindings_of(manifests, "ClusterRoleBinding", OPERATOR) == []
+    (binding,) = bindings_of(manifests, "RoleBinding", OPERATOR)
+    assert binding["metadata"]["namespace"] == namespace
+    assert subject(binding) == OPERATOR_SA | {"namespace": namespace}
+    assert find(manifests, "RoleBinding") == [binding]
+    assert rules(one(manifests, "ClusterRole", OPERATOR)) == RUN_RULES
+    # The only cluster-wide grant left is kopf's scans (names and schemas, no contents).
+    (scan,) = find(manifests, "ClusterRoleBinding")
+    assert scan["roleRef"]["name"] == f"{OPERATOR}-scan"
+    assert rules(one(manifests, "ClusterRole", f"{OPERATOR}-scan")) == SCAN_RULES | NAMESPACE_SCAN
+
+
 def test_cluster_wide_rbac() -> None:
-    manifests = render()
+    manifests = render(CI["cluster-wide"])
     assert rules(one(manifests, "ClusterRole", OPERATOR)) == RUN_RULES
     assert rules(one(manifests, "ClusterRole", f"{OPERATOR}-scan")) == SCAN_RULES
     for name in (OPERATOR, f"{OPERATOR}-scan"):
@@ -392,9 +436,20 @@ def fedrun_operator_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@pytest.mark.parametrize("values", [None, CI["watch-namespaces"]], ids=values_id)
-def test_operator_command_line_is_one_fedrun_accepts(values: Path | None) -> None:
-    manifests = render(values)
+@pytest.mark.parametrize(
+    ("values", "namespace", "watched"),
+    [
+        (None, NAMESPACE, [NAMESPACE]),  # the release's namespace only
+        (None, "platform-ops", ["platform-ops"]),
+        (CI["watch-namespaces"], NAMESPACE, ["research", "hospital-trials"]),
+        (CI["cluster-wide"], NAMESPACE, []),  # no --namespace: every namespace
+    ],
+    ids=["defaults", "defaults-elsewhere", "watch-namespaces", "cluster-wide"],
+)
+def test_operator_command_line_is_one_fedrun_accepts(
+    values: Path | None, namespace: str, watched: list[str]
+) -> None:
+    manifests = render(values, namespace=namespace)
     (container,) = operator_pod(manifests)["containers"]
     args = container["args"]
     assert args[0] == "fedrun"
@@ -403,10 +458,64 @@ def test_operator_command_line_is_one_fedrun_accepts(values: Path | None) -> Non
     assert parsed.metrics_port == 8080
     assert parsed.health_port == 8081
     assert parsed.log_format == "json"
-    watched = (
-        yaml.safe_load(values.read_text(encoding="utf-8"))["watchNamespaces"] if values else []
-    )
     assert list(parsed.namespace or []) == watched
+    # The operator follows exactly the namespaces its rules are bound in.
+    if watched:
+        bound = bindings_of(manifests, "RoleBinding", OPERATOR)
+        assert sorted(b["metadata"]["namespace"] for b in bound) == sorted(watched)
+        assert bindings_of(manifests, "ClusterRoleBinding", OPERATOR) == []
+    else:
+        assert bindings_of(manifests, "ClusterRoleBinding", OPERATOR) != []
+        assert find(manifests, "RoleBinding") == []
+
+
+def test_operator_knows_its_namespace() -> None:
+    # fedrun_operator.config reads it to pin run servers' status port to the operator's pods.
+    (container,) = operator_pod(render())["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[OPERATOR_NAMESPACE_ENV] == {
+        "name": OPERATOR_NAMESPACE_ENV,
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+    }
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        (),
+        ('nameOverride="trials"',),
+        ('fullnameOverride="fl"',),
+        ('podLabels={"fedrun.io/component": "x", "app.kubernetes.io/part-of": "y", "team": "ml"}',),
+    ],
+    ids=["defaults", "nameOverride", "fullnameOverride", "podLabels"],
+)
+def test_run_servers_admit_the_operator_pod_whatever_the_values(sets: tuple[str, ...]) -> None:
+    manifests = render(sets=sets, namespace="platform-ops")
+    deployment = one(manifests, "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert security.OPERATOR_POD_LABELS.items() <= labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # The status-port rule of a run's server policy, rendered for this operator's namespace,
+    # selects exactly this pod in exactly this namespace.
+    example = load_run(EXAMPLES[0])
+    policies = render_run(example, operator_namespace=deployment["metadata"]["namespace"])
+    server = next(
+        p
+        for p in policies
+        if p["kind"] == "NetworkPolicy" and p["metadata"]["name"].endswith("-server")
+    )
+    (peer,) = server["spec"]["ingress"][1]["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= labels.items()
+    assert peer["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "platform-ops"}
+    }
+    if any(s.startswith("podLabels") for s in sets):
+        assert labels["team"] == "ml"  # extra labels still arrive
+
+
+def test_the_helm_test_pod_is_not_admitted_to_run_servers() -> None:
+    test_pod = one(render(), "Pod")["metadata"]["labels"]
+    assert not security.OPERATOR_POD_LABELS.items() <= test_pod.items()
 
 
 def test_metrics_service_reaches_the_metrics_port() -> None:
@@ -438,8 +547,17 @@ def server_pod_labels(example: Path) -> dict[str, str]:
     return labels
 
 
+def test_network_policy_defaults_to_the_release_namespace() -> None:
+    peer = egress_to_status(one(render(), "NetworkPolicy"))
+    assert peer["namespaceSelector"] == {
+        "matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": [NAMESPACE]}
+        ]
+    }
+
+
 def test_network_policy_cluster_wide() -> None:
-    manifests = render()
+    manifests = render(CI["cluster-wide"])
     policy = one(manifests, "NetworkPolicy", OPERATOR)["spec"]
     deployment = one(manifests, "Deployment", OPERATOR)["spec"]
     assert policy["podSelector"]["matchLabels"] == deployment["selector"]["matchLabels"]

@@ -3,27 +3,30 @@
 Every EmulatedCluster of this pytest session records the requests it served
 (`tests.kube.cluster.RECORDED`). This test runs after tests/integration and tests/e2e (pytest
 collects directories in name order), takes the operator's own requests (kopf's and the
-operator's client, by User-Agent), and compares them with the chart's default
-(cluster-wide) RBAC rules: a call no rule grants fails, and so does a granted verb that no
-scenario ever used.
+operator's client, by User-Agent), and compares them with the chart's cluster-wide RBAC
+rules (`clusterWide: true`, the mode those tests run kopf in: `--all-namespaces`): a call
+no rule grants fails, and so does a granted verb that no scenario ever used. The chart's
+default binds the same run rules per namespace and adds only kopf's namespace scan.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.chart.tools import find, render
+from tests.chart.tools import CHART, find, render
 from tests.kube.cluster import RECORDED
 
 OPERATOR_CLIENTS = ("kopf/", "fedrun-operator/")
+# The recorded operator watches every namespace, so its grants are the cluster-wide ones.
+CLUSTER_WIDE = CHART / "ci" / "cluster-wide-values.yaml"
 
 Grant = tuple[str, str, str]  # apiGroup, resource (with /subresource), verb
 
 
 def granted() -> set[Grant]:
-    """Every (apiGroup, resource, verb) the chart's ClusterRoles give the operator."""
+    """Every (apiGroup, resource, verb) the chart's ClusterRoles give a cluster-wide operator."""
     out: set[Grant] = set()
-    for role in find(render(), "ClusterRole"):
+    for role in find(render(CLUSTER_WIDE), "ClusterRole"):
         for rule in role["rules"]:
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:

@@ -7,6 +7,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -39,6 +40,39 @@ def test_render_prints_the_runs_children(capsys: pytest.CaptureFixture[str]) -> 
     jobs = sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Job")
     assert jobs == ["stroke-demo-hospital-a", "stroke-demo-hospital-b", "stroke-demo-hospital-c"]
     assert all(d["metadata"]["labels"]["fedrun.io/run"] == "stroke-demo" for d in docs)
+
+
+def status_port_namespaces(text: str) -> list[dict[str, Any]]:
+    """namespaceSelectors of the status-port rule of the server NetworkPolicy in `text`."""
+    (server,) = [
+        d
+        for d in yaml.safe_load_all(text)
+        if d and d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-server")
+    ]
+    (rule,) = [
+        r for r in server["spec"]["ingress"] if {"protocol": "TCP", "port": 9100} in r["ports"]
+    ]
+    return [peer["namespaceSelector"] for peer in rule["from"]]
+
+
+@pytest.mark.parametrize(
+    ("flags", "namespace"),
+    [([], "fedrun-system"), (["--operator-namespace", "platform-ops"], "platform-ops")],
+)
+def test_render_pins_the_status_port_to_the_operator_namespace(
+    flags: list[str], namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["render", str(EXAMPLE), *flags]) == 0
+    assert status_port_namespaces(capsys.readouterr().out) == [
+        {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+    ]
+
+
+def test_render_refuses_a_bad_operator_namespace(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["render", str(EXAMPLE), "--operator-namespace", "Fedrun_System"])
+    assert exit_.value.code == 2
+    assert "--operator-namespace" in capsys.readouterr().err
 
 
 def test_bad_spec_exits_2_naming_the_field(

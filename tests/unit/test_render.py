@@ -389,6 +389,22 @@ def test_to_yaml_is_multi_document_and_round_trips(run: FederatedRun) -> None:
     assert "&id" not in text
 
 
+def test_operator_namespace_changes_only_who_may_read_the_status_port(run: FederatedRun) -> None:
+    default = render_run(run)
+    pinned = render_run(run, operator_namespace="platform-ops")
+    assert render_run(run, operator_namespace="platform-ops") == pinned  # still pure
+    changed = [
+        (a["kind"], a["metadata"]["name"]) for a, b in zip(default, pinned, strict=True) if a != b
+    ]
+    assert changed == [("NetworkPolicy", "stroke-server")]
+    status = by_kind_name(pinned)[("NetworkPolicy", "stroke-server")]["spec"]["ingress"][1]
+    assert status["ports"] == [{"protocol": "TCP", "port": c.STATUS_PORT}]
+    (peer,) = status["from"]
+    assert peer["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "platform-ops"}
+    }
+
+
 def test_render_does_not_change_the_run(run: FederatedRun) -> None:
     before = run.model_dump()
     render_run(run)

@@ -8,13 +8,14 @@ checkov, next to the run's other children.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kubernetes_validate
 import pytest
@@ -23,9 +24,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedrun_operator import constants as c
-from fedrun_operator import pki, security
+from fedrun_operator import metrics, pki, security
 from fedrun_operator.api import FederatedRun, SpecError, load_run, parse_run
-from fedrun_operator.render import config_json, render_run, to_yaml
+from fedrun_operator.config import OPERATOR_NAMESPACE_ENV, OperatorConfig
+from fedrun_operator.handlers.reconcile_run import Outcome, Reconciler
+from fedrun_operator.kube import Kube
+from fedrun_operator.render import DEFAULT_OPERATOR_NAMESPACE, config_json, render_run, to_yaml
 
 from ..apiserver import admit
 from ..chart.tools import KUBE_VERSIONS, checkov, one, render, run
@@ -251,11 +255,15 @@ def test_server_rules(demo: FederatedRun) -> None:
     assert status == {
         "from": [
             {
-                "namespaceSelector": {},
+                # The operator's pods, in the operator's namespace only (by default the
+                # chart's documented release namespace).
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": "fedrun-system"}
+                },
                 "podSelector": {
                     "matchLabels": {
-                        "app.kubernetes.io/name": "fedrun",
-                        "app.kubernetes.io/component": "operator",
+                        "app.kubernetes.io/part-of": "fedrun",
+                        "fedrun.io/component": "operator",
                     }
                 },
             }
@@ -274,6 +282,103 @@ def test_server_rules(demo: FederatedRun) -> None:
             "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
         }
     ]
+
+
+def status_peers(policies: list[Manifest]) -> list[dict[str, Any]]:
+    """The peers a run server's NetworkPolicy admits to the status port."""
+    (server,) = [
+        p
+        for p in policies
+        if p["kind"] == "NetworkPolicy" and p["metadata"]["name"].endswith("-server")
+    ]
+    (rule,) = [
+        r
+        for r in server["spec"]["ingress"]
+        if r["ports"] == [{"protocol": "TCP", "port": c.STATUS_PORT}]
+    ]
+    peers: list[dict[str, Any]] = rule["from"]
+    return peers
+
+
+@pytest.mark.parametrize("namespace", ["ops", "fedrun-system", "a" * 63])
+def test_status_port_admits_the_operator_s_namespace_only(
+    demo: FederatedRun, namespace: str
+) -> None:
+    expected = [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "podSelector": {"matchLabels": security.OPERATOR_POD_LABELS},
+        }
+    ]
+    assert status_peers(security.network_policies(demo, operator_namespace=namespace)) == expected
+    # render_run hands its operator_namespace to the policies it renders.
+    assert status_peers(render_run(demo, operator_namespace=namespace)) == expected
+
+
+def test_the_default_operator_namespace_is_the_chart_s_release_namespace(
+    demo: FederatedRun,
+) -> None:
+    assert DEFAULT_OPERATOR_NAMESPACE == "fedrun-system"
+    (peer,) = status_peers(render_run(demo))
+    assert peer["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": DEFAULT_OPERATOR_NAMESPACE
+    }
+
+
+@pytest.mark.parametrize("namespace", ["", "Fedrun", "fedrun_system", "-ops", "a" * 64])
+def test_a_bad_operator_namespace_is_refused(demo: FederatedRun, namespace: str) -> None:
+    with pytest.raises(ValueError, match="not a namespace name"):
+        render_run(demo, operator_namespace=namespace)
+
+
+def test_the_operator_reads_its_namespace_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(OPERATOR_NAMESPACE_ENV, raising=False)
+    assert OperatorConfig.from_env().operator_namespace == DEFAULT_OPERATOR_NAMESPACE
+    monkeypatch.setenv(OPERATOR_NAMESPACE_ENV, "platform-ops")
+    assert OperatorConfig.from_env().operator_namespace == "platform-ops"
+    monkeypatch.setenv(OPERATOR_NAMESPACE_ENV, "Not A Namespace")
+    with pytest.raises(ValueError, match="not a namespace name"):
+        OperatorConfig.from_env()
+
+
+class _FirstPassKube:
+    """Enough of `Kube` for a run's first reconcile: nothing exists, every create succeeds."""
+
+    def __init__(self) -> None:
+        self.created: list[Manifest] = []
+
+    async def create(self, obj: Manifest) -> Manifest:
+        self.created.append(obj)
+        return obj
+
+    async def patch_status(self, *args: Any) -> Manifest:
+        return {}
+
+    async def close(self) -> None:
+        pass
+
+
+def test_the_operator_pins_the_status_port_to_its_own_namespace() -> None:
+    kube = _FirstPassKube()
+    cfg = OperatorConfig(operator_namespace="platform-ops")
+
+    async def first_pass() -> Outcome:
+        reconciler = Reconciler(cast(Kube, kube), cfg)
+        try:
+            return await reconciler.reconcile(run_obj(), now=NOW)
+        finally:
+            reconciler.forget(UID)  # leave the process-wide metrics as they were
+            metrics.forget_run("clinic", "demo")
+            await reconciler.close()
+
+    outcome = asyncio.run(first_pass())
+    assert "NetworkPolicy/demo-server" in outcome.created
+    (peer,) = status_peers([m for m in kube.created if m["kind"] == "NetworkPolicy"])
+    assert peer["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "platform-ops"}
+    }
 
 
 def test_hospital_rules(demo: FederatedRun) -> None:
@@ -416,7 +521,13 @@ def world(demo: FederatedRun) -> dict[str, Pod]:
     other_run = render_run(
         parse_run({**run_obj(), "metadata": {"name": "other", "namespace": "clinic"}})
     )
-    operator = {"app.kubernetes.io/name": "fedrun", "app.kubernetes.io/component": "operator"}
+    # Every label the chart sets on its operator pod (tests/chart checks them against it).
+    operator = {
+        "app.kubernetes.io/name": "fedrun",
+        "app.kubernetes.io/component": "operator",
+        "app.kubernetes.io/part-of": "fedrun",
+        "fedrun.io/component": "operator",
+    }
     return {
         "server": Pod(pod_labels(children, "Deployment", "demo-server")),
         "a": Pod(pod_labels(children, "Job", "demo-hospital-a")),
@@ -424,6 +535,9 @@ def world(demo: FederatedRun) -> dict[str, Pod]:
         "other-server": Pod(pod_labels(other_run, "Deployment", "other-server")),
         "other-hospital": Pod(pod_labels(other_run, "Job", "other-hospital-a")),
         "operator": Pod(operator, "fedrun-system"),
+        # The operator's labels on a pod anyone may create in another namespace.
+        "operator-lookalike": Pod(operator, "elsewhere"),
+        "operator-lookalike-here": Pod(operator),
         "neighbour": Pod({"app": "web"}),
         "stranger": Pod({"app": "web"}, "elsewhere"),
         "dns": Pod({"k8s-app": "kube-dns"}, "kube-system"),
@@ -447,6 +561,8 @@ CONNECTIONS = [
     ("a", "other-server", 9092, "TCP", False),
     ("operator", "server", 9100, "TCP", True),
     ("operator", "server", 9092, "TCP", False),
+    ("operator-lookalike", "server", 9100, "TCP", False),  # not the operator's namespace
+    ("operator-lookalike-here", "server", 9100, "TCP", False),
     ("neighbour", "server", 9092, "TCP", False),
     ("neighbour", "server", 9100, "TCP", False),
     ("stranger", "server", 9092, "TCP", False),

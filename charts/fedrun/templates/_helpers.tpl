@@ -53,6 +53,29 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end }}
 
+{{/*
+Labels every run server's NetworkPolicy admits to its status port, from the operator's
+namespace (fedrun_operator.security.OPERATOR_POD_LABELS: change both together). Fixed: no
+value (nameOverride, podLabels) changes them, so the policies keep matching the operator.
+*/}}
+{{- define "fedrun.operator.policyLabels" -}}
+app.kubernetes.io/part-of: fedrun
+fedrun.io/component: operator
+{{- end }}
+
+{{/*
+Namespaces the operator follows and is granted its rules in, as a JSON list: empty when
+clusterWide (every namespace), else watchNamespaces, else the release's own namespace.
+Read it with `include "fedrun.watchedNamespaces" . | fromJsonArray`.
+*/}}
+{{- define "fedrun.watchedNamespaces" -}}
+{{- if .Values.clusterWide }}
+{{- list | toJson }}
+{{- else }}
+{{- default (list .Release.Namespace) .Values.watchNamespaces | toJson }}
+{{- end }}
+{{- end }}
+
 {{/* Labels of the operator's objects. */}}
 {{- define "fedrun.operator.labels" -}}
 {{ include "fedrun.labels" . }}
