@@ -31,10 +31,13 @@ __all__ = [
     "DEFAULT_ALPHAS",
     "EPSILON_SLACK",
     "HistoryEntry",
+    "PlannedCost",
     "collapse",
     "epsilon",
     "epsilon_after",
     "fits_budget",
+    "noise_multiplier_for_run",
+    "planned_cost",
 ]
 
 #: One accountant history entry: (noise multiplier σ, sample rate q, number of steps).
@@ -174,7 +177,7 @@ def _rdp_one_step(q: float, sigma: float, alpha: float) -> float:
     return _log_a_frac(q, sigma, alpha) / (alpha - 1)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=1024)
 def _rdp_per_step(sigma: float, q: float) -> tuple[float, ...]:
     """RDP of one step of the SGM at every default order (cached per distinct (σ, q))."""
     return tuple(_rdp_one_step(q, sigma, alpha) for alpha in DEFAULT_ALPHAS)
@@ -275,3 +278,73 @@ def fits_budget(
     """
     spent = epsilon_after(history, extra_steps, delta)
     return spent <= target_epsilon * (1.0 + EPSILON_SLACK)
+
+
+# --------------------------------------------------------------------- calibration
+
+#: What the spec implies for one hospital: (σ, q, steps per round).
+PlannedCost = tuple[float, float, int]
+
+# Opacus' ``get_noise_multiplier``: the search's tolerance and the σ it gives up at.
+_CALIBRATION_TOLERANCE = 0.01
+_MAX_SIGMA = 1e6
+
+
+@lru_cache(maxsize=256)
+def noise_multiplier_for_run(
+    target_epsilon: float, delta: float, sample_rate: float, total_steps: int
+) -> float:
+    """The σ the hospitals calibrate for a whole run under RDP, as Opacus computes it.
+
+    The same search as Opacus 1.6's ``get_noise_multiplier`` (double σ from 10 until the
+    run fits, then bisect until ε is within 0.01 under the target; return the upper end)
+    over this module's accountant, which agrees with Opacus' to about 1e-12 relative, so
+    the operator arrives at the hospitals' σ without torch. Raises ValueError for a budget
+    no σ meets.
+    """
+    if target_epsilon <= 0 or not 0 < delta < 1 or not 0 < sample_rate <= 1 or total_steps < 1:
+        raise ValueError("need target_epsilon > 0, 0 < delta < 1, 0 < q <= 1, total_steps >= 1")
+    eps_high = math.inf
+    sigma_low, sigma_high = 0.0, 10.0
+    while eps_high > target_epsilon:
+        sigma_high = 2 * sigma_high
+        eps_high = epsilon([(sigma_high, sample_rate, total_steps)], delta)
+        if sigma_high > _MAX_SIGMA:
+            raise ValueError("The privacy budget is too low.")
+    while target_epsilon - eps_high > _CALIBRATION_TOLERANCE:
+        sigma = (sigma_low + sigma_high) / 2
+        eps = epsilon([(sigma, sample_rate, total_steps)], delta)
+        if eps < target_epsilon:
+            sigma_high, eps_high = sigma, eps
+        else:
+            sigma_low = sigma
+    return sigma_high
+
+
+def planned_cost(
+    *,
+    n_train: int,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    target_epsilon: float,
+    delta: float,
+    noise_multiplier: float | None = None,
+) -> PlannedCost:
+    """(σ, q, steps per round) of a hospital with ``n_train`` rows, as the spec implies.
+
+    q is Opacus' Poisson rate ``1 / ceil(n_train / batch_size)``; a round is ``local_epochs``
+    epochs of ``ceil(n_train / batch_size)`` steps; σ is the spec's ``noiseMultiplier`` or
+    :func:`noise_multiplier_for_run` over all rounds (the RDP accountant's calibration).
+    """
+    if n_train < 1 or batch_size < 1 or local_epochs < 1 or rounds < 1:
+        raise ValueError("need n_train, batch_size, local_epochs and rounds >= 1")
+    per_epoch = math.ceil(n_train / batch_size)
+    q = 1.0 / per_epoch
+    per_round = per_epoch * local_epochs
+    sigma = (
+        float(noise_multiplier)
+        if noise_multiplier is not None
+        else noise_multiplier_for_run(target_epsilon, delta, q, rounds * per_round)
+    )
+    return sigma, q, per_round

@@ -889,8 +889,33 @@ class HospitalPrivacyStatus(_Status):
         None,
         ge=0,
         description=(
-            "ε as the operator computes it itself from the history (RDP), independently of "
-            "the server and the hospital."
+            "ε as the operator computes it itself (RDP): the larger of its figure from the "
+            "reported history and its figure at the σ and q the spec implies for the "
+            "hospital's rows, over the same steps."
+        ),
+    )
+    num_train: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Training rows the hospital reported (a count): the operator derives the σ and "
+            "q the spec implies from it."
+        ),
+    )
+    planned_noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="σ the spec implies for this hospital's rows (the operator's calibration).",
+    )
+    planned_sample_rate: float | None = Field(
+        None, ge=0, le=1, description="q the spec implies for this hospital's rows."
+    )
+    accounting_mismatch: str | None = Field(
+        None,
+        max_length=1024,
+        description=(
+            "Set when the (σ, q, steps per round) the server reports differ from what the "
+            "spec implies; the operator then enforces the larger ε."
         ),
     )
     steps: int = Field(0, ge=0, description="DP-SGD steps taken so far.")

@@ -5,10 +5,21 @@ read) and the hospital Jobs' state, and returns the new status, the Events to po
 what to do (stop the run's processes, delete an expired run). It reads no clock and does
 no I/O: ``now`` comes in with the observation. Keys are camelCase, as stored.
 
-Privacy: the operator recomputes every hospital's ε itself from (σ, q, steps) with its own
-RDP accountant (:mod:`fedrun_operator.accounting`), reports the larger of its figure and the
-server's, and ends the run ``BudgetExhausted`` before another round could take enough
-hospitals over ``targetEpsilon`` that fewer than ``minHospitals`` could go on.
+Privacy: the operator computes every hospital's ε itself with its own RDP accountant
+(:mod:`fedrun_operator.accounting`), twice: from the (σ, q, steps) history the server
+reports, and from the σ and q the *spec* implies for the hospital's row count (the plan,
+``Observation.planned``) over the steps reported. It enforces the largest of these, the
+server's own figure and the previous status (ε never goes down), flags a server whose
+(σ, q) disagree with the plan (condition ``AccountingMismatch``), and ends the run
+``BudgetExhausted`` before another round could take enough hospitals over
+``targetEpsilon`` that fewer than ``minHospitals`` could go on.
+
+What that protects against, and what not: the operator's figure does not depend on the σ,
+q or ε the server reports, nor on the server's arithmetic, so a server that under-reports
+them (a bug, or a tampered image) cannot hide spend. It still depends on the server's count
+of steps and rows, and on the hospitals really training at the plan's σ: the operator
+observes no gradient, so a server that under-counts steps, or a hospital whose own code
+adds less noise, is outside what it can check (docs/security.md).
 """
 
 from __future__ import annotations
@@ -18,7 +29,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from fedrun_operator.accounting import PlannedCost
 from fedrun_operator.api import FederatedRun
+from fedrun_operator.server_report import clip
 
 Obj = dict[str, Any]
 
@@ -32,6 +45,11 @@ PENDING, RUNNING, SUCCEEDED, FAILED, BUDGET, SUSPENDED = (
 )
 FINAL_PHASES = frozenset({SUCCEEDED, FAILED, BUDGET})
 CONDITION_TYPES = ("Running", "Suspended", "Succeeded", "Failed", "BudgetExhausted")
+#: Present (True) when the server's reported (σ, q) disagree with what the spec implies.
+CONDITION_ACCOUNTING_MISMATCH = "AccountingMismatch"
+# Relative difference in σ or q that counts as a disagreement (the two calibrations agree
+# to about 1e-12; a real mismatch is a different σ or another row count).
+_PLAN_TOLERANCE = 1e-6
 # Relative slack for float noise when comparing ε with the target, the same the hospitals
 # allow (the accountants agree to 1e-9 relative, so no real overrun passes).
 EPSILON_TOLERANCE = 1e-6
@@ -67,10 +85,15 @@ class Observation:
     """Everything :func:`decide` looks at besides the run itself."""
 
     now: datetime
-    server: Obj | None = None
+    server: Obj | None = None  # validated by fedrun_operator.server_report
     server_error: str = ""
+    server_invalid: bool = False  # the server answered, with a /status the model refused
     hospitals: dict[str, HospitalObservation] = field(default_factory=dict)
     spec_refused: str = ""
+    # Per hospital, what one round costs under the spec for the rows it reported.
+    planned: dict[str, PlannedCost] = field(default_factory=dict)
+    # Children whose name an object not owned by this run holds (each a sentence).
+    conflicts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -125,14 +148,53 @@ def _carried(prev: Obj) -> dict[str, list[tuple[float, float, int]]]:
     return out
 
 
-def privacy_status(
-    run: FederatedRun, prev: Obj, server: Obj | None, epsilon: Accountant
-) -> tuple[Obj | None, dict[str, float], dict[str, float]]:
-    """The privacy block, each hospital's ε, and each hospital's ε after one more round.
+@dataclass(frozen=True)
+class PrivacyView:
+    """The privacy block, and per hospital: ε spent, ε after one more round, disagreements."""
 
-    Each hospital's ε is the largest of: what the server reports, what the operator computes
-    from the server's (σ, q, steps) plus anything carried over from before a resume, and
-    what the previous status showed (ε never goes down).
+    block: Obj | None
+    spent: dict[str, float] = field(default_factory=dict)
+    after_next: dict[str, float] = field(default_factory=dict)
+    mismatches: dict[str, str] = field(default_factory=dict)
+
+
+def _differs(value: float, expected: float) -> bool:
+    return abs(value - expected) > _PLAN_TOLERANCE * max(abs(expected), 1e-12)
+
+
+def _mismatch(
+    history: list[tuple[float, float, int]], per_round: int, plan: PlannedCost, rows: int
+) -> str:
+    """Why the reported history does not fit the plan; empty when it does."""
+    sigma, q, steps = plan
+    for s_, q_, _ in history:
+        if _differs(s_, sigma) or _differs(q_, q):
+            return (
+                f"the server reports σ={s_:.6g}, q={q_:.6g}; for {rows} training rows the "
+                f"spec implies σ={sigma:.6g}, q={q:.6g}"
+            )
+    if per_round and per_round != steps:
+        return (
+            f"the server reports {per_round} steps per round; for {rows} training rows the "
+            f"spec implies {steps}"
+        )
+    return ""
+
+
+def privacy_status(
+    run: FederatedRun,
+    prev: Obj,
+    server: Obj | None,
+    epsilon: Accountant,
+    planned: dict[str, PlannedCost] | None = None,
+) -> PrivacyView:
+    """The privacy block and what the stop rules need (see the module docstring).
+
+    Each hospital's ε is the largest of: what the server reports; the operator's figure
+    from the server's (σ, q, steps) plus anything carried over from before a resume; the
+    operator's figure at the plan's (σ, q) over the same number of steps; and what the
+    previous status showed (ε never goes down). ε after one more round is likewise the
+    larger of the two projections.
 
     The operator's accountant is RDP. For a run that uses the PRV accountant (tighter than
     RDP), the operator's figure is shown (``epsilonOperator``) but not enforced: the hospitals
@@ -140,44 +202,67 @@ def privacy_status(
     """
     p = run.spec.privacy
     if not p.enabled:
-        return None, {}, {}
+        return PrivacyView(None)
+    planned = planned or {}
     carried = _carried(prev)
     reported = {h["name"]: h for h in ((server or {}).get("privacy") or {}).get("hospitals", [])}
     previous = {h["name"]: h for h in (prev.get("privacy") or {}).get("hospitals", [])}
-    spent: dict[str, float] = {}
-    after_next: dict[str, float] = {}
+    view = PrivacyView(None)
     rows: list[Obj] = []
+    rdp = p.accountant == "rdp"
     for h in run.spec.hospitals:
         entry = reported.get(h.name, {})
-        history = carried.get(h.name, []) + _history(entry)
+        own_history = _history(entry)
+        history = carried.get(h.name, []) + own_history
+        steps = sum(n for _, _, n in history)
+        plan = planned.get(h.name)
         own = epsilon(history, p.delta) if history else 0.0
-        enforced = own if p.accountant == "rdp" else 0.0
+        if plan is not None and steps:
+            own = max(own, epsilon([(plan[0], plan[1], steps)], p.delta))
+        enforced = own if rdp else 0.0
         eps = max(enforced, float(entry.get("epsilon") or 0.0))
         eps = max(eps, float(previous.get(h.name, {}).get("epsilon") or 0.0))
-        spent[h.name] = eps
-        if history and p.accountant == "rdp":
-            sigma, q, _ = history[-1]
-            per_round = int(entry.get("stepsPerRound") or _steps_per_round(run, entry, history))
-            after_next[h.name] = epsilon([*history, (sigma, q, per_round)], p.delta)
+        view.spent[h.name] = eps
+        if rdp:
+            projections: list[float] = []
+            if history:
+                sigma, q, _ = history[-1]
+                per_round = int(entry.get("stepsPerRound") or _steps_per_round(run, history))
+                projections.append(epsilon([*history, (sigma, q, per_round)], p.delta))
+            if plan is not None:
+                projections.append(epsilon([*history, plan], p.delta))
+                projections.append(epsilon([(plan[0], plan[1], steps + plan[2])], p.delta))
+            if projections:
+                view.after_next[h.name] = max(projections)
         row: Obj = {"name": h.name, "epsilon": round(eps, 6), "epsilonOperator": round(own, 6)}
-        for key in ("noiseMultiplier", "sampleRate", "steps", "stepsPerRound", "history"):
+        for key in ("noiseMultiplier", "sampleRate", "steps", "stepsPerRound", "numTrain"):
             if entry.get(key) is not None:
-                row[key] = entry[key]  # `history`: this server incarnation's own
+                row[key] = entry[key]
+        if entry.get("history") is not None:
+            row["history"] = entry["history"]  # this server incarnation's own
         if history:
-            row["steps"] = sum(n for _, _, n in history)
+            row["steps"] = steps
+        if plan is not None:
+            row["plannedNoiseMultiplier"], row["plannedSampleRate"] = plan[0], plan[1]
+            why = _mismatch(
+                history, int(entry.get("stepsPerRound") or 0), plan, int(entry.get("numTrain") or 0)
+            )
+            if why:
+                view.mismatches[h.name] = why
+                row["accountingMismatch"] = why
         rows.append(row)
     block: Obj = {
-        "epsilonSpent": round(max(spent.values(), default=0.0), 6),
+        "epsilonSpent": round(max(view.spent.values(), default=0.0), 6),
         "targetEpsilon": p.target_epsilon,
         "delta": p.delta,
         "hospitals": rows,
     }
     if prev.get("privacy", {}).get("carried"):
         block["carried"] = prev["privacy"]["carried"]
-    return block, spent, after_next
+    return PrivacyView(block, view.spent, view.after_next, view.mismatches)
 
 
-def _steps_per_round(run: FederatedRun, entry: Obj, history: list[tuple[float, float, int]]) -> int:
+def _steps_per_round(run: FederatedRun, history: list[tuple[float, float, int]]) -> int:
     """Steps one more round would take: 1/q steps per local epoch (Opacus' Poisson sampling)."""
     _, q, _ = history[-1]
     return max(1, round(1.0 / q)) * run.spec.training.local_epochs
@@ -202,12 +287,15 @@ def hospital_rows(run: FederatedRun, server: Obj | None, obs: Observation) -> li
         for key in ("state", "restarts", "epsilon", "message"):
             if src.get(key) is not None:
                 row[key] = src[key]
+        if isinstance(row.get("message"), str):
+            row["message"] = clip(row["message"])
         if job is not None:
             row["restarts"] = max(int(row.get("restarts") or 0), job.restarts, job.failed_pods)
             if job.failed:
                 row["state"] = "Failed"
-                row["message"] = job.message or (
-                    f"Job {job.job_name} failed ({job.failed_reason or 'no reason given'})"
+                row["message"] = clip(
+                    job.message
+                    or f"Job {job.job_name} failed ({job.failed_reason or 'no reason given'})"
                 )
             elif job.complete and row["state"] not in ("Failed",):
                 row["state"] = "Done"
@@ -296,21 +384,27 @@ def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) 
         return Decision(status=dict(prev), stop=True, delete_run=expired)
 
     server = obs.server
-    privacy, spent, after_next = privacy_status(run, prev, server, epsilon)
+    pv = privacy_status(run, prev, server, epsilon, obs.planned)
+    privacy, spent, after_next = pv.block, pv.spent, pv.after_next
     hospitals = hospital_rows(run, server, obs)
     rnd = (server or {}).get("round") or prev.get("round") or {"current": 0, "total": spec.rounds}
-    rnd = {"current": int(rnd.get("current", 0)), "total": spec.rounds}
+    rnd = {"current": min(int(rnd.get("current", 0)), spec.rounds), "total": spec.rounds}
 
     phase, reason, message = PENDING, "ChildrenCreated", "waiting for the server to start"
     if server is not None:
         phase = str(server.get("phase") or PENDING)
         reason = _server_reason(server)
         message = str(server.get("message") or "")
+    elif obs.server_invalid:
+        phase = RUNNING if prev_phase == RUNNING else PENDING
+        reason = "ServerStatusInvalid"
+        message = f"the server's status was refused: {obs.server_error}"
     elif obs.server_error and prev_phase == RUNNING:
         phase, reason = RUNNING, "ServerUnreachable"
         message = f"cannot read the server's status: {obs.server_error}"
     elif obs.server_error:
         message = f"waiting for the server: {obs.server_error}"
+    message = clip(message)
     if server is None and prev_phase == SUSPENDED and not spec.suspend:
         reason = "Resumed"
         message = "resumed: the server restarts training from round 0; ε spent so far still counts"
@@ -320,7 +414,10 @@ def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) 
     # The operator's own stop rules, strongest first.
     failed = [h for h in hospitals if h["state"] == "Failed"]
     target = spec.privacy.target_epsilon
-    if spec.suspend:
+    if obs.conflicts:
+        phase, reason = FAILED, "ChildConflict"
+        message = clip("; ".join(obs.conflicts))
+    elif spec.suspend:
         phase, reason = SUSPENDED, "Suspended"
         message = (
             f"suspended at round {rnd['current']}/{spec.rounds}; on resume the server restarts "
@@ -369,12 +466,23 @@ def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) 
     if obs.spec_refused and phase not in FINAL_PHASES:
         events.append(Event("Warning", "SpecChangeRefused", obs.spec_refused))
 
+    message = clip(message)
+    if obs.server_invalid and prev.get("message") != message:
+        events.append(Event("Warning", "ServerStatusInvalid", message))
     conds = conditions(prev, phase, reason, message, now, generation)
     insecure = security.insecure_condition(run, prev.get("conditions", []), now, generation)
     if insecure is not None:
         conds.append(insecure)
         if not _is_true(prev, security.CONDITION_INSECURE):
             events.append(Event("Warning", security.CONDITION_INSECURE, security.INSECURE_MESSAGE))
+    if pv.mismatches:
+        text = clip(
+            "; ".join(f"{name}: {why}" for name, why in sorted(pv.mismatches.items()))
+            + ". The operator enforces the larger ε."
+        )
+        conds.append(_mismatch_condition(prev, text, now, generation))
+        if not _is_true(prev, CONDITION_ACCOUNTING_MISMATCH):
+            events.append(Event("Warning", CONDITION_ACCOUNTING_MISMATCH, text))
     status: Obj = {
         "phase": phase,
         "conditions": conds,
@@ -404,6 +512,25 @@ def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) 
     events += _events(prev, status, reason)
     stop = phase in FINAL_PHASES or phase == SUSPENDED
     return Decision(status=status, events=events, stop=stop)
+
+
+def _mismatch_condition(prev: Obj, message: str, now: datetime, generation: int | None) -> Obj:
+    """``AccountingMismatch=True``; its time is kept while it stays True."""
+    old = next(
+        (x for x in prev.get("conditions", []) if x.get("type") == CONDITION_ACCOUNTING_MISMATCH),
+        None,
+    )
+    since = old["lastTransitionTime"] if old and old.get("status") == "True" else rfc3339(now)
+    cond: Obj = {
+        "type": CONDITION_ACCOUNTING_MISMATCH,
+        "status": "True",
+        "reason": "ServerDisagreesWithSpec",
+        "message": message,
+        "lastTransitionTime": since,
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
 
 
 def _is_true(prev: Obj, ctype: str) -> bool:

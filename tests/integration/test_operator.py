@@ -43,12 +43,15 @@ class FakeServer:
 
     def __init__(self) -> None:
         self.status: dict[str, Any] | None = None
+        self.raw: bytes | None = None  # served as is instead of `status`, when set
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 body = json.dumps(fake.status).encode() if fake.status is not None else b""
-                self.send_response(200 if fake.status is not None else 503)
+                if fake.raw is not None:
+                    body = fake.raw
+                self.send_response(200 if fake.status is not None or fake.raw else 503)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
                 self.wfile.write(body)
@@ -193,6 +196,7 @@ def public_der(key: Any) -> bytes:
 def fail_job(cluster: EmulatedCluster, hospital: str, message: str) -> None:
     """What the Job controller and kubelet write when a hospital's Job gives up."""
     job = f"{NAME}-{hospital}"
+    job_uid = cluster.get("batch/v1", "jobs", NS, job)["metadata"]["uid"]
     cluster.create(
         {
             "apiVersion": "v1",
@@ -200,6 +204,16 @@ def fail_job(cluster: EmulatedCluster, hospital: str, message: str) -> None:
             "metadata": {
                 "name": f"{job}-x1",
                 "namespace": NS,
+                # The Job controller makes its pods with the Job as their controller.
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": job,
+                        "uid": job_uid,
+                        "controller": True,
+                    }
+                ],
                 "labels": {
                     "fedrun.io/run": NAME,
                     "fedrun.io/component": "hospital",
@@ -495,6 +509,119 @@ def test_hospital_failures_below_and_above_min_hospitals(
     assert "hospital-a" in failed["message"] and "hospital-b" in failed["message"]
     cond = condition(failed, "Failed")
     assert cond["reason"] == "TooFewHospitals"
+
+
+def test_a_status_the_operator_refuses_still_lets_every_stop_rule_run(
+    cluster: EmulatedCluster, server: FakeServer
+) -> None:
+    """A server whose /status holds q = NaN: refused before any accountant sees it, said in
+    the status and an Event, and the deadline still ends the run (it used to raise inside
+    the decision, so no stop rule ran and no status was written)."""
+    server.set("Running", current=1)
+    assert server.status is not None
+    server.status["privacy"]["hospitals"][0]["sampleRate"] = float("nan")  # JSON NaN
+    server.status["message"] = "x" * 40_000
+    with running_operator(cluster, server_url=server.url):
+        cluster.create(run_doc(activeDeadlineSeconds=6))
+        refused = cluster.wait_for(
+            lambda: (
+                (s := run_status(cluster, NAME))
+                and "the server's status was refused" in s.get("message", "")
+                and s
+            ),
+            timeout=20,
+            what="the status refused",
+        )
+        wait_event(cluster, "Warning", "ServerStatusInvalid")
+        failed = wait_phase(cluster, "Failed", timeout=30)
+    assert "sampleRate" in refused["message"]
+    assert condition(failed, "Failed")["reason"] == "DeadlineExceeded"
+
+
+def test_an_oversized_status_is_not_read_and_long_messages_are_clipped(
+    cluster: EmulatedCluster, server: FakeServer
+) -> None:
+    with running_operator(cluster, server_url=server.url):
+        cluster.create(run_doc())
+        all_children(cluster)
+        server.raw = b"{" + b" " * (2 * 1024 * 1024) + b"}"
+        big = cluster.wait_for(
+            lambda: (
+                (s := run_status(cluster, NAME)) and "larger than" in s.get("message", "") and s
+            ),
+            timeout=20,
+            what="the oversized status refused",
+        )
+        server.raw = None
+        server.set("Running", current=1, message="m" * 40_000)
+        server.status["hospitals"][0]["message"] = "h" * 40_000  # type: ignore[index]
+        clipped = wait_phase(cluster, "Running")
+    assert big["phase"] == "Pending"
+    assert len(clipped["message"]) <= 1024
+    assert all(len(h.get("message", "")) <= 1024 for h in clipped["hospitals"])
+    assert all(len(c.get("message", "")) <= 1024 for c in clipped["conditions"])
+
+
+def test_an_object_the_run_does_not_own_is_never_taken_over(cluster: EmulatedCluster) -> None:
+    """A Service with the server's name exists already: the run fails naming it, the
+    Service is left as it was, and no pod is created (the operator used to patch its
+    ownerReferences onto it, redirecting it and tying its life to the run)."""
+    foreign = cluster.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": f"{NAME}-server", "namespace": NS, "labels": {"app": "other"}},
+            "spec": {"selector": {"app": "other"}, "ports": [{"port": 80}]},
+        }
+    )
+    with running_operator(cluster):
+        cluster.create(run_doc())
+        failed = wait_phase(cluster, "Failed")
+        wait_event(cluster, "Warning", "ChildConflict")
+    after = cluster.get("v1", "services", NS, f"{NAME}-server")
+    assert after["metadata"]["uid"] == foreign["metadata"]["uid"]
+    assert not after["metadata"].get("ownerReferences")
+    assert after["spec"]["selector"] == {"app": "other"}
+    assert condition(failed, "Failed")["reason"] == "ChildConflict"
+    assert f"Service {NAME}-server exists and is not owned by this run" in failed["message"]
+    kids = children(cluster)
+    assert not any(k.startswith(("Deployment/", "Job/")) for k in kids)
+
+
+def test_a_job_the_run_does_not_own_is_never_replaced_or_suspended(
+    cluster: EmulatedCluster,
+) -> None:
+    foreign = cluster.create(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": f"{NAME}-hospital-b", "namespace": NS},
+            "spec": {
+                "template": {
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [{"name": "x", "image": "busybox"}],
+                    }
+                }
+            },
+        }
+    )
+    with running_operator(cluster):
+        cluster.create(run_doc())
+        failed = wait_phase(cluster, "Failed")
+        cluster.wait_for(
+            lambda: (
+                cluster.get("apps/v1", "deployments", NS, f"{NAME}-server")["spec"]["replicas"] == 0
+            ),
+            timeout=20,
+            what="the run's own server stopped",
+        )
+    job = cluster.get("batch/v1", "jobs", NS, f"{NAME}-hospital-b")
+    assert job["metadata"]["uid"] == foreign["metadata"]["uid"]
+    assert not job["spec"].get("suspend") and not job["metadata"].get("ownerReferences")
+    assert f"Job {NAME}-hospital-b exists and is not owned by this run" in failed["message"]
+    for h in ("hospital-a", "hospital-c"):
+        assert cluster.get("batch/v1", "jobs", NS, f"{NAME}-{h}")["spec"]["suspend"]
 
 
 def test_budget_stop_when_the_operators_own_accounting_says_so(

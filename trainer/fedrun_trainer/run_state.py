@@ -237,6 +237,8 @@ def to_status(state: RunState) -> dict[str, Any]:
                     "sampleRate": float(h.sample_rate),
                     "steps": sum(s for _, _, s in h.history),
                     "stepsPerRound": h.steps_per_round,
+                    # A count: the operator derives the spec's σ and q from it on its own.
+                    "numTrain": h.num_train,
                     "history": [[s, q, n] for s, q, n in collapse(h.history)],
                 }
                 for h in hospitals

@@ -15,6 +15,13 @@ A secure run's TLS and node-key Secrets (:func:`fedrun_operator.security.secret_
 are created, from new material, whenever the server Deployment is about to be created, and
 before it and the Jobs (their pods mount them). The operator only creates Secrets, never
 reads them (least privilege): one that exists already (409) is kept, and none is repaired.
+
+The operator touches only children it made: an object whose controller ownerReference is
+not this run (by uid) is never patched, replaced or scaled. Finding one where a child
+belongs (created by hand, or by another run's operator) fails the run with
+``ChildConflict`` and a Warning Event naming the object; otherwise anyone allowed to
+create a FederatedRun could have the operator delete Jobs or redirect Services that are
+not theirs.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,12 +38,13 @@ import aiohttp
 
 from fedrun_operator import constants as c
 from fedrun_operator import metrics, pki, security
-from fedrun_operator.accounting import epsilon
+from fedrun_operator.accounting import PlannedCost, epsilon, planned_cost
 from fedrun_operator.api import FederatedRun, SpecError, parse_run
-from fedrun_operator.children import Action, plan_child
+from fedrun_operator.children import Action, owned_by, plan_child
 from fedrun_operator.config import OperatorConfig
 from fedrun_operator.kube import ConflictError, Kube
 from fedrun_operator.render import config_hash, config_name, render_run, server_name
+from fedrun_operator.server_report import MAX_REPORT_BYTES, ReportError, clip, parse_report
 from fedrun_operator.status import (
     FINAL_PHASES,
     Event,
@@ -121,25 +129,107 @@ def applied_run(
     return parse_run(body), message
 
 
-async def _server_status(
-    session: aiohttp.ClientSession, url: str, timeout_s: float
-) -> tuple[Obj | None, str]:
+@dataclass(frozen=True)
+class ServerRead:
+    """One read of a run server's ``/status``: the validated report, or why there is none."""
+
+    report: Obj | None = None
+    error: str = ""
+    invalid: bool = False  # it answered, but with a body the model refused
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The response body, or ReportError as soon as it passes ``limit`` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ReportError(f"the answer is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ReportError(f"the answer is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_server(session: aiohttp.ClientSession, url: str, timeout_s: float) -> ServerRead:
+    """GET ``url``/status within ``timeout_s`` (in all), at most MAX_REPORT_BYTES, validated."""
     try:
         async with session.get(
             url + "/status", timeout=aiohttp.ClientTimeout(total=timeout_s)
         ) as resp:
             if resp.status != 200:
-                return None, f"GET /status answered {resp.status}"
-            data: Obj = await resp.json(content_type=None)
-            return data, ""
+                return ServerRead(error=f"GET /status answered {resp.status}")
+            body = await _read_capped(resp, MAX_REPORT_BYTES)
+    except ReportError as err:
+        return ServerRead(error=str(err), invalid=True)
     except (TimeoutError, aiohttp.ClientError, ValueError) as err:
-        return None, f"{type(err).__name__}: {err}".rstrip(": ")
+        return ServerRead(error=clip(f"{type(err).__name__}: {err}".rstrip(": "), 300))
+    try:
+        return ServerRead(report=parse_report(body))
+    except ReportError as err:
+        return ServerRead(error=str(err), invalid=True)
 
 
-def _pod_facts(pods: list[Obj]) -> dict[str, tuple[int, str]]:
-    """Per hospital: container restarts over all its pods, and the latest failure message."""
+def plans(run: FederatedRun, report: Obj | None) -> dict[str, PlannedCost]:
+    """Per hospital, what a round costs under the spec for the rows the server reported.
+
+    Only where the operator can reproduce the hospitals' σ: RDP runs, or any run with an
+    explicit ``privacy.noiseMultiplier``. CPU-bound the first time for each row count
+    (a σ search): call it off the event loop.
+    """
+    p, t = run.spec.privacy, run.spec.training
+    if not p.enabled or (p.accountant != "rdp" and p.noise_multiplier is None):
+        return {}
+    out: dict[str, PlannedCost] = {}
+    for entry in ((report or {}).get("privacy") or {}).get("hospitals", []):
+        rows = int(entry.get("numTrain") or 0)
+        if rows < 1 or entry["name"] not in {h.name for h in run.spec.hospitals}:
+            continue
+        try:
+            out[entry["name"]] = planned_cost(
+                n_train=rows,
+                batch_size=t.batch_size,
+                local_epochs=t.local_epochs,
+                rounds=run.spec.rounds,
+                target_epsilon=p.target_epsilon,
+                delta=p.delta,
+                noise_multiplier=p.noise_multiplier,
+            )
+        except ValueError:
+            continue  # no σ meets the budget: the hospitals refuse to train, nothing to check
+    return out
+
+
+def _owner_ok(obj: Obj | None, run: FederatedRun) -> bool:
+    """Whether ``obj`` (None: absent) may be touched as this run's child."""
+    if obj is None:
+        return True
+    if run.metadata.uid:
+        return owned_by(obj, run.metadata.uid)
+    return any(  # a run with no uid (never stored): match the owner by name
+        ref.get("controller") and ref.get("kind") == c.KIND and ref.get("name") == run.name
+        for ref in obj.get("metadata", {}).get("ownerReferences", [])
+    )
+
+
+def conflict_text(kind: str, name: str) -> str:
+    """The reason a run cannot use a child's name: another object holds it."""
+    return (
+        f"{kind} {name} exists and is not owned by this run: fedrun does not take over "
+        "objects it did not create; delete or rename that object, or give the run another name"
+    )
+
+
+def _pod_facts(pods: list[Obj], job_uids: set[str]) -> dict[str, tuple[int, str]]:
+    """Per hospital: container restarts over all its pods, and the latest failure message.
+
+    Only pods of this run's own Jobs (``job_uids``) count: a pod someone else labelled as
+    the run's cannot write into its status.
+    """
     out: dict[str, tuple[int, str]] = {}
-    for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or ""):
+    ours = [p for p in pods if any(owned_by(p, uid) for uid in job_uids)]
+    for pod in sorted(ours, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or ""):
         hospital = pod.get("metadata", {}).get("labels", {}).get(c.LABEL_HOSPITAL)
         if not hospital:
             continue
@@ -149,7 +239,7 @@ def _pod_facts(pods: list[Obj]) -> dict[str, tuple[int, str]]:
             for state in (cs.get("lastState") or {}, cs.get("state") or {}):
                 term = state.get("terminated") or {}
                 if term.get("exitCode") not in (None, 0) and term.get("message"):
-                    message = str(term["message"]).strip()
+                    message = clip(str(term["message"]).strip())
         out[hospital] = (restarts, message)
     return out
 
@@ -237,7 +327,6 @@ class Reconciler:
         final = prev_phase in FINAL_PHASES
 
         # 1. read: children, pods, server.
-        manifests_by_key: dict[tuple[str, str], Obj] = {}
         actual: dict[tuple[str, str], Obj | None] = {}
         refused = ""
         if not first:
@@ -245,26 +334,18 @@ class Reconciler:
                 self.kube.get("v1", "ConfigMap", ns, config_name(run)),
                 self.kube.get("apps/v1", "Deployment", ns, server_name(run)),
             )
-            if prev_phase == "Running":
+            if prev_phase == "Running" and _owner_ok(config, run) and _owner_ok(deployment, run):
                 run, refused = applied_run(run, config, deployment)
-            manifests = render_run(run)
-            keys = [(m["kind"], m["metadata"]["name"]) for m in manifests]
+            manifests = render_run(run, operator_namespace=self.cfg.operator_namespace)
             known = {
                 ("ConfigMap", config_name(run)): config,
                 ("Deployment", server_name(run)): deployment,
             }
-            fetched = await asyncio.gather(
-                *(
-                    _done(known[(m["kind"], m["metadata"]["name"])])
-                    if (m["kind"], m["metadata"]["name"]) in known
-                    else self.kube.get(m["apiVersion"], m["kind"], ns, m["metadata"]["name"])
-                    for m in manifests
-                )
-            )
-            actual = dict(zip(keys, fetched, strict=True))
+            actual = await self._fetch(ns, manifests, known)
         else:
-            manifests = render_run(run)
+            manifests = render_run(run, operator_namespace=self.cfg.operator_namespace)
         manifests_by_key = {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+        conflicts = [key for key, obj in actual.items() if not _owner_ok(obj, run)]
 
         pods: list[Obj] = []
         if not first and not final:
@@ -274,29 +355,39 @@ class Reconciler:
                 ns,
                 f"{c.LABEL_RUN}={name},{c.LABEL_COMPONENT}={c.COMPONENT_HOSPITAL}",
             )
-        facts = _pod_facts(pods)
+        job_uids = {
+            str(obj["metadata"].get("uid"))
+            for (kind, _), obj in actual.items()
+            if kind == "Job" and obj is not None and (kind, _) not in conflicts
+        }
+        facts = _pod_facts(pods, job_uids)
         hospitals = {}
         for h in run.spec.hospitals:
             job_name = f"{run.name}-{h.name}"
+            job = actual.get(("Job", job_name))
             hospitals[h.name] = observe_job(
-                h.name, job_name, actual.get(("Job", job_name)), facts.get(h.name, (0, ""))
+                h.name,
+                job_name,
+                job if ("Job", job_name) not in conflicts else None,
+                facts.get(h.name, (0, "")),
             )
-        server: Obj | None = None
-        server_error = ""
+        read = ServerRead()
         # A run being suspended is read once more: what its server spent is carried over.
         if not first and not final and not (run.spec.suspend and prev_phase == "Suspended"):
             url = self.cfg.status_url(server_name(run), ns)
-            server, server_error = await _server_status(
-                await self.http(), url, self.cfg.server_timeout_seconds
-            )
+            read = await read_server(await self.http(), url, self.cfg.server_timeout_seconds)
+        planned = await asyncio.to_thread(plans, run, read.report) if read.report else {}
 
         # 2. decide.
         obs = Observation(
             now=now,
-            server=server,
-            server_error=server_error,
+            server=read.report,
+            server_error=read.error,
+            server_invalid=read.invalid,
             hospitals=hospitals,
             spec_refused=refused,
+            planned=planned,
+            conflicts=[conflict_text(kind, child) for kind, child in conflicts],
         )
         decision = decide(run, prev, obs, epsilon)
         outcome = Outcome(status=decision.status, events=list(decision.events))
@@ -313,13 +404,37 @@ class Reconciler:
         if phase in FINAL_PHASES:
             await self._stop(ns, run, actual, first)
         else:
-            await self._apply(ns, run, manifests_by_key, actual, first, outcome, now)
+            found = await self._apply(ns, run, manifests_by_key, actual, first, outcome, now)
+            if found:
+                # Someone else's object holds a child's name: the run fails, and what it
+                # did create is stopped.
+                obs = replace(obs, conflicts=[conflict_text(k, n) for k, n in found])
+                decision = decide(run, prev, obs, epsilon)
+                outcome.status = decision.status
+                outcome.events += decision.events
+                known = {key: None for key in found}
+                await self._stop(ns, run, await self._fetch(ns, manifests, known), False)
         if decision.status != prev:
             if first:
                 decision.status.setdefault("startTime", rfc3339(now))
             await self.kube.patch_status(c.API_VERSION, c.KIND, ns, name, decision.status)
         self._observe(run, decision.status, now)
         return outcome
+
+    async def _fetch(
+        self, ns: str, manifests: list[Obj], known: dict[tuple[str, str], Obj | None]
+    ) -> dict[tuple[str, str], Obj | None]:
+        """Each rendered child as it is now (None: absent); ``known`` ones are not read again."""
+        keys = [(m["kind"], m["metadata"]["name"]) for m in manifests]
+        fetched = await asyncio.gather(
+            *(
+                _done(known[key])
+                if key in known
+                else self.kube.get(m["apiVersion"], m["kind"], ns, m["metadata"]["name"])
+                for key, m in zip(keys, manifests, strict=True)
+            )
+        )
+        return dict(zip(keys, fetched, strict=True))
 
     async def _apply(
         self,
@@ -330,12 +445,15 @@ class Reconciler:
         first: bool,
         outcome: Outcome,
         now: datetime,
-    ) -> None:
+    ) -> list[tuple[str, str]]:
         """Create what is missing and set drifted children back (in render order).
 
         When the server Deployment is about to be created (the first pass, or it is
         missing), a secure run's Secrets are created first, with the other early children.
+        Returns the children whose name another object holds (nothing is done to those;
+        when an early child is among them, no pod is created).
         """
+        conflicts: list[tuple[str, str]] = []
 
         async def one(key: tuple[str, str], desired: Obj) -> None:
             current = actual.get(key)
@@ -348,6 +466,9 @@ class Reconciler:
                     current = await self.kube.get(
                         desired["apiVersion"], desired["kind"], ns, desired["metadata"]["name"]
                     )
+            if not _owner_ok(current, run):
+                conflicts.append(key)
+                return
             plan = plan_child(desired, current)
             if plan.action == Action.NONE:
                 return
@@ -384,7 +505,10 @@ class Reconciler:
             else []
         )
         await asyncio.gather(*secrets, *(one(k, manifests[k]) for k in early))
+        if conflicts:
+            return conflicts
         await asyncio.gather(*(one(k, manifests[k]) for k in late))
+        return conflicts
 
     async def _create_secrets(
         self, ns: str, run: FederatedRun, now: datetime, outcome: Outcome
@@ -428,15 +552,16 @@ class Reconciler:
     async def _stop(
         self, ns: str, run: FederatedRun, actual: dict[tuple[str, str], Obj | None], first: bool
     ) -> None:
-        """A final run: the server to zero replicas, Jobs still running suspended."""
+        """A final run: its server to zero replicas, its Jobs still running suspended (only
+        children this run owns are touched)."""
         if first:
             return
         server = server_name(run)
         dep = actual.get(("Deployment", server))
-        if dep is not None and dep.get("spec", {}).get("replicas") != 0:
+        if dep is not None and _owner_ok(dep, run) and dep.get("spec", {}).get("replicas") != 0:
             await self.kube.patch("apps/v1", "Deployment", ns, server, {"spec": {"replicas": 0}})
         for (kind, name), obj in actual.items():
-            if kind != "Job" or obj is None:
+            if kind != "Job" or obj is None or not _owner_ok(obj, run):
                 continue
             st = obj.get("status", {})
             done = any(
