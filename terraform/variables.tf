@@ -52,7 +52,7 @@ variable "hospitals" {
 }
 
 variable "namespace" {
-  description = "Kubernetes namespace of the FederatedRuns whose hospital ServiceAccounts may assume the hospital roles."
+  description = "Kubernetes namespace of the FederatedRuns whose hospital ServiceAccounts may assume the hospital roles. With install_chart = true the operator follows runs there (the chart's watchNamespaces); it must exist before the chart is installed (docs/aws.md)."
   type        = string
   default     = "fedrun"
 
@@ -217,7 +217,7 @@ variable "force_destroy" {
 }
 
 variable "install_chart" {
-  description = "Install charts/fedrun with Terraform's helm provider after the cluster is up (otherwise use helm install, see docs/aws.md)."
+  description = "Install charts/fedrun with Terraform's helm provider after the cluster is up (otherwise use helm install, see docs/aws.md), following runs in var.namespace. That namespace must exist first: apply with false, create it with kubectl, then set true (docs/aws.md)."
   type        = bool
   default     = false
 }
@@ -229,7 +229,7 @@ variable "chart_namespace" {
 }
 
 variable "chart_values" {
-  description = "Values for the fedrun chart when install_chart = true, e.g. { image = { tag = \"0.1.0\" } } (keys: docs/install.md)."
+  description = "Values for the fedrun chart when install_chart = true, e.g. { image = { tag = \"0.1.0\" } } (keys: docs/install.md). They override image.repository (this stack's ECR) and watchNamespaces ([var.namespace]; none with clusterWide = true)."
   type        = any
   default     = {}
 }

@@ -2,7 +2,9 @@
 # `make e2e-kind`: the demo run on a real Kubernetes cluster, on a machine with Docker.
 #
 #   1. build the images (tests/kind/images.sh) and load them into a new kind cluster;
-#   2. `helm install` charts/fedrun with those images;
+#   2. create the runs' namespace ($NAMESPACE), then `helm install` charts/fedrun with
+#      those images and watchNamespaces={$NAMESPACE}: the chart's operator follows runs
+#      only in the namespaces it is given (RoleBindings there, which need them to exist);
 #   3. seed the PersistentVolumeClaim fedrun-demo-data with SYNTHETIC hospital tables
 #      (tests/kind/demo-data.yaml: a Job running `fedrun demo-data`);
 #   4. apply examples/federatedrun-local-cluster.yaml and wait for phase Succeeded;
@@ -127,15 +129,18 @@ say "loading $OPERATOR_REF and $TRAINER_REF into the cluster"
 "$KIND" load docker-image --name "$CLUSTER" "$OPERATOR_REF" "$TRAINER_REF"
 
 # --------------------------------------------------------------------------- operator
-say "installing charts/fedrun into $RELEASE_NAMESPACE"
+# The runs' namespace first: the chart binds the operator's rules there (a RoleBinding),
+# and the operator follows runs only in the namespaces watchNamespaces names.
+"$KUBECTL" create namespace "$NAMESPACE" --dry-run=client -o yaml | "$KUBECTL" apply -f -
+say "installing charts/fedrun into $RELEASE_NAMESPACE, following runs in $NAMESPACE"
 "$HELM" upgrade --install fedrun charts/fedrun \
   --namespace "$RELEASE_NAMESPACE" --create-namespace \
   --set image.repository="$OPERATOR_IMAGE" --set image.tag="$IMAGE_TAG" \
+  --set "watchNamespaces={$NAMESPACE}" \
   --wait --timeout 5m
 "$KUBECTL" wait --for=condition=Established crd/federatedruns.fedrun.io --timeout=60s
 
 # --------------------------------------------------------------------------- data
-"$KUBECTL" create namespace "$NAMESPACE" --dry-run=client -o yaml | "$KUBECTL" apply -f -
 say "seeding PersistentVolumeClaim fedrun-demo-data in $NAMESPACE"
 sed "s|image: $FILE_IMAGE|image: $TRAINER_REF|" "$DATA_FILE" >"$WORK/demo-data.yaml"
 "$KUBECTL" -n "$NAMESPACE" apply -f "$WORK/demo-data.yaml"

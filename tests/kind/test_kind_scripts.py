@@ -29,10 +29,12 @@ DEMO_DATA = ROOT / "tests" / "kind" / "demo-data.yaml"
 RUN_FILE = ROOT / "examples" / "federatedrun-local-cluster.yaml"
 
 # One stand-in for every tool; it dispatches on the name it was called by. Calls go to
-# $FAKE_LOG ("tool args..."); applied files are copied to $FAKE_DIR/applied-N.yaml.
+# $FAKE_LOG ("tool args..."); applied files are copied to $FAKE_DIR/applied-N.yaml, and
+# helm's arguments, exactly, to $FAKE_DIR/helm-args (NUL-separated).
 FAKE = r"""#!/usr/bin/env bash
 tool=$(basename "$0")
 echo "$tool $*" >>"$FAKE_LOG"
+if [[ "$tool" == helm ]]; then printf '%s\0' "$@" >"$FAKE_DIR/helm-args"; fi
 sub=""  # the subcommand: the first argument that is not `-n NAMESPACE`
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
@@ -114,6 +116,18 @@ def calls(tools: dict[str, Any], tool: str) -> list[str]:
     log: Path = tools["log"]
     lines = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
     return [line for line in lines if line.split(" ", 1)[0] == tool]
+
+
+def all_calls(tools: dict[str, Any]) -> list[str]:
+    """Every tool call, in order."""
+    log: Path = tools["log"]
+    return log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+
+
+def helm_args(tools: dict[str, Any]) -> list[str]:
+    """The arguments of the (last) helm call, exactly as the script passed them."""
+    raw = (tools["state"] / "helm-args").read_text(encoding="utf-8")
+    return raw.split("\0")[:-1]
 
 
 def applied(tools: dict[str, Any]) -> list[Any]:
@@ -244,6 +258,76 @@ def test_a_succeeding_run_is_printed_and_the_cluster_deleted(tools: dict[str, An
     assert kubectl[-1] == "kubectl get federatedruns -n fedrun-demo"
     kinds = [d["kind"] for d in applied(tools)]
     assert kinds == ["Namespace", "PersistentVolumeClaim", "Job", "FederatedRun"]
+
+
+@pytest.mark.parametrize("namespace", [None, "trials"], ids=["default", "NAMESPACE=trials"])
+def test_the_runs_namespace_exists_before_the_operator_is_told_to_follow_it(
+    tools: dict[str, Any], namespace: str | None
+) -> None:
+    # The chart's operator follows runs only in the namespaces it is given, by a
+    # RoleBinding in each, which needs the namespace to exist when helm installs.
+    extra = {"NAMESPACE": namespace} if namespace else {}
+    namespace = namespace or "fedrun-demo"
+    result = run(E2E, tools["env"], SKIP_BUILD="1", **extra)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = all_calls(tools)
+    created = log.index(f"kubectl create namespace {namespace} --dry-run=client -o yaml")
+    [installed] = [i for i, line in enumerate(log) if line.startswith("helm ")]
+    # `kubectl create ... | kubectl apply -f -`: the two run at once, in either order.
+    applied_at = log.index("kubectl apply -f -")
+    assert max(created, applied_at) < installed
+    args = helm_args(tools)
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    assert f"watchNamespaces={{{namespace}}}" in sets
+    assert not [s for s in sets if s.startswith("clusterWide")]
+    assert args[args.index("--namespace") + 1] == "fedrun-system"
+
+
+def test_the_scripts_helm_values_make_the_operator_follow_the_runs_namespace(
+    tools: dict[str, Any],
+) -> None:
+    """The script's own helm arguments, rendered by the real helm: the operator is bound
+    and told to watch where the script applies the run, and nowhere cluster-wide."""
+    helm = ROOT / ".tools" / "bin" / "helm"
+    binary = str(helm) if os.access(helm, os.X_OK) else shutil.which("helm")
+    if binary is None:
+        pytest.skip("helm is not installed (make tools)")
+    result = run(E2E, tools["env"], SKIP_BUILD="1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    args = helm_args(tools)
+    assert args[:4] == ["upgrade", "--install", "fedrun", "charts/fedrun"]
+    rest, i = [], 4
+    while i < len(args):  # leave out what only `upgrade` takes
+        if args[i] in ("--wait", "--create-namespace"):
+            i += 1
+        elif args[i] == "--timeout":
+            i += 2
+        else:
+            rest.append(args[i])
+            i += 1
+    done = subprocess.run(
+        [binary, "template", "fedrun", "charts/fedrun", *rest],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    bindings = {
+        (d["kind"], d["metadata"].get("namespace"), d["roleRef"]["name"])
+        for d in docs
+        if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
+    }
+    assert ("RoleBinding", "fedrun-demo", "fedrun-operator") in bindings
+    assert not [b for b in bindings if b[0] == "RoleBinding" and b[1] != "fedrun-demo"]
+    assert {b[2] for b in bindings if b[0] == "ClusterRoleBinding"} <= {"fedrun-operator-scan"}
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    command = container.get("command", []) + container.get("args", [])
+    watched = [command[i + 1] for i, a in enumerate(command) if a == "--namespace"]
+    assert watched == ["fedrun-demo"]
 
 
 def test_keep_cluster_keeps_it(tools: dict[str, Any]) -> None:

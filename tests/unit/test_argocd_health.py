@@ -305,11 +305,18 @@ def test_gitops_doc_snippet_is_the_script() -> None:
     assert cm["data"][CM_KEY] == SCRIPT.read_text(encoding="utf-8")
 
 
-def applications() -> dict[str, dict[str, Any]]:
+def example_docs() -> list[dict[str, Any]]:
     docs = [d for d in yaml.safe_load_all(APPLICATIONS.read_text(encoding="utf-8")) if d]
-    assert all(d["apiVersion"] == "argoproj.io/v1alpha1" for d in docs)
-    assert all(d["kind"] == "Application" for d in docs)
-    return {d["metadata"]["name"]: d for d in docs}
+    # Argo CD Applications, and the Namespaces they need before they sync.
+    assert {(d["apiVersion"], d["kind"]) for d in docs} <= {
+        ("argoproj.io/v1alpha1", "Application"),
+        ("v1", "Namespace"),
+    }
+    return docs
+
+
+def applications() -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in example_docs() if d["kind"] == "Application"}
 
 
 def wave(app: dict[str, Any]) -> int:
@@ -341,6 +348,31 @@ def test_chart_application_points_at_the_chart_and_known_values() -> None:
 
     known(source["helm"]["valuesObject"], values, "")
     assert source["helm"]["valuesObject"]["crds"]["keep"] is True
+
+
+def test_the_operator_follows_the_runs_namespace_which_exists_before_the_chart() -> None:
+    # The chart's operator follows runs only in the namespaces it is given (its own by
+    # default) and binds its rules there with RoleBindings, so the runs' namespace must be
+    # named in watchNamespaces and exist before the chart syncs: Argo CD's
+    # CreateNamespace=true creates only the chart Application's own (fedrun-system).
+    apps = applications()
+    chart, runs = apps["fedrun"], apps["fedrun-runs"]
+    runs_namespace = runs["spec"]["destination"]["namespace"]
+    values = chart["spec"]["source"]["helm"]["valuesObject"]
+    assert values["watchNamespaces"] == [runs_namespace]
+    assert not values.get("clusterWide", False)
+    assert chart["spec"]["destination"]["namespace"] != runs_namespace
+    [namespace] = [
+        d
+        for d in example_docs()
+        if d["kind"] == "Namespace" and d["metadata"]["name"] == runs_namespace
+    ]
+    assert wave(namespace) < wave(chart), "under a parent Application it syncs first"
+    options = namespace["metadata"]["annotations"]["argocd.argoproj.io/sync-options"]
+    # Pruning or deleting it would delete every run in it.
+    assert {o.strip() for o in options.split(",")} >= {"Prune=false", "Delete=false"}
+    labels = namespace["metadata"].get("labels", {})
+    assert labels.get("pod-security.kubernetes.io/enforce") == "restricted"
 
 
 def test_runs_application_points_at_valid_federated_runs() -> None:
