@@ -14,7 +14,8 @@ locals {
   })
 
   # Where the trainer keeps each hospital's privacy ledger beside its data (the operator's
-  # default ledgerUri): s3://<bucket>/fedrun-ledger/<namespace>/<run>/<hospital>.json.
+  # default ledgerUri): s3://<bucket>/fedrun-ledger/<namespace>/<run>/<uid>/<hospital>.json.
+  # The run's uid is known only once the run exists, hence the wildcard in its place.
   ledger_prefix = "fedrun-ledger/${var.namespace}"
 
   hospitals = {
@@ -23,7 +24,7 @@ locals {
       role   = "${var.name}-${h}"
       # The only Kubernetes identities that may assume this hospital's role.
       service_accounts = [for run in var.run_names : "system:serviceaccount:${var.namespace}:${run}-${h}"]
-      ledger_keys      = [for run in var.run_names : "${local.ledger_prefix}/${run}/${h}.json"]
+      ledger_keys      = [for run in var.run_names : "${local.ledger_prefix}/${run}/*/${h}.json"]
     }
   }
 }

@@ -535,7 +535,7 @@ def test_hospital_roles_grant_exactly_the_trainers_calls(config: Config) -> None
                     }
                 grants |= {(a, r) for a in _list(stmt["Action"]) for r in _list(stmt["Resource"])}
         ledgers = {
-            ("s3:PutObject", f"{f['bucket_arn']}/fedrun-ledger/{namespace}/{run}/{h}.json")
+            ("s3:PutObject", f"{f['bucket_arn']}/fedrun-ledger/{namespace}/{run}/*/{h}.json")
             for run in config.variable("run_names")
         }
         assert grants == {
@@ -613,6 +613,7 @@ def test_the_generated_hospitals_block_fits_the_roles(config: Config) -> None:
     for run_name in config.variable("run_names"):
         example["metadata"]["name"] = run_name
         example["metadata"]["namespace"] = config.output("namespace")
+        example["metadata"]["uid"] = "0b5f3c4e-7a1d-4f2e-9c3b-5d6e7f8a9b0c"  # as once applied
         example["spec"]["minHospitals"] = 1
         example["spec"]["hospitals"] = hospitals_block(output, "stroke/{hospital}.csv")
         run = parse_run(example)
@@ -635,6 +636,7 @@ def test_the_generated_hospitals_block_fits_the_roles(config: Config) -> None:
 
             assert granted("s3:GetObject", hospital.data_uri)
             assert granted("s3:PutObject", ledger_uri(run, hospital))
+            assert "/0b5f3c4e-7a1d-4f2e-9c3b-5d6e7f8a9b0c/" in ledger_uri(run, hospital)
             assert not granted("s3:PutObject", hospital.data_uri)
 
 
@@ -676,6 +678,81 @@ def test_every_output_evaluates_and_names_what_was_created() -> None:
     for url in values["ecr_repository_urls"].values():
         assert url.startswith(values["ecr_registry"] + "/")
     assert values["mlflow_role_arn"] == cfg.resource("aws_iam_role", "mlflow").attr("arn")
+
+
+def helm_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Two values files merged as Helm merges them: maps key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = helm_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def chart_values(cfg: Config) -> dict[str, Any]:
+    """The values the helm_release passes to the chart, merged in order."""
+    [release] = cfg.instances_of("helm_release")
+    merged: dict[str, Any] = {}
+    for document in release.attr("values"):
+        merged = helm_merge(merged, yaml.safe_load(document) or {})
+    return merged
+
+
+def test_the_chart_is_installed_only_on_request() -> None:
+    assert not load(THREE).instances_of("helm_release")
+    cfg = Config(TERRAFORM, {**REQUIRED, "install_chart": True})
+    assert len(cfg.instances_of("helm_release")) == 1
+
+
+@pytest.mark.parametrize(
+    ("inputs", "watched"),
+    [
+        ({}, ["fedrun"]),
+        ({"namespace": "trials"}, ["trials"]),
+        ({"chart_values": {"image": {"tag": "0.1.0"}}}, ["fedrun"]),
+        ({"chart_values": {"watchNamespaces": ["fedrun", "research"]}}, ["fedrun", "research"]),
+        # The chart refuses clusterWide with watchNamespaces: none is passed then.
+        ({"chart_values": {"clusterWide": True}}, []),
+    ],
+    ids=["default", "namespace", "image tag", "more namespaces", "clusterWide"],
+)
+def test_the_chart_follows_the_runs_namespace(inputs: dict[str, Any], watched: list[str]) -> None:
+    # The chart's operator follows runs (and is granted its rules) only in the namespaces
+    # watchNamespaces names, by default only its own: the runs' namespace, which the
+    # hospital roles trust, must be among them.
+    cfg = Config(TERRAFORM, {**REQUIRED, "install_chart": True, **inputs})
+    values = chart_values(cfg)
+    assert values["watchNamespaces"] == watched
+    assert values["image"]["repository"] == cfg.output("ecr_repository_urls")["operator"]
+    if not values.get("clusterWide"):
+        assert cfg.output("namespace") in values["watchNamespaces"]
+    [release] = cfg.instances_of("helm_release")
+    assert release.attr("namespace") not in values["watchNamespaces"]
+
+
+def test_the_terraform_chart_values_render_a_role_binding_in_the_runs_namespace(
+    tmp_path: Path,
+) -> None:
+    helm = REPO / ".tools" / "bin" / "helm"
+    if not helm.exists():
+        pytest.skip(f"helm not installed at {helm}: run `make tools`")
+    cfg = Config(TERRAFORM, {**REQUIRED, "install_chart": True, "namespace": "trials"})
+    [release] = cfg.instances_of("helm_release")
+    args = [str(helm), "template", release.attr("name"), str(REPO / "charts" / "fedrun")]
+    args += ["--namespace", release.attr("namespace")]
+    for i, document in enumerate(release.attr("values")):
+        path = tmp_path / f"values-{i}.yaml"
+        path.write_text(document, encoding="utf-8")
+        args += ["--values", str(path)]
+    done = subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert [b["metadata"]["namespace"] for b in bindings] == ["trials"]
+    cluster_bindings = [d["roleRef"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert cluster_bindings == ["fedrun-operator-scan"], "the operator's rules only in trials"
 
 
 def test_ecr_repositories_are_immutable_scanned_and_encrypted() -> None:
