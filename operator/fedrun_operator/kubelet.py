@@ -106,6 +106,13 @@ class _Workload:
     last_exit: Obj | None = None
     finished: str = ""  # "", "Complete" or "Failed"
     started_at: str = ""
+    owner_uid: str = ""  # the Deployment's or Job's uid: its pod's controller
+
+
+def _owner(kind: str, name: str, uid: str) -> list[Obj]:
+    """The pod's ownerReferences, as the Job controller (or a ReplicaSet) writes them."""
+    api_version = "batch/v1" if kind == "Job" else "apps/v1"
+    return [{"apiVersion": api_version, "kind": kind, "name": name, "uid": uid, "controller": True}]
 
 
 @dataclass
@@ -195,6 +202,7 @@ class LocalKubelet:
             cluster.server,
             f"{server}-0",
             dict(dep["spec"]["template"]["metadata"].get("labels", {})),
+            owner_uid=str(dep["metadata"].get("uid", "")),
         )
         for job in jobs:
             assert job is not None
@@ -207,6 +215,7 @@ class LocalKubelet:
                 f"{job['metadata']['name']}-0",
                 labels,
                 backoff_limit=int(job["spec"].get("backoffLimit", c.JOB_BACKOFF_LIMIT)),
+                owner_uid=str(job["metadata"].get("uid", "")),
             )
         return True
 
@@ -339,6 +348,7 @@ class LocalKubelet:
                         "name": w.pod_name,
                         "namespace": self.namespace,
                         "labels": w.labels,
+                        "ownerReferences": _owner(w.kind, w.name, w.owner_uid),
                     },
                     "spec": {"containers": [{"name": "main", "image": "local"}]},
                 }

@@ -55,7 +55,7 @@ def test_dp_run_succeeds_within_budget_and_reports_everything(tmp_path, cluster_
     # Each hospital's ledger (its own accountant) agrees with the status, and is ≤ target.
     for name in data:
         ledger_path = cluster.out / "pods" / f"stroke-demo-{name}" / "state" / "ledger"
-        ledger = load_ledger(str(ledger_path / f"{name}.json"))
+        ledger = load_ledger(str(ledger_path / str(cluster.run.metadata.uid) / f"{name}.json"))
         assert ledger is not None
         assert ledger.rounds_done == 3
         assert ledger.epsilon <= 1.0

@@ -40,7 +40,14 @@ def test_killed_hospital_rejoins_and_its_epsilon_never_goes_down(
     doc = example_run(rounds=4, minHospitals=3, roundTimeoutSeconds=120, hospitals=hospitals)
     cluster = cluster_factory(doc)
     victim = "hospital-b"
-    ledger_file = cluster.out / "pods" / f"stroke-demo-{victim}" / "state" / "ledger"
+    ledger_file = (
+        cluster.out
+        / "pods"
+        / f"stroke-demo-{victim}"
+        / "state"
+        / "ledger"
+        / str(cluster.run.metadata.uid)
+    )
     ledger_uri = str(ledger_file / f"{victim}.json")
     cluster.start()
 

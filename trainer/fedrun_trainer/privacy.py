@@ -253,6 +253,20 @@ class LedgerRecord:
     history: list[HistoryEntry] = field(default_factory=list)
     rounds_trained: list[int] = field(default_factory=list)
 
+    @property
+    def epsilon(self) -> float:
+        """ε of the history under the terms it was written with."""
+        return epsilon_of(self.history, self.delta, self.accountant)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps recorded (noisy gradient releases)."""
+        return sum(n for _, _, n in self.history)
+
+    @property
+    def rounds_done(self) -> int:
+        return len(self.rounds_trained)
+
     def to_json(self) -> str:
         """The file's text (``epsilon`` and ``steps`` are written for human readers only)."""
         data = {
@@ -264,8 +278,8 @@ class LedgerRecord:
             "targetEpsilon": self.target_epsilon,
             "history": [list(h) for h in self.history],
             "roundsTrained": list(self.rounds_trained),
-            "steps": sum(n for _, _, n in self.history),
-            "epsilon": epsilon_of(self.history, self.delta, self.accountant),
+            "steps": self.steps,
+            "epsilon": self.epsilon,
         }
         return json.dumps(data, indent=2, sort_keys=True)
 
