@@ -1,7 +1,9 @@
 """The operator's own privacy accountant: ε from (σ, q, steps), without torch.
 
 The operator stops a run before any hospital exceeds ``spec.privacy.targetEpsilon``, and
-it accounts ε itself rather than trusting the server or the hospitals. Its image has no
+it accounts ε itself rather than taking the server's figure: from the (σ, q, steps) the
+server reports and from the σ and q the spec implies (:func:`planned_cost`), over the
+steps the server reports (what that does and does not protect: ``status.py``). Its image has no
 torch, so it cannot import Opacus (``opacus/__init__`` imports torch); this module is a
 pure-Python (``math`` only) copy of the accountant Opacus 1.6 uses for ``accountant:
 rdp``: Rényi DP of the Sampled Gaussian Mechanism (``opacus.accountants.analysis.rdp``)
