@@ -28,9 +28,13 @@ def running_operator(
 
     `server_url` is where it reads run servers' `/status` (default: a closed port).
     """
-    saved = {k: os.environ.get(k) for k in ("KUBECONFIG", "FEDRUN_OPERATOR_SERVER_URL", *env)}
+    grace = "FEDRUN_OPERATOR_SUCCEEDED_GRACE_SECONDS"
+    saved = {
+        k: os.environ.get(k) for k in ("KUBECONFIG", "FEDRUN_OPERATOR_SERVER_URL", grace, *env)
+    }
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
     os.environ["FEDRUN_OPERATOR_SERVER_URL"] = server_url
+    os.environ[grace] = "1"  # no hospital process here needs time to exit
     os.environ.update(env)
     try:
         with KopfRunner(

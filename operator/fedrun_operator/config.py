@@ -41,6 +41,9 @@ class OperatorConfig:
     watch_timeout_seconds: int = 300
     # Port of /metrics (0: do not serve).
     metrics_port: int = 8080
+    # Seconds a Succeeded run's hospitals get to exit by themselves before what still runs
+    # is stopped (fedrun_operator.status.SUCCEEDED_GRACE_S).
+    succeeded_grace_seconds: float = 60.0
     # Namespace of the operator's own pod: every run server's NetworkPolicy admits the
     # status port only from the operator's pods in this namespace (render_run's argument).
     operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE
@@ -63,6 +66,9 @@ class OperatorConfig:
                 env.get("FEDRUN_OPERATOR_WATCH_TIMEOUT_SECONDS", cls.watch_timeout_seconds)
             ),
             metrics_port=int(env.get("FEDRUN_OPERATOR_METRICS_PORT", cls.metrics_port)),
+            succeeded_grace_seconds=float(
+                env.get("FEDRUN_OPERATOR_SUCCEEDED_GRACE_SECONDS", cls.succeeded_grace_seconds)
+            ),
             operator_namespace=namespace_name(
                 env.get(OPERATOR_NAMESPACE_ENV) or cls.operator_namespace
             ),

@@ -360,8 +360,24 @@ def _server_reason(server: Obj) -> str:
     return str(server.get("phase") or PENDING)
 
 
-def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) -> Decision:
+#: Seconds a Succeeded run's processes get to end by themselves before the server is scaled
+#: to zero and unfinished Jobs are suspended: the hospitals exit 0 once the server said the
+#: run is over, and their Jobs then end Complete rather than cut short.
+SUCCEEDED_GRACE_S = 60.0
+
+
+def decide(
+    run: FederatedRun,
+    prev: Obj,
+    obs: Observation,
+    epsilon: Accountant,
+    *,
+    succeeded_grace_s: float = SUCCEEDED_GRACE_S,
+) -> Decision:
     """The new status of `run`, the Events to post, and what to stop or delete.
+
+    A Failed or BudgetExhausted (or Suspended) run is stopped at once; a Succeeded one only
+    ``succeeded_grace_s`` after its completionTime (see :data:`SUCCEEDED_GRACE_S`).
 
     An insecure run (`spec.security.insecure: true`) also carries `Insecure=True`, and gets
     a Warning Event the first time the condition appears.
@@ -381,7 +397,10 @@ def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) 
         expired = (
             ttl is not None and done_at is not None and now >= done_at + timedelta(seconds=ttl)
         )
-        return Decision(status=dict(prev), stop=True, delete_run=expired)
+        stop = prev_phase != SUCCEEDED or (
+            done_at is None or now >= done_at + timedelta(seconds=succeeded_grace_s)
+        )
+        return Decision(status=dict(prev), stop=stop, delete_run=expired)
 
     server = obs.server
     pv = privacy_status(run, prev, server, epsilon, obs.planned)
@@ -510,7 +529,9 @@ def decide(run: FederatedRun, prev: Obj, obs: Observation, epsilon: Accountant) 
         del status["observedGeneration"]
 
     events += _events(prev, status, reason)
-    stop = phase in FINAL_PHASES or phase == SUSPENDED
+    stop = (phase in FINAL_PHASES and (phase != SUCCEEDED or succeeded_grace_s <= 0)) or (
+        phase == SUSPENDED
+    )
     return Decision(status=status, events=events, stop=stop)
 
 

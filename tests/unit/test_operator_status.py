@@ -13,6 +13,7 @@ from fedrun_operator.api import FederatedRun, load_run, parse_run
 from fedrun_operator.security import INSECURE_MESSAGE
 from fedrun_operator.status import (
     CONDITION_TYPES,
+    SUCCEEDED_GRACE_S,
     Decision,
     Event,
     HospitalObservation,
@@ -157,7 +158,13 @@ def test_the_servers_final_phase_is_captured_and_stops_the_processes() -> None:
         epsilon,
     )
     assert d.status["phase"] == "Succeeded"
-    assert d.stop
+    # The hospitals get SUCCEEDED_GRACE_S to exit 0 by themselves (their Jobs then end
+    # Complete): nothing is stopped yet, and it is once the grace has passed.
+    assert not d.stop
+    done = datetime(2026, 11, 24, 12, 5, 0, tzinfo=UTC)
+    for seconds, stopped in ((SUCCEEDED_GRACE_S - 1, False), (SUCCEEDED_GRACE_S, True)):
+        look_again = Observation(now=done + timedelta(seconds=seconds))
+        assert decide(run, d.status, look_again, epsilon).stop is stopped
     assert d.status["completionTime"] == "2026-11-24T12:05:00Z"
     assert d.status["mlflowRunId"] == "abc"
     assert d.status["metrics"]["auroc"] == 0.8

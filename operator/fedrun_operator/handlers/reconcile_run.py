@@ -389,7 +389,9 @@ class Reconciler:
             planned=planned,
             conflicts=[conflict_text(kind, child) for kind, child in conflicts],
         )
-        decision = decide(run, prev, obs, epsilon)
+        decision = decide(
+            run, prev, obs, epsilon, succeeded_grace_s=self.cfg.succeeded_grace_seconds
+        )
         outcome = Outcome(status=decision.status, events=list(decision.events))
 
         # 3. write.
@@ -402,14 +404,17 @@ class Reconciler:
             return outcome
         phase = decision.status.get("phase", "")
         if phase in FINAL_PHASES:
-            await self._stop(ns, run, actual, first)
+            if decision.stop:  # a Succeeded run's processes first get time to end
+                await self._stop(ns, run, actual, first)
         else:
             found = await self._apply(ns, run, manifests_by_key, actual, first, outcome, now)
             if found:
                 # Someone else's object holds a child's name: the run fails, and what it
                 # did create is stopped.
                 obs = replace(obs, conflicts=[conflict_text(k, n) for k, n in found])
-                decision = decide(run, prev, obs, epsilon)
+                decision = decide(
+                    run, prev, obs, epsilon, succeeded_grace_s=self.cfg.succeeded_grace_seconds
+                )
                 outcome.status = decision.status
                 outcome.events += decision.events
                 known = {key: None for key in found}
