@@ -65,6 +65,10 @@ class ConflictError(ApiError):
     """409: the object exists already, or was changed since it was read."""
 
 
+class ForbiddenError(ApiError):
+    """403: the operator's ServiceAccount may not make this call (its RBAC lacks a rule)."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     """Where the API is and how to authenticate (a subset of kopf.ConnectionInfo)."""
@@ -301,4 +305,6 @@ def _error(status: int, payload: Obj, text: str) -> ApiError:
         return NotFoundError(status, reason, message)
     if status == 409:
         return ConflictError(status, reason, message)
+    if status == 403:
+        return ForbiddenError(status, reason, message)
     return ApiError(status, reason, message)

@@ -20,7 +20,8 @@ from fedrun_operator import constants as c
 from fedrun_operator import metrics
 from fedrun_operator.config import OperatorConfig
 from fedrun_operator.handlers.reconcile_run import Outcome, Reconciler
-from fedrun_operator.kube import Credentials, Kube
+from fedrun_operator.kube import Credentials, ForbiddenError, Kube
+from fedrun_operator.server_report import clip
 
 log = logging.getLogger("fedrun.operator")
 
@@ -81,6 +82,10 @@ async def _reconcile(handler: str, body: kopf.Body, memo: kopf.Memo) -> Outcome:
     started = time.monotonic()
     try:
         outcome = await reconciler.reconcile(body)
+    except ForbiddenError as err:
+        metrics.RECONCILE_ERRORS.labels(handler).inc()
+        kopf.event(body, type="Warning", reason="Forbidden", message=clip(err.message))
+        raise
     except Exception:
         metrics.RECONCILE_ERRORS.labels(handler).inc()
         raise

@@ -27,6 +27,7 @@ not theirs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Mapping
@@ -42,7 +43,7 @@ from fedrun_operator.accounting import PlannedCost, epsilon, planned_cost
 from fedrun_operator.api import FederatedRun, SpecError, parse_run
 from fedrun_operator.children import Action, owned_by, plan_child
 from fedrun_operator.config import OperatorConfig
-from fedrun_operator.kube import ConflictError, Kube
+from fedrun_operator.kube import ConflictError, ForbiddenError, Kube
 from fedrun_operator.render import config_hash, config_name, render_run, server_name
 from fedrun_operator.server_report import MAX_REPORT_BYTES, ReportError, clip, parse_report
 from fedrun_operator.status import (
@@ -213,6 +214,13 @@ def _owner_ok(obj: Obj | None, run: FederatedRun) -> bool:
     )
 
 
+#: What a run's status says when the API refused the operator a call.
+FORBIDDEN_HINT = (
+    "the operator is not allowed to do what this run needs (check the ClusterRole and its "
+    "bindings that the chart installs, docs/install.md)"
+)
+
+
 def conflict_text(kind: str, name: str) -> str:
     """The reason a run cannot use a child's name: another object holds it."""
     return (
@@ -311,7 +319,34 @@ class Reconciler:
         uid = str(body.get("metadata", {}).get("uid") or body["metadata"]["name"])
         lock = self._locks.setdefault(uid, asyncio.Lock())
         async with lock:
-            return await self._reconcile(body, now or datetime.now(UTC))
+            try:
+                return await self._reconcile(body, now or datetime.now(UTC))
+            except ForbiddenError as err:
+                await self._report_forbidden(body, err)
+                raise
+
+    async def _report_forbidden(self, body: Mapping[str, Any], err: ForbiddenError) -> None:
+        """Say in the run's status that the operator's RBAC refused a call (it retries).
+
+        The refusal is raised on (kopf retries the reconcile with back-off, so a fixed RBAC
+        takes effect by itself); this makes it visible where users look, not only in the
+        operator's log. The Warning Event is posted by the caller, from ``err``.
+        """
+        meta = body["metadata"]
+        prev = dict(body.get("status") or {})
+        if prev.get("phase") in FINAL_PHASES:
+            return
+        message = clip(f"{FORBIDDEN_HINT}: {err.message}")
+        if prev.get("message") == message:
+            return
+        with contextlib.suppress(ForbiddenError):  # the status itself may be what is refused
+            await self.kube.patch_status(
+                c.API_VERSION,
+                c.KIND,
+                meta.get("namespace", c.DEFAULT_NAMESPACE),
+                meta["name"],
+                {"message": message},
+            )
 
     async def _reconcile(self, body: Mapping[str, Any], now: datetime) -> Outcome:
         prev: Obj = dict(body.get("status") or {})
