@@ -80,10 +80,20 @@ test-unit: setup
 test-e2e: setup
 	$(BIN)/pytest -q tests/e2e
 
-## e2e: the operator in the loop: emulated API + operator + local kubelet + real Flower
-## processes; writes out/e2e/federatedrun.json
-e2e: setup
-	$(BIN)/pytest -q tests/e2e/test_operator_loop.py
+## e2e: a run on a real Kubernetes control plane (../shared/kube): helm install, the operator
+## under its chart ServiceAccount, kubectl apply, the real controllers and scheduler, fedrun's
+## local kubelet running real Flower processes; writes out/e2e/federatedrun.json
+e2e: setup tools
+	$(BIN)/pytest -q tests/e2e/test_real_cluster.py
+
+## cluster-up / cluster-down: the same control plane and local node, left running in
+## .cluster/ for kubectl (prints the KUBECONFIG to export)
+.PHONY: cluster-up cluster-down
+cluster-up: setup
+	$(BIN)/python -m tests.controlplane up .cluster
+
+cluster-down: setup
+	$(BIN)/python -m tests.controlplane down .cluster
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,5 +1,6 @@
 """Shared test fixtures: the real Kaggle stroke file, when this machine has it; an emulated
-Kubernetes API server (tests/kube/)."""
+Kubernetes API server (tests/kube/); a real control plane from ../shared/kube, once per
+session, with fedrun's local kubelet as its node (tests/controlplane/)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from tests.controlplane.cluster import RealCluster
+    from tests.controlplane.node import NodeAgent
+    from tests.controlplane.plane import ControlPlane
     from tests.kube.cluster import EmulatedCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,3 +38,42 @@ def cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
 
     with EmulatedCluster(tmp_path / "kube") as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """etcd, kube-apiserver, kube-controller-manager and kube-scheduler (Kubernetes 1.36)
+    on loopback, started once for the session; skipped, saying why, without ../shared/kube."""
+    from tests.controlplane.plane import ControlPlane, UnavailableError, binaries
+
+    try:
+        bin_dir = binaries()
+    except UnavailableError as err:
+        pytest.skip(str(err))
+    plane = ControlPlane.start(tmp_path_factory.mktemp("control-plane"), bin_dir=bin_dir)
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def real_cluster(control_plane: ControlPlane) -> RealCluster:
+    """kubectl-like helpers on the real control plane, as its admin."""
+    from tests.controlplane.cluster import RealCluster
+
+    return RealCluster(control_plane)
+
+
+@pytest.fixture(scope="session")
+def node(
+    real_cluster: RealCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NodeAgent]:
+    """fedrun's local kubelet: a Ready Node whose Pods run as local processes."""
+    from tests.controlplane.node import NodeAgent
+
+    agent = NodeAgent(real_cluster, tmp_path_factory.mktemp("node")).start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
