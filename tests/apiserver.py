@@ -37,6 +37,8 @@ def to_jsonschema(node: Any) -> Any:
             out[bound] = out.pop(key)
     if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
         out["additionalProperties"] = False
+    if node.get("x-kubernetes-list-type") == "set":
+        out["uniqueItems"] = True  # the API server refuses a set's duplicate items
     return out
 
 

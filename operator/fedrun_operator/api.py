@@ -345,9 +345,11 @@ class Feature(_Spec):
         min_length=1,
         max_length=200,
         description=(
-            "categorical only: every category, in a fixed order shared by all hospitals. "
-            "A value outside the list is an error."
+            "categorical only: every category, once each, in a fixed order shared by all "
+            "hospitals. A value outside the list is an error."
         ),
+        # A set: the API server refuses duplicates, as the model does.
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
 
     @model_validator(mode="after")

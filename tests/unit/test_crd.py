@@ -238,6 +238,14 @@ BAD: list[tuple[str, Any, str]] = [
         {"targetColumn": "y", "features": [{"name": "a", "type": "numeric", "min": 3, "max": 1}]},
         "spec.data.features[0].min",
     ),
+    (
+        "spec.data",
+        {
+            "targetColumn": "y",
+            "features": [{"name": "s", "type": "categorical", "categories": ["a", "b", "a"]}],
+        },
+        "spec.data.features",
+    ),
     ("spec.hospitals.1.name", "a", "spec.hospitals"),
     ("spec.hospitals.0.name", "Hospital_A", "spec.hospitals"),
     ("spec.hospitals.0.dataUri", "http://x/a.csv", "spec.hospitals"),
