@@ -4,9 +4,10 @@ session, with fedrun's local kubelet as its node (tests/controlplane/)."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -77,3 +78,55 @@ def node(
         yield agent
     finally:
         agent.stop()
+
+
+#: Where the session's chart puts the operator, and the one namespace it watches.
+RELEASE_NS = "fedrun-system"
+WATCHED_NS = "fedrun-e2e"
+
+
+def helm_install(
+    cluster: RealCluster, chart: Path, *sets: str, timeout: str = "5m"
+) -> subprocess.CompletedProcess[str]:
+    """``helm upgrade --install fedrun CHART`` into RELEASE_NS, waiting for it to be ready."""
+    from tests.chart.tools import helm
+
+    args = [
+        helm(),
+        "upgrade",
+        "--install",
+        "fedrun",
+        str(chart),
+        "--namespace",
+        RELEASE_NS,
+        "--create-namespace",
+        "--kubeconfig",
+        str(cluster.kubeconfig),
+        "--wait",
+        "--timeout",
+        timeout,
+    ]
+    for value in sets:
+        args += ["--set", value]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.fixture(scope="session")
+def chart(real_cluster: RealCluster, node: NodeAgent) -> dict[str, Any]:
+    """The chart installed with real helm (CRD, RBAC, the operator): its operator's Pod,
+    running on the local node and following WATCHED_NS, reaching run servers through the
+    node's Service router."""
+    real_cluster.ensure_namespace(WATCHED_NS)
+    done = helm_install(
+        real_cluster,
+        REPO / "charts" / "fedrun",
+        f"watchNamespaces={{{WATCHED_NS}}}",
+        f"serverUrl={node.server_url_template}",
+        "logFormat=text",
+    )
+    assert done.returncode == 0, done.stderr + done.stdout + node.logs(RELEASE_NS)
+    pods = real_cluster.list(
+        "v1", "pods", RELEASE_NS, label_selector="fedrun.io/component=operator"
+    )
+    assert len(pods) == 1, pods
+    return pods[0]

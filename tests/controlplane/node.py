@@ -753,6 +753,17 @@ class NodeAgent:
         """Signal a Pod's container (its process group), as a crash or an OOM kill would."""
         self.sandbox(namespace, name).signal_group(sig)
 
+    def logs(self, namespace: str, tail: int = 3000) -> str:
+        """The end of each container log of the Pods of ``namespace`` here (for failures)."""
+        out = []
+        with self._lock:
+            boxes = [b for b in self.sandboxes.values() if b.namespace == namespace]
+        for box in boxes:
+            if box.log_path.exists():
+                text = box.log_path.read_text(encoding="utf-8", errors="replace")[-tail:]
+                out.append(f"--- {box.namespace}/{box.name}\n{text}")
+        return "\n".join(out)
+
     def processes(self) -> dict[str, int]:
         """``namespace/name`` -> pid of every container running here."""
         with self._lock:

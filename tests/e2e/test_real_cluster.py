@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +21,14 @@ import pytest
 import yaml
 
 from fedrun_trainer.synthetic import write_demo_hospitals
-from tests.chart.tools import helm
+from tests.conftest import RELEASE_NS, WATCHED_NS
 from tests.controlplane.cluster import ApiError, RealCluster
 from tests.controlplane.node import NodeAgent
 from tests.kube.patching import JSON_PATCH
 
 from .conftest import REPO, example_run
 
-NS = "fedrun-e2e"
-RELEASE_NS = "fedrun-system"
+NS = WATCHED_NS
 API = "fedrun.io/v1alpha1"
 RBAC = "rbac.authorization.k8s.io/v1"
 PLURAL = "federatedruns"
@@ -49,58 +46,14 @@ CHILD_KINDS = (
 )
 
 
-@pytest.fixture(scope="module")
-def operator(real_cluster: RealCluster, node: NodeAgent) -> Iterator[dict[str, Any]]:
-    """The chart installed with real helm; its operator Pod running on the local node."""
-    real_cluster.ensure_namespace(NS)
-    install = [
-        helm(),
-        "upgrade",
-        "--install",
-        "fedrun",
-        str(REPO / "charts" / "fedrun"),
-        "--namespace",
-        RELEASE_NS,
-        "--create-namespace",
-        "--kubeconfig",
-        str(real_cluster.kubeconfig),
-        "--set",
-        f"watchNamespaces={{{NS}}}",
-        "--set",
-        f"serverUrl={node.server_url_template}",
-        "--set",
-        "logFormat=text",
-        "--wait",
-        "--timeout",
-        "5m",
-    ]
-    done = subprocess.run(install, capture_output=True, text=True, timeout=400, check=False)
-    assert done.returncode == 0, done.stderr + done.stdout + _pod_logs(node, RELEASE_NS)
-    pods = real_cluster.list("v1", "pods", RELEASE_NS)
-    (pod,) = [p for p in pods if p["metadata"]["labels"].get("fedrun.io/component") == "operator"]
-    yield pod
-    subprocess.run(
-        [
-            helm(),
-            "uninstall",
-            "fedrun",
-            "-n",
-            RELEASE_NS,
-            "--kubeconfig",
-            str(real_cluster.kubeconfig),
-        ],
-        capture_output=True,
-        timeout=120,
-        check=False,
-    )
+@pytest.fixture
+def operator(chart: dict[str, Any]) -> dict[str, Any]:
+    """The operator's Pod, from the session's chart (tests/conftest.py)."""
+    return chart
 
 
 def _pod_logs(node: NodeAgent, namespace: str) -> str:
-    out = []
-    for box in list(node.sandboxes.values()):
-        if box.namespace == namespace and box.log_path.exists():
-            out.append(f"--- {box.name}\n{box.log_path.read_text(errors='replace')[-3000:]}")
-    return "\n".join(out)
+    return node.logs(namespace)
 
 
 def _run_doc(tmp_path: Path, name: str, rounds: int, seed: int) -> dict[str, Any]:
