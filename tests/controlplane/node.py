@@ -25,6 +25,12 @@ loopback, kube-proxy) for one Node:
   ``http://127.0.0.1:<router>/<namespace>/<service>/<port>/<path>`` forwards HTTP there (the
   URL template the operator is given for run servers' status).
 
+Stand-ins: in a namespace given to :meth:`NodeAgent.stand_in`, a Pod's container is not its
+command but a placeholder process that runs until told to fail (:meth:`NodeAgent.fail`:
+it then writes the termination message and exits with the code, at every start, like a
+container in a crash loop), for tests of the operator against the real controllers without
+real Flower processes.
+
 Not done: image pulls, resource limits, users and groups (processes run as this user), liveness
 probes, init and sidecar containers (only the first container runs).
 """
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import logging
 import os
 import re
@@ -60,6 +67,19 @@ Obj = dict[str, Any]
 LEASE_SECONDS = 40
 RENEW_SECONDS = 10.0
 SA_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# A stand-in container: wait until the fault file exists, then write its message to the
+# termination log and exit with its code (at once on every later start).
+STAND_IN = """\
+import json, os, sys, time
+fault = os.environ["FEDRUN_TEST_FAULT"]
+while not os.path.exists(fault):
+    time.sleep(0.2)
+with open(fault, encoding="utf-8") as handle:
+    code, message = json.load(handle)
+with open(os.environ["FEDRUN_TEST_TERMINATION_LOG"], "w", encoding="utf-8") as handle:
+    handle.write(message)
+sys.exit(code)
+"""
 
 
 def _now() -> str:
@@ -146,6 +166,7 @@ class NodeAgent:
         self.restart_backoff_s = restart_backoff_s
         self.sandboxes: dict[str, Sandbox] = {}
         self.service_ports: dict[tuple[str, str, int], int] = {}
+        self.stand_in_namespaces: set[str] = set()
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -387,6 +408,15 @@ class NodeAgent:
 
         argv = [rewrite(a) for a in [*container.get("command", []), *container.get("args", [])]]
         argv = [str(box.ports[int(a)]) if a.isdigit() and int(a) in box.ports else a for a in argv]
+        if box.namespace in self.stand_in_namespaces:
+            assert box.termination_file is not None
+            box.argv = [sys.executable, "-c", STAND_IN]
+            box.env = {
+                "PATH": os.environ.get("PATH", ""),
+                "FEDRUN_TEST_FAULT": str(box.directory / "fault.json"),
+                "FEDRUN_TEST_TERMINATION_LOG": str(box.termination_file),
+            }
+            return
         if not argv or argv[0] != "fedrun":
             raise ValueError(f"only fedrun's image runs here (the command is {argv[:1]})")
         argv[0] = _fedrun_executable()
@@ -748,6 +778,16 @@ class NodeAgent:
                 if (box.namespace, box.name) == (namespace, name):
                     return box
         raise KeyError(f"no pod {namespace}/{name} on node {self.name}")
+
+    def stand_in(self, namespace: str) -> None:
+        """From now on, Pods of ``namespace`` run a placeholder instead of their command."""
+        self.stand_in_namespaces.add(namespace)
+
+    def fail(self, namespace: str, name: str, code: int, message: str) -> None:
+        """Make a stand-in Pod's container exit with ``code`` and ``message``, at every start."""
+        box = self.sandbox(namespace, name)
+        path = box.directory / "fault.json"
+        path.write_text(json.dumps([code, message]), encoding="utf-8")
 
     def kill(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a Pod's container (its process group), as a crash or an OOM kill would."""

@@ -38,6 +38,19 @@ __all__ = ["ControlPlane", "UnavailableError", "binaries", "shared_kube"]
 REPO = Path(__file__).resolve().parents[2]
 VERSION = "v1.36.2"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+# What the API server audits: requests of ServiceAccounts outside kube-system (the
+# operator's among them), once each, with who, verb, resource and the answer's code.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: None
+    userGroups: ["system:serviceaccounts:kube-system"]
+  - level: Metadata
+    userGroups: ["system:serviceaccounts"]
+  - level: None
+"""
 
 
 class UnavailableError(RuntimeError):
@@ -128,6 +141,12 @@ class ControlPlane:
         """An admin kubeconfig (``system:masters``)."""
         return self.directory / "admin.kubeconfig"
 
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log: one JSON line per request of a ServiceAccount
+        outside kube-system (who, which verb on which resource, the answer's code)."""
+        return self.directory / "logs" / "audit.log"
+
     def log(self, component: str) -> Path:
         """The component's log file."""
         return self.directory / "logs" / f"{component}.log"
@@ -179,6 +198,8 @@ class ControlPlane:
         }
         plane = cls(directory=directory, pki=pki, ports=ports)
         plane.kubeconfig_for(plane.kubeconfig)
+        audit_policy = directory / "audit-policy.yaml"
+        audit_policy.write_text(AUDIT_POLICY, encoding="utf-8")
         deadline = time.monotonic() + timeout_s
         try:
             etcd_url = f"http://127.0.0.1:{ports['etcd']}"
@@ -221,6 +242,11 @@ class ControlPlane:
                     f"--cert-dir={directory / 'apiserver-certs'}",
                     "--profiling=false",
                     "--event-ttl=1h",
+                    f"--audit-policy-file={audit_policy}",
+                    f"--audit-log-path={plane.audit_log}",
+                    "--audit-log-format=json",
+                    "--audit-log-mode=batch",
+                    "--audit-log-batch-max-wait=1s",
                 ],
             )
             context = plane.ssl_context()
