@@ -41,6 +41,11 @@ def cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
         yield running
 
 
+#: The session's control plane once a test has started it: the RBAC proof (tests/rbac) reads
+#: its audit log, and must not start one of its own.
+STARTED_PLANES: list[ControlPlane] = []
+
+
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """etcd, kube-apiserver, kube-controller-manager and kube-scheduler (Kubernetes 1.36)
@@ -52,6 +57,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     except UnavailableError as err:
         pytest.skip(str(err))
     plane = ControlPlane.start(tmp_path_factory.mktemp("control-plane"), bin_dir=bin_dir)
+    STARTED_PLANES.append(plane)
     try:
         yield plane
     finally:

@@ -983,6 +983,14 @@ class HospitalStatus(_Status):
     restarts: int = Field(0, ge=0, description="Failed pods or container restarts so far.")
     epsilon: float | None = Field(None, ge=0, description="ε spent by this hospital.")
     message: str | None = Field(None, description="Last error or note.")
+    last_failure: str | None = Field(
+        None,
+        max_length=1024,
+        description=(
+            "The termination message of the hospital's container the last time it failed "
+            "(kept after the Job controller deleted the Pod)."
+        ),
+    )
 
 
 class FederatedRunStatus(_Status):

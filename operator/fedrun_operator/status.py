@@ -76,8 +76,9 @@ class HospitalObservation:
     complete: bool = False
     failed: bool = False
     failed_reason: str = ""
+    failed_message: str = ""  # the Job's Failed condition's message
     restarts: int = 0
-    message: str = ""
+    message: str = ""  # the latest failed container's termination message, from its Pod
 
 
 @dataclass(frozen=True)
@@ -271,9 +272,18 @@ def _steps_per_round(run: FederatedRun, history: list[tuple[float, float, int]])
 # --------------------------------------------------------------------------- hospitals
 
 
-def hospital_rows(run: FederatedRun, server: Obj | None, obs: Observation) -> list[Obj]:
-    """Per-hospital state: the server's view, corrected by what the Jobs say."""
+def hospital_rows(
+    run: FederatedRun, server: Obj | None, obs: Observation, prev: Obj | None = None
+) -> list[Obj]:
+    """Per-hospital state: the server's view, corrected by what the Jobs say.
+
+    A hospital's restarts never go down, and the last termination message its container
+    wrote is kept in ``lastFailure``: the Job controller deletes a crash-looping Pod when
+    the Job reaches its backoffLimit, before it marks the Job Failed, so by then only the
+    status remembers why the hospital failed.
+    """
     reported = {h["name"]: h for h in (server or {}).get("hospitals", [])}
+    before = {h["name"]: h for h in (prev or {}).get("hospitals", [])}
     rows: list[Obj] = []
     for h in run.spec.hospitals:
         job = obs.hospitals.get(h.name)
@@ -289,16 +299,27 @@ def hospital_rows(run: FederatedRun, server: Obj | None, obs: Observation) -> li
                 row[key] = src[key]
         if isinstance(row.get("message"), str):
             row["message"] = clip(row["message"])
+        old = before.get(h.name, {})
+        last_failure = str(old.get("lastFailure") or "")
         if job is not None:
-            row["restarts"] = max(int(row.get("restarts") or 0), job.restarts, job.failed_pods)
+            row["restarts"] = max(
+                int(row.get("restarts") or 0),
+                int(old.get("restarts") or 0),
+                job.restarts,
+                job.failed_pods,
+            )
+            last_failure = clip(job.message) if job.message else last_failure
             if job.failed:
                 row["state"] = "Failed"
                 row["message"] = clip(
-                    job.message
+                    last_failure
+                    or job.failed_message
                     or f"Job {job.job_name} failed ({job.failed_reason or 'no reason given'})"
                 )
             elif job.complete and row["state"] not in ("Failed",):
                 row["state"] = "Done"
+        if last_failure:
+            row["lastFailure"] = last_failure
         rows.append(row)
     return rows
 
@@ -405,7 +426,7 @@ def decide(
     server = obs.server
     pv = privacy_status(run, prev, server, epsilon, obs.planned)
     privacy, spent, after_next = pv.block, pv.spent, pv.after_next
-    hospitals = hospital_rows(run, server, obs)
+    hospitals = hospital_rows(run, server, obs, prev)
     rnd = (server or {}).get("round") or prev.get("round") or {"current": 0, "total": spec.rounds}
     rnd = {"current": min(int(rnd.get("current", 0)), spec.rounds), "total": spec.rounds}
 

@@ -30,13 +30,7 @@ from .emulator import ApiRequest, FedrunEmulator
 
 T = TypeVar("T")
 
-__all__ = ["RECORDED", "USER_AGENT", "ApiError", "EmulatedCluster"]
-
-
-# Every request each EmulatedCluster of this test session served, kept when it stops: the
-# RBAC proof (tests/rbac) compares the operator's calls in the integration and e2e tests
-# with the chart's rules.
-RECORDED: list[ApiRequest] = []
+__all__ = ["USER_AGENT", "ApiError", "EmulatedCluster"]
 
 
 class EmulatedCluster(KubeClient):
@@ -92,8 +86,6 @@ class EmulatedCluster(KubeClient):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._emulator is not None:
-            RECORDED.extend(self._emulator.requests())
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(self.timeout)

@@ -272,8 +272,9 @@ def observe_job(
         complete="Complete" in conds,
         failed=failed is not None,
         failed_reason=str((failed or {}).get("reason") or ""),
+        failed_message=str((failed or {}).get("message") or ""),
         restarts=pods[0],
-        message=pods[1] or str((failed or {}).get("message") or ""),
+        message=pods[1],
     )
 
 
