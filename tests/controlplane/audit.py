@@ -30,10 +30,13 @@ from typing import Any
 
 from tests.controlplane.cluster import ApiError, RealCluster
 
-__all__ = ["OPERATOR_USER", "Call", "calls", "flush"]
+__all__ = ["OPERATOR_CLIENTS", "OPERATOR_USER", "Call", "calls", "flush"]
 
 #: The chart's operator ServiceAccount, as the API server names its user.
 OPERATOR_USER = "system:serviceaccount:fedrun-system:fedrun-operator"
+#: The operator's own clients, by User-Agent (kopf's and fedrun_operator.kube's): a test
+#: that borrows the ServiceAccount's token sends its own ("fedrun-tests").
+OPERATOR_CLIENTS = ("kopf/", "fedrun-operator/")
 
 
 @dataclass(frozen=True)

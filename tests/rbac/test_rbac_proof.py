@@ -24,12 +24,11 @@ import pytest
 
 from tests.chart.tools import find, render
 from tests.conftest import STARTED_PLANES, WATCHED_NS
-from tests.controlplane.audit import OPERATOR_USER, Call, calls
+from tests.controlplane.audit import OPERATOR_CLIENTS, OPERATOR_USER, Call, calls
 from tests.integration.helpers import NAMESPACE_PREFIX
 
 # The operator's own clients, by User-Agent: kopf's and fedrun_operator.kube's. A test that
 # borrows the account's token (tests/e2e checks what it may not read) sends `fedrun-tests`.
-OPERATOR_CLIENTS = ("kopf/", "fedrun-operator/")
 # The chart as the session installs it (tests/conftest.py): namespaced, one watched namespace.
 SETS = (f"watchNamespaces={json.dumps([WATCHED_NS])}",)
 # tests/e2e/test_real_cluster.py takes the configmaps rule out of the ClusterRole for a
