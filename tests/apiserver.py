@@ -185,7 +185,7 @@ class Admission:
 @functools.cache
 def fedrun_admission() -> Admission:
     """The FederatedRun CRD's admission, built from the operator's models."""
-    from fedrun_operator.crd import build_crd
+    from fedrun_render.crd import build_crd
 
     return Admission(build_crd())
 

@@ -1,1 +1,1 @@
-"""fedrun's Kubernetes side: the FederatedRun API, rendering, the operator and the CLI."""
+"""The fedrun operator: kopf wiring, one reconcile per run, pure decisions, API client, metrics."""

@@ -7,24 +7,14 @@ default that suits a cluster.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
-from fedrun_operator import constants as c
-from fedrun_operator.render import DEFAULT_OPERATOR_NAMESPACE
+from fedrun_core import names as c
 
 DEFAULT_SERVER_URL = "http://{service}.{namespace}.svc:{port}"
 # The namespace the operator's pod runs in; the chart sets it from the downward API
 # (`metadata.namespace`). Run servers admit the operator's status reads from there only.
 OPERATOR_NAMESPACE_ENV = "FEDRUN_OPERATOR_NAMESPACE"
-_NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-
-
-def namespace_name(value: str) -> str:
-    """`value` if it is a Kubernetes namespace name (an RFC 1123 label), else ValueError."""
-    if not _NAMESPACE_NAME.fullmatch(value):
-        raise ValueError(f"{value!r} is not a namespace name (lowercase RFC 1123 label)")
-    return value
 
 
 @dataclass(frozen=True)
@@ -46,7 +36,7 @@ class OperatorConfig:
     succeeded_grace_seconds: float = 60.0
     # Namespace of the operator's own pod: every run server's NetworkPolicy admits the
     # status port only from the operator's pods in this namespace (render_run's argument).
-    operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE
+    operator_namespace: str = c.DEFAULT_OPERATOR_NAMESPACE
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -69,7 +59,7 @@ class OperatorConfig:
             succeeded_grace_seconds=float(
                 env.get("FEDRUN_OPERATOR_SUCCEEDED_GRACE_SECONDS", cls.succeeded_grace_seconds)
             ),
-            operator_namespace=namespace_name(
+            operator_namespace=c.namespace_name(
                 env.get(OPERATOR_NAMESPACE_ENV) or cls.operator_namespace
             ),
         )

@@ -16,7 +16,7 @@ from typing import Any
 
 import kopf
 
-from fedrun_operator import constants as c
+from fedrun_core import names as c
 from fedrun_operator import metrics
 from fedrun_operator.config import OperatorConfig
 from fedrun_operator.handlers.reconcile_run import Outcome, Reconciler

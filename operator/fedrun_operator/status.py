@@ -6,7 +6,7 @@ what to do (stop the run's processes, delete an expired run). It reads no clock 
 no I/O: ``now`` comes in with the observation. Keys are camelCase, as stored.
 
 Privacy: the operator computes every hospital's ε itself with its own RDP accountant
-(:mod:`fedrun_operator.accounting`), twice: from the (σ, q, steps) history the server
+(:mod:`fedrun_core.accounting`), twice: from the (σ, q, steps) history the server
 reports, and from the σ and q the *spec* implies for the hospital's row count (the plan,
 ``Observation.planned``) over the steps reported. It enforces the largest of these, the
 server's own figure and the previous status (ε never goes down), flags a server whose
@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from fedrun_operator.accounting import PlannedCost
-from fedrun_operator.api import FederatedRun
+from fedrun_core.accounting import PlannedCost
+from fedrun_core.api import FederatedRun
+from fedrun_core.times import parse_time, rfc3339
 from fedrun_operator.server_report import clip
+from fedrun_render import security
 
 Obj = dict[str, Any]
 
@@ -114,18 +116,6 @@ class Decision:
     events: list[Event] = field(default_factory=list)
     stop: bool = False  # final or suspended: server to zero replicas, active Jobs suspended
     delete_run: bool = False  # ttlSecondsAfterFinished has passed
-
-
-def rfc3339(t: datetime) -> str:
-    """Kubernetes' time format (UTC, second precision)."""
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(value: str | None) -> datetime | None:
-    """An RFC 3339 time from a status, or None."""
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 # --------------------------------------------------------------------------- privacy
@@ -403,7 +393,6 @@ def decide(
     An insecure run (`spec.security.insecure: true`) also carries `Insecure=True`, and gets
     a Warning Event the first time the condition appears.
     """
-    from fedrun_operator import security  # it builds on this module (rfc3339)
 
     spec = run.spec
     now = obs.now

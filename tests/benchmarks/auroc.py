@@ -1,8 +1,8 @@
 """Part 3, model quality on the real Kaggle stroke data split into three hospitals.
 
-The data is split with the seed plan's label skew (:func:`fedrun_trainer.synthetic.
+The data is split with the seed plan's label skew (:func:`fedrun_cli.demo_data.
 split_real_stroke`), each hospital's file is preprocessed and split 70/30 exactly as a
-hospital does (:func:`fedrun_trainer.data.load_hospital_data`), and then compared:
+hospital does (:func:`fedrun_trainer.common.data.load_hospital_data`), and then compared:
 
 - centralised logistic regression (scikit-learn, no DP) on all training splits pooled;
 - each hospital alone (the same, on its own training split);
@@ -26,11 +26,11 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from fedrun_operator.api import FederatedRun, load_run
-from fedrun_trainer.data import Table, load_hospital_data
-from fedrun_trainer.model import Weights, build_model
-from fedrun_trainer.synthetic import split_real_stroke
-from fedrun_trainer.train import predict_logits
+from fedrun_cli.demo_data import split_real_stroke
+from fedrun_core.api import FederatedRun, load_run
+from fedrun_trainer.common.data import Table, load_hospital_data
+from fedrun_trainer.common.model import Weights, build_model
+from fedrun_trainer.hospital.train import predict_logits
 from tests.benchmarks.localrun import (
     LocalRun,
     derive_run,

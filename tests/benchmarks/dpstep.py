@@ -20,9 +20,9 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedrun_trainer.data import DataConfig, Table, prepare
-from fedrun_trainer.model import ModelConfig, build_model
-from fedrun_trainer.synthetic import synthetic_stroke
+from fedrun_cli.demo_data import synthetic_stroke
+from fedrun_trainer.common.data import DataConfig, Table, prepare
+from fedrun_trainer.common.model import ModelConfig, build_model
 from tests.benchmarks.report import fmt, table
 from tests.benchmarks.settings import BenchSettings, PartResult
 

@@ -3,7 +3,7 @@ one warm process, with no Flower, no processes and no network in between.
 
 It does what the hospitals and the server do in a round, in the same order: each hospital
 evaluates the incoming global model (from round 2 on), opens its privacy ledger, trains one
-round with :func:`~fedrun_trainer.train.train_round` and saves the ledger; then the server
+round with :func:`~fedrun_trainer.hospital.train.train_round` and saves the ledger; then the server
 averages the updates (FedAvg). A final evaluation follows the last round.
 """
 
@@ -18,12 +18,12 @@ from typing import Any
 
 from torch import nn
 
-from fedrun_operator.api import FederatedRun
-from fedrun_trainer.data import Table, load_hospital_data
-from fedrun_trainer.model import Weights, build_model, get_weights
-from fedrun_trainer.privacy import PrivacyLedger, new_ledger, open_ledger, save_ledger
-from fedrun_trainer.strategy import aggregate_fedavg
-from fedrun_trainer.train import evaluate, train_round
+from fedrun_core.api import FederatedRun
+from fedrun_trainer.common.data import Table, load_hospital_data
+from fedrun_trainer.common.model import Weights, build_model, get_weights
+from fedrun_trainer.common.privacy import PrivacyLedger, new_ledger, open_ledger, save_ledger
+from fedrun_trainer.hospital.train import evaluate, train_round
+from fedrun_trainer.server.strategy import aggregate_fedavg
 
 __all__ = ["FloorResult", "compute_floor"]
 

@@ -97,7 +97,7 @@ def _wait(predicate: Any, timeout_s: float, what: str) -> None:
 
 def measure_operator(settings: BenchSettings) -> PartResult:
     """Apply RUNS runs at once; time until their children exist; reconcile time; RSS."""
-    from fedrun_operator.local import free_port
+    from fedrun_local.runner import free_port
     from tests.chart.tools import helm
     from tests.controlplane.cluster import RealCluster
     from tests.controlplane.plane import ControlPlane, UnavailableError, binaries

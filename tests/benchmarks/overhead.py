@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedrun_operator.api import FederatedRun, load_run
+from fedrun_core.api import FederatedRun, load_run
 from tests.benchmarks.floor import FloorResult, compute_floor
 from tests.benchmarks.localrun import (
     LocalRun,

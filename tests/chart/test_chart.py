@@ -21,13 +21,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from fedrun_operator import constants as c
-from fedrun_operator import security
-from fedrun_operator.api import load_run, parse_run
+from fedrun_core import names as c
+from fedrun_core.api import load_run, parse_run
+from fedrun_core.names import DEFAULT_OPERATOR_NAMESPACE
 from fedrun_operator.config import OPERATOR_NAMESPACE_ENV
-from fedrun_operator.crd import build_crd, crd_yaml
 from fedrun_operator.metrics import render as render_metrics
-from fedrun_operator.render import DEFAULT_OPERATOR_NAMESPACE, render_run
+from fedrun_render import security
+from fedrun_render.crd import build_crd, crd_yaml
+from fedrun_render.workloads import render_run
 
 from .tools import (
     CHART,
@@ -427,7 +428,7 @@ def test_image_by_digest() -> None:
 
 
 def fedrun_operator_parser() -> argparse.ArgumentParser:
-    from fedrun_operator.cli import build_parser
+    from fedrun_cli.main import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

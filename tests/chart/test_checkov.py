@@ -1,7 +1,7 @@
 """checkov over the chart and over the children the operator renders: zero failed checks.
 
 A check that does not apply is skipped where the object is written, with its reason:
-checkov skip annotations in the chart's templates and in fedrun_operator/render.py. The
+checkov skip annotations in the chart's templates and in fedrun_render/workloads.py. The
 few skips that belong to how these tests render (not to the objects) sit in
 SKIPS_HERE below, each with its reason.
 """
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from fedrun_operator.api import load_run, parse_run
-from fedrun_operator.render import render_run, to_yaml
+from fedrun_core.api import load_run, parse_run
+from fedrun_render.workloads import render_run, to_yaml
 
 from .tools import CHART, CI_VALUES, REPO, checkov, helm, render_text, run, values_id
 

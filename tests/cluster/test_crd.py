@@ -113,7 +113,7 @@ def test_the_real_server_keeps_a_running_spec_immutable(
 
 
 def test_kubectl_explain_reads_the_models_descriptions(api: RealCluster) -> None:
-    from fedrun_operator.api import PrivacySpec
+    from fedrun_core.api import PrivacySpec
 
     out = api.kubectl("explain", "federatedruns.spec.privacy.targetEpsilon").stdout
     description = PrivacySpec.model_fields["target_epsilon"].description
@@ -122,7 +122,7 @@ def test_kubectl_explain_reads_the_models_descriptions(api: RealCluster) -> None
 
 
 def test_kubectl_get_shows_the_printer_columns(api: RealCluster) -> None:
-    from fedrun_operator.crd import build_crd
+    from fedrun_render.crd import build_crd
 
     name = "columns"
     _stored_run(api, name, None)

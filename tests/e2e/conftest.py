@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from fedrun_operator.api import FederatedRun, parse_run
-from fedrun_operator.local import LocalCluster
+from fedrun_core.api import FederatedRun, parse_run
+from fedrun_local.runner import LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "federatedrun-local.yaml"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedrun_trainer.synthetic import synthetic_stroke
+from fedrun_cli.demo_data import synthetic_stroke
 
 from .conftest import example_run
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from fedrun_trainer.synthetic import write_demo_hospitals
+from fedrun_cli.demo_data import write_demo_hospitals
 
 from .conftest import EXAMPLE
 
@@ -38,7 +38,7 @@ def _fedrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 
 def _auth_dir(tmp_path: Path) -> Path:
     """The hospital-a files of a run's Secret, as the pod mounts them."""
-    from fedrun_operator import pki
+    from fedrun_core import pki
 
     material = pki.generate("demo", "default", ["hospital-a"], now=datetime.now(UTC))
     auth = tmp_path / "auth"

@@ -2,7 +2,7 @@
 
 One federation for the module: a SuperLink on loopback with TLS, ``--enable-supernode-auth``
 and an executor secret (``--isolation process --superexec-auth-secret-file``); the
-fleet-only proxy (``python -m fedrun_trainer.fleet_proxy``) in front of it, as a hospital
+fleet-only proxy (``python -m fedrun_trainer.server.fleet_proxy``) in front of it, as a hospital
 would reach it; one hospital whose key is registered, connected through the proxy. Then
 rogues try: no key, an unregistered key, another run's key, the wrong CA, a server
 certificate that expired or names another host, and plain HTTPS calls to the Control and
@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fedrun_trainer import flwr_env
-from fedrun_trainer.fleet_proxy import (
+from fedrun_trainer.common import flwr_env
+from fedrun_trainer.server.fleet_proxy import (
     ProxyConfig,
     ProxyThread,
     server_context,
@@ -298,7 +298,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
             [
                 sys.executable,
                 "-m",
-                "fedrun_trainer.fleet_proxy",
+                "fedrun_trainer.server.fleet_proxy",
                 "--listen",
                 f"127.0.0.1:{fleet_port}",
                 "--upstream",

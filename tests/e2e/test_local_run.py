@@ -10,10 +10,10 @@ import mlflow
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedrun_operator.api import FederatedRunStatus
-from fedrun_operator.cli import main as fedrun_main
-from fedrun_trainer.privacy import load_ledger
-from fedrun_trainer.synthetic import write_demo_hospitals
+from fedrun_cli.demo_data import write_demo_hospitals
+from fedrun_cli.main import main as fedrun_main
+from fedrun_core.api import FederatedRunStatus
+from fedrun_trainer.common.privacy import load_ledger
 
 from .conftest import EXAMPLE, example_run
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fedrun_trainer.synthetic import write_demo_hospitals
+from fedrun_cli.demo_data import write_demo_hospitals
 from tests.conftest import RELEASE_NS, WATCHED_NS
 from tests.controlplane.cluster import ApiError, RealCluster
 from tests.controlplane.node import NodeAgent

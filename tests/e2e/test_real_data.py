@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fedrun_operator.cli import main as fedrun_main
+from fedrun_cli.main import main as fedrun_main
 
 from .conftest import EXAMPLE
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from fedrun_trainer.privacy import load_ledger
-from fedrun_trainer.synthetic import write_demo_hospitals
+from fedrun_cli.demo_data import write_demo_hospitals
+from fedrun_trainer.common.privacy import load_ledger
 
 from .conftest import example_run
 

@@ -43,14 +43,14 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedrun_operator import constants as c
-from fedrun_operator import pki
-from fedrun_operator.api import FederatedRun, parse_run
-from fedrun_operator.local import LocalCluster, Pod
-from fedrun_operator.render import server_name
-from fedrun_operator.security import server_tls_secret_name
-from fedrun_trainer import flwr_env
-from fedrun_trainer.synthetic import write_demo_hospitals
+from fedrun_cli.demo_data import write_demo_hospitals
+from fedrun_core import names as c
+from fedrun_core import pki
+from fedrun_core.api import FederatedRun, parse_run
+from fedrun_local.runner import LocalCluster, Pod
+from fedrun_render.security import server_tls_secret_name
+from fedrun_render.workloads import server_name
+from fedrun_trainer.common import flwr_env
 
 from .conftest import example_run, wait_for
 

@@ -24,10 +24,11 @@ from typing import Any
 
 import pytest
 
-from fedrun_operator import pki, security
-from fedrun_operator.api import FederatedRun, parse_run
-from fedrun_operator.render import config_json
-from fedrun_trainer import flwr_env
+from fedrun_core import pki
+from fedrun_core.api import FederatedRun, parse_run
+from fedrun_render import security
+from fedrun_render.workloads import config_json
+from fedrun_trainer.common import flwr_env
 
 from .conftest import example_run, wait_for
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedrun_trainer.synthetic import write_demo_hospitals
+from fedrun_cli.demo_data import write_demo_hospitals
 
 from .conftest import example_run
 

@@ -30,11 +30,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from kopf.testing import KopfRunner
 
-from fedrun_operator import metrics, pki
-from fedrun_operator.accounting import epsilon
-from fedrun_operator.constants import ANNOTATION_CONFIG_HASH
-from fedrun_operator.render import config_hash
-from fedrun_operator.security import INSECURE_MESSAGE
+from fedrun_core import pki
+from fedrun_core.accounting import epsilon
+from fedrun_core.names import ANNOTATION_CONFIG_HASH
+from fedrun_operator import metrics
+from fedrun_render.security import INSECURE_MESSAGE
+from fedrun_render.workloads import config_hash
 from tests.conftest import RELEASE_NS, WATCHED_NS
 from tests.controlplane.audit import OPERATOR_CLIENTS, OPERATOR_USER, Call, calls, flush
 from tests.controlplane.cluster import ApiError, RealCluster

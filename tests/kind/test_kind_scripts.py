@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from fedrun_operator import constants as c
-from fedrun_operator.api import load_run, pvc_claim, pvc_mount_path
+from fedrun_core import names as c
+from fedrun_core.api import load_run, pvc_claim, pvc_mount_path
 
 ROOT = Path(__file__).resolve().parents[2]
 E2E = ROOT / "tests" / "kind" / "e2e.sh"

@@ -1,7 +1,7 @@
 """kmock's Kubernetes emulator with the API server behaviour fedrun's operator relies on.
 
 kmock stores objects and streams watch events; this subclass adds what kube-apiserver does
-and kmock does not (see FACTS.md): object metadata (uid, a global resourceVersion,
+and kmock does not (see docs/facts.md): object metadata (uid, a global resourceVersion,
 creationTimestamp, generation), status-subresource isolation, RFC 7386 merge patches,
 409 on a stale resourceVersion, PUT, label and field selectors on list and watch, watches
 that resume from a resourceVersion, owner-reference garbage collection, admission of
@@ -790,7 +790,7 @@ def _seen_as(change: _Change, served: Served, matches: Callable[[Obj], bool]) ->
 
 def _crd() -> Obj:
     """The FederatedRun CRD as a cluster holds it after `helm install` (Established)."""
-    from fedrun_operator.crd import build_crd
+    from fedrun_render.crd import build_crd
 
     crd = build_crd()
     crd["status"] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedrun_operator.crd import build_crd
+from fedrun_render.crd import build_crd
 
 # Every verb a resource's own endpoint answers (RBAC's names for them).
 VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")

@@ -60,7 +60,7 @@ def _age(timestamp: Any) -> str | None:
 
 def _columns(served: Served) -> list[dict[str, Any]]:
     if served == FEDERATED_RUNS:
-        from fedrun_operator.crd import build_crd
+        from fedrun_render.crd import build_crd
 
         return list(build_crd()["spec"]["versions"][0].get("additionalPrinterColumns", []))
     return [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedrun_operator.accounting import (
+from fedrun_core.accounting import (
     DEFAULT_ALPHAS,
     EPSILON_SLACK,
     collapse,
@@ -19,7 +19,7 @@ from fedrun_operator.accounting import (
     epsilon_after,
     fits_budget,
 )
-from fedrun_trainer.privacy import epsilon_of
+from fedrun_trainer.common.privacy import epsilon_of
 
 REL = 1e-9
 DELTAS = (1e-5, 1e-7)
@@ -78,7 +78,7 @@ def test_collapse_merges_equal_sigma_and_q_in_first_seen_order() -> None:
 
 
 def test_facts_figures_hold_at_delta_1e_5_only() -> None:
-    # FACTS.md: σ=1, q=1/13 gives ε=3.05 after 13 steps and 4.24 after 39 (one vs three
+    # docs/facts.md: σ=1, q=1/13 gives ε=3.05 after 13 steps and 4.24 after 39 (one vs three
     # rounds). Find the δ among the usual powers of ten that gives both figures.
     matching = [
         delta
@@ -184,7 +184,7 @@ def test_fits_budget_is_the_stop_rule() -> None:
 
 def test_import_pulls_in_neither_torch_nor_numpy() -> None:
     probe = (
-        "import sys, fedrun_operator.accounting as a\n"
+        "import sys, fedrun_core.accounting as a\n"
         "assert a.epsilon([(1.0, 0.1, 10)], 1e-5) > 0\n"
         "heavy = {'torch', 'numpy', 'scipy', 'opacus'}\n"
         "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n"

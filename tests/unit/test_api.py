@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fedrun_operator.api import (
+from fedrun_core.api import (
     FederatedRun,
     FederatedRunStatus,
     Phase,

@@ -6,9 +6,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from fedrun_operator.api import load_run
+from fedrun_core.api import load_run
 from fedrun_operator.children import Action, covers, plan_child
-from fedrun_operator.render import render_run
+from fedrun_render.workloads import render_run
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = load_run(ROOT / "examples" / "federatedrun-local.yaml")

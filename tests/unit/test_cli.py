@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from fedrun_operator.cli import build_parser, main
+from fedrun_cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "federatedrun-local.yaml"

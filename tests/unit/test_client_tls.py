@@ -25,11 +25,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedrun_operator import pki, security
-from fedrun_operator.api import parse_run
-from fedrun_trainer import client, flwr_env
-from fedrun_trainer.client import ClientOptions, OutputTail, explain_flower_exit, run_client
-from fedrun_trainer.hospital import DONE_MARKER
+from fedrun_core import pki
+from fedrun_core.api import parse_run
+from fedrun_render import security
+from fedrun_trainer.common import flwr_env
+from fedrun_trainer.hospital import main as client
+from fedrun_trainer.hospital.handlers import DONE_MARKER
+from fedrun_trainer.hospital.main import ClientOptions, OutputTail, explain_flower_exit, run_client
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 HOSPITALS = ["hospital-a", "hospital-b"]

@@ -25,15 +25,21 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrun_operator.api import FederatedRunStatus
-from fedrun_trainer import coordinator as coordinator_module
-from fedrun_trainer import protocol
-from fedrun_trainer.coordinator import Coordinator, CoordinatorSettings, Weights
-from fedrun_trainer.hospital import NodeSettings, _reply
-from fedrun_trainer.privacy import epsilon_of
-from fedrun_trainer.protocol import Outcome
-from fedrun_trainer.run_state import PHASES_FINAL, RoundRecord, RunState, to_history, to_status
-from fedrun_trainer.strategy import aggregate_fedavg
+from fedrun_core.api import FederatedRunStatus
+from fedrun_trainer.common import protocol
+from fedrun_trainer.common.privacy import epsilon_of
+from fedrun_trainer.common.protocol import Outcome
+from fedrun_trainer.hospital.handlers import NodeSettings, _reply
+from fedrun_trainer.server import coordinator as coordinator_module
+from fedrun_trainer.server.coordinator import Coordinator, CoordinatorSettings, Weights
+from fedrun_trainer.server.run_state import (
+    PHASES_FINAL,
+    RoundRecord,
+    RunState,
+    to_history,
+    to_status,
+)
+from fedrun_trainer.server.strategy import aggregate_fedavg
 
 DELTA = 1e-5
 N_FEATURES = 3

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from fedrun_operator import api
-from fedrun_operator.crd import build_crd, crd_yaml
+from fedrun_core import api
+from fedrun_render.crd import build_crd, crd_yaml
 
 from ..apiserver import CEL, admit, apply_defaults, evaluate
 
@@ -76,7 +76,7 @@ def walk(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
 
 def test_committed_crd_matches_the_models() -> None:
     assert CRD_FILE.read_text(encoding="utf-8") == crd_yaml(), (
-        "crds/federatedrun.yaml is stale: run `python -m fedrun_operator.crd > "
+        "crds/federatedrun.yaml is stale: run `python -m fedrun_render.crd > "
         "crds/federatedrun.yaml`"
     )
 

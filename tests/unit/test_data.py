@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedrun_trainer.data import (
+from fedrun_cli.demo_data import synthetic_stroke, write_demo_hospitals
+from fedrun_trainer.common.data import (
     INDICATOR_VALUE,
     STROKE_BMI_IMPUTE,
     DataConfig,
@@ -20,7 +21,6 @@ from fedrun_trainer.data import (
     prepare,
     split,
 )
-from fedrun_trainer.synthetic import synthetic_stroke, write_demo_hospitals
 
 STROKE = DataConfig(preset="stroke")
 GENERIC = DataConfig(

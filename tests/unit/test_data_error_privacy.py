@@ -20,9 +20,10 @@ import yaml
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrun_trainer import hospital, protocol
-from fedrun_trainer.data import DataConfig, DataError, Feature, load_table, prepare
-from fedrun_trainer.synthetic import synthetic_stroke
+from fedrun_cli.demo_data import synthetic_stroke
+from fedrun_trainer.common import protocol
+from fedrun_trainer.common.data import DataConfig, DataError, Feature, load_table, prepare
+from fedrun_trainer.hospital import handlers as hospital
 
 SENTINEL = "DOE JANE MRN 123456 HIV+"
 REPO = Path(__file__).resolve().parents[2]
@@ -199,7 +200,7 @@ def test_bad_data_reaches_the_server_located_and_the_log_with_the_value(
 def test_a_crash_sends_its_type_only_and_logs_the_rest(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedrun_trainer import session
+    from fedrun_trainer.hospital import session
 
     def crash(*_: object) -> None:
         raise RuntimeError(f"cannot convert {SENTINEL}")

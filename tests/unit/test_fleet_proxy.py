@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from fedrun_trainer.fleet_proxy import (
+from fedrun_trainer.server.fleet_proxy import (
     ProxyConfig,
     ProxyThread,
     RefusedError,

@@ -15,9 +15,10 @@ import yaml
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrun_trainer import hospital, protocol
-from fedrun_trainer.privacy import new_ledger, save_ledger
-from fedrun_trainer.synthetic import synthetic_stroke
+from fedrun_cli.demo_data import synthetic_stroke
+from fedrun_trainer.common import protocol
+from fedrun_trainer.common.privacy import new_ledger, save_ledger
+from fedrun_trainer.hospital import handlers as hospital
 
 REPO = Path(__file__).resolve().parents[2]
 

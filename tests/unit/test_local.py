@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fedrun_operator import constants as c
-from fedrun_operator.api import FederatedRun, load_run
-from fedrun_operator.local import LocalCluster, Pod, default_timeout, free_port, override_data
+from fedrun_core import names as c
+from fedrun_core.api import FederatedRun, load_run
+from fedrun_local.runner import LocalCluster, Pod, default_timeout, free_port, override_data
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "federatedrun-local.yaml"

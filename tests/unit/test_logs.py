@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from fedrun_operator.logs import JsonFormatter
+from fedrun_core.logs import JsonFormatter
 
 
 def _line(**extra: object) -> dict[str, object]:

@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 
-from fedrun_operator.accounting import epsilon
-from fedrun_operator.api import FederatedRun, load_run, parse_run
-from fedrun_operator.security import INSECURE_MESSAGE
+from fedrun_core.accounting import epsilon
+from fedrun_core.api import FederatedRun, load_run, parse_run
 from fedrun_operator.status import (
     CONDITION_TYPES,
     SUCCEEDED_GRACE_S,
@@ -21,6 +20,7 @@ from fedrun_operator.status import (
     decide,
     rfc3339,
 )
+from fedrun_render.security import INSECURE_MESSAGE
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedrun_operator import pki
+from fedrun_core import pki
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 HOSPITALS = ["hospital-a", "hospital-b", "hospital-c"]

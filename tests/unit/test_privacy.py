@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from fedrun_trainer.privacy import (
+from fedrun_trainer.common.privacy import (
     MAX_HISTORY,
     MAX_LEDGER_BYTES,
     BudgetExceeded,
@@ -22,13 +22,13 @@ from fedrun_trainer.privacy import (
     save_ledger,
     steps_per_epoch,
 )
-from fedrun_trainer.session import resume_from_server
+from fedrun_trainer.hospital.session import resume_from_server
 
 DELTA = 1e-5
 
 
 def test_epsilon_matches_opacus_reference_figures() -> None:
-    # FACTS.md: σ=1, q=1/13 gives ε=3.05 after 13 steps and 4.24 after 39, not 3 x 3.05.
+    # docs/facts.md: σ=1, q=1/13 gives ε=3.05 after 13 steps and 4.24 after 39, not 3 x 3.05.
     assert epsilon_of([(1.0, 1 / 13, 13)], DELTA) == pytest.approx(3.05, abs=0.01)
     three_rounds = [(1.0, 1 / 13, 13)] * 3
     assert epsilon_of(three_rounds, DELTA) == pytest.approx(4.24, abs=0.01)

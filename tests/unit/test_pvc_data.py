@@ -13,21 +13,21 @@ from typing import Any
 import jsonschema
 import pytest
 
-from fedrun_operator import api
-from fedrun_operator import constants as c
-from fedrun_operator.api import SpecError, load_run, parse_run, pvc_pod_path
-from fedrun_operator.crd import build_crd
-from fedrun_operator.local import (
+from fedrun_cli.demo_data import write_demo_hospitals
+from fedrun_core import api
+from fedrun_core import names as c
+from fedrun_core.api import SpecError, load_run, parse_run, pvc_pod_path
+from fedrun_local.runner import (
     ClusterOnlyError,
     LocalCluster,
     LocalOptions,
     override_data,
     run_local,
 )
-from fedrun_operator.render import render_run
-from fedrun_trainer.data import DataError, load_table, resolve_local_path
-from fedrun_trainer.privacy import load_ledger, new_ledger, save_ledger
-from fedrun_trainer.synthetic import write_demo_hospitals
+from fedrun_render.crd import build_crd
+from fedrun_render.workloads import render_run
+from fedrun_trainer.common.data import DataError, load_table, resolve_local_path
+from fedrun_trainer.common.privacy import load_ledger, new_ledger, save_ledger
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_EXAMPLE = ROOT / "examples" / "federatedrun-local-cluster.yaml"

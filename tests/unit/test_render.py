@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from fedrun_operator import constants as c
-from fedrun_operator.api import FederatedRun, load_run, parse_run
-from fedrun_operator.render import config_json, render_run, to_yaml
+from fedrun_core import names as c
+from fedrun_core.api import FederatedRun, load_run, parse_run
+from fedrun_render.workloads import config_json, render_run, to_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 Manifest = dict[str, Any]
@@ -246,7 +246,7 @@ def _secret_mount(workload: Manifest) -> tuple[str, dict[str, Any]] | None:
 
 
 def test_each_pod_mounts_only_its_own_secret_read_only(children: dict[Any, Manifest]) -> None:
-    from fedrun_operator.security import hospital_auth_secret_name, server_tls_secret_name
+    from fedrun_render.security import hospital_auth_secret_name, server_tls_secret_name
 
     run = make_run()
     mounts = {

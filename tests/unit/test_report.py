@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from fedrun_trainer.report import plot_report
+from fedrun_local.plot import plot_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

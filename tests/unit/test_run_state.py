@@ -11,10 +11,10 @@ import jsonschema
 import pytest
 import yaml
 
-from fedrun_operator.accounting import epsilon
-from fedrun_operator.api import FederatedRunStatus
-from fedrun_trainer.privacy import epsilon_of
-from fedrun_trainer.run_state import (
+from fedrun_core.accounting import epsilon
+from fedrun_core.api import FederatedRunStatus
+from fedrun_trainer.common.privacy import epsilon_of
+from fedrun_trainer.server.run_state import (
     HospitalState,
     RoundRecord,
     RunState,

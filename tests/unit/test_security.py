@@ -1,4 +1,4 @@
-"""A run's Secrets, NetworkPolicies and Insecure condition (fedrun_operator/security.py).
+"""A run's Secrets, NetworkPolicies and Insecure condition (fedrun_render/security.py).
 
 The NetworkPolicies are checked twice: rule by rule, and by a small evaluator of Kubernetes'
 NetworkPolicy semantics that answers "may this pod open this port on that one?" for the
@@ -23,13 +23,16 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedrun_operator import constants as c
-from fedrun_operator import metrics, pki, security
-from fedrun_operator.api import FederatedRun, SpecError, load_run, parse_run
+from fedrun_core import names as c
+from fedrun_core import pki
+from fedrun_core.api import FederatedRun, SpecError, load_run, parse_run
+from fedrun_core.names import DEFAULT_OPERATOR_NAMESPACE
+from fedrun_operator import metrics
 from fedrun_operator.config import OPERATOR_NAMESPACE_ENV, OperatorConfig
 from fedrun_operator.handlers.reconcile_run import Outcome, Reconciler
 from fedrun_operator.kube import Kube
-from fedrun_operator.render import DEFAULT_OPERATOR_NAMESPACE, config_json, render_run, to_yaml
+from fedrun_render import security
+from fedrun_render.workloads import config_json, render_run, to_yaml
 
 from ..apiserver import admit
 from ..chart.tools import KUBE_VERSIONS, checkov, one, render, run

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedrun_trainer.run_state import RoundRecord, RunState, to_history, to_status
-from fedrun_trainer.server_metrics import PHASES, ROUND_BUCKETS, render_metrics
+from fedrun_trainer.server.metrics import PHASES, ROUND_BUCKETS, render_metrics
+from fedrun_trainer.server.run_state import RoundRecord, RunState, to_history, to_status
 
 HOSPITALS = ["hospital-a", "hospital-b", "hospital-c"]
 DURATIONS = [0.8, 3.0, 12.0]

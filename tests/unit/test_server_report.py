@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from fedrun_operator.accounting import epsilon, noise_multiplier_for_run, planned_cost
-from fedrun_operator.api import FederatedRunStatus, load_run
+from fedrun_core.accounting import epsilon, noise_multiplier_for_run, planned_cost
+from fedrun_core.api import FederatedRunStatus, load_run
 from fedrun_operator.handlers.reconcile_run import _pod_facts
 from fedrun_operator.server_report import (
     MAX_MESSAGE_CHARS,
@@ -25,8 +25,8 @@ from fedrun_operator.server_report import (
     parse_report,
 )
 from fedrun_operator.status import CONDITION_ACCOUNTING_MISMATCH, Observation, decide
-from fedrun_trainer.privacy import noise_multiplier_for_run as opacus_noise_multiplier
-from fedrun_trainer.run_state import RunState, to_status
+from fedrun_trainer.common.privacy import noise_multiplier_for_run as opacus_noise_multiplier
+from fedrun_trainer.server.run_state import RunState, to_status
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedrun_trainer.strategy import FedAdam, aggregate_fedavg, max_epsilon, weighted_average
+from fedrun_trainer.server.strategy import FedAdam, aggregate_fedavg
 
 
 def w(*values: float) -> list[np.ndarray]:
@@ -37,15 +37,3 @@ def test_fedadam_follows_reddi() -> None:
     assert second[0][0] > first[0][0] and second[0][1] < first[0][1]
     with pytest.raises(ValueError, match="learning_rate"):
         FedAdam(learning_rate=0.0)
-
-
-def test_weighted_average_skips_none() -> None:
-    out = weighted_average(
-        [(10, {"loss": 1.0, "auroc": None}), (30, {"loss": 2.0, "auroc": 0.8}), (0, {"loss": 9.0})]
-    )
-    assert out == pytest.approx({"loss": 1.75, "auroc": 0.8})
-
-
-def test_max_epsilon() -> None:
-    assert max_epsilon([0.2, None, 0.7, 0.5]) == 0.7
-    assert max_epsilon([]) == 0.0

@@ -20,10 +20,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedrun_operator import pki, security
-from fedrun_operator.api import FederatedRun, parse_run
-from fedrun_trainer import flwr_env
-from fedrun_trainer.superlink import LOOPBACK, MaterialError, ServerTls, check_material
+from fedrun_core import pki
+from fedrun_core.api import FederatedRun, parse_run
+from fedrun_render import security
+from fedrun_trainer.common import flwr_env
+from fedrun_trainer.server.superlink import LOOPBACK, MaterialError, ServerTls, check_material
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 HOSPITALS = ["hospital-a", "hospital-b", "hospital-c"]

@@ -1,4 +1,4 @@
-"""`python -m fedrun_operator.terraform_hospitals`: Terraform's outputs to a hospitals: block.
+"""`python -m fedrun_cli.terraform_hospitals`: Terraform's outputs to a hospitals: block.
 
 test_terraform.py feeds it the `hospitals` output evaluated from terraform/ itself; these
 tests pin its input forms, its YAML and its refusals.
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from fedrun_operator.api import parse_run
-from fedrun_operator.terraform_hospitals import HospitalsOutputError, hospitals_block, to_yaml
+from fedrun_cli.terraform_hospitals import HospitalsOutputError, hospitals_block, to_yaml
+from fedrun_core.api import parse_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,7 +110,7 @@ def test_bad_outputs_and_keys_are_refused(
 
 def _module(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fedrun_operator.terraform_hospitals", *args],
+        [sys.executable, "-m", "fedrun_cli.terraform_hospitals", *args],
         input=stdin,
         capture_output=True,
         text=True,

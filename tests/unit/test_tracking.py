@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from fedrun_trainer.tracking import Tracker, default_tracking_uri
+from fedrun_trainer.server.tracking import Tracker, default_tracking_uri
 
 PARAMS = {"rounds": 5, "strategy": "FedAvg", "target_epsilon": 1.0, "dp_enabled": True}
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedrun_trainer.data import Table
-from fedrun_trainer.model import ModelConfig, build_model, get_weights, set_weights
-from fedrun_trainer.privacy import BudgetExceeded, PrivacyLedger, new_ledger
-from fedrun_trainer.train import PrivacyConfig, TrainingConfig, evaluate, train_round
+from fedrun_trainer.common.data import Table
+from fedrun_trainer.common.model import ModelConfig, build_model, get_weights, set_weights
+from fedrun_trainer.common.privacy import BudgetExceeded, PrivacyLedger, new_ledger
+from fedrun_trainer.hospital.train import PrivacyConfig, TrainingConfig, evaluate, train_round
 
 N_FEATURES = 4
 TRAINING = TrainingConfig(learning_rate=0.5, batch_size=32)

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedrun_trainer.data import Table
-from fedrun_trainer.model import build_model, get_weights
-from fedrun_trainer.privacy import new_ledger
-from fedrun_trainer.train import PrivacyConfig, TrainingConfig, train_round
+from fedrun_trainer.common.data import Table
+from fedrun_trainer.common.model import build_model, get_weights
+from fedrun_trainer.common.privacy import new_ledger
+from fedrun_trainer.hospital.train import PrivacyConfig, TrainingConfig, train_round
 from fedrun_trainer.warm_executor import PINNED_FLWR, check_hook, reseed
 
 CHILD_TIMEOUT_S = 60.0

@@ -11,7 +11,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedrun_trainer import hospital
+from fedrun_trainer.hospital import handlers as hospital
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -19,7 +19,7 @@ client_app = ClientApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    from fedrun_trainer.federation import run_federation
+    from fedrun_trainer.server.federation import run_federation
 
     run_federation(grid, context)
 

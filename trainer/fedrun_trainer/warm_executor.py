@@ -77,7 +77,7 @@ def warm_up() -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     import fedrun_trainer.apps
-    import fedrun_trainer.session  # noqa: F401 - data, model, privacy, training
+    import fedrun_trainer.hospital.session  # noqa: F401 - data, model, privacy, training
 
     model = torch.nn.Linear(3, 1)
     data = TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)).float())

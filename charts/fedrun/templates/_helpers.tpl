@@ -55,7 +55,7 @@ app.kubernetes.io/component: operator
 
 {{/*
 Labels every run server's NetworkPolicy admits to its status port, from the operator's
-namespace (fedrun_operator.security.OPERATOR_POD_LABELS: change both together). Fixed: no
+namespace (fedrun_render.security.OPERATOR_POD_LABELS: change both together). Fixed: no
 value (nameOverride, podLabels) changes them, so the policies keep matching the operator.
 */}}
 {{- define "fedrun.operator.policyLabels" -}}

@@ -11,7 +11,7 @@ restarted mid-run picks up where the last one stopped and creates no duplicates.
 3. create missing children, set drifted ones back, or (when final) scale the server to zero
    and suspend Jobs still running; patch the status; post the Events.
 
-A secure run's TLS and node-key Secrets (:func:`fedrun_operator.security.secret_manifests`)
+A secure run's TLS and node-key Secrets (:func:`fedrun_render.security.secret_manifests`)
 are created, from new material, whenever the server Deployment is about to be created, and
 before it and the Jobs (their pods mount them). The operator only creates Secrets, never
 reads them (least privilege): one that exists already (409) is kept, and none is repaired.
@@ -37,14 +37,15 @@ from typing import Any
 
 import aiohttp
 
-from fedrun_operator import constants as c
-from fedrun_operator import metrics, pki, security
-from fedrun_operator.accounting import PlannedCost, epsilon, planned_cost
-from fedrun_operator.api import FederatedRun, SpecError, parse_run
+from fedrun_core import names as c
+from fedrun_core import pki
+from fedrun_core.accounting import PlannedCost, epsilon, planned_cost
+from fedrun_core.api import FederatedRun, SpecError, parse_run
+from fedrun_core.times import rfc3339
+from fedrun_operator import metrics
 from fedrun_operator.children import Action, owned_by, plan_child
 from fedrun_operator.config import OperatorConfig
 from fedrun_operator.kube import ConflictError, ForbiddenError, Kube
-from fedrun_operator.render import config_hash, config_name, render_run, server_name
 from fedrun_operator.server_report import MAX_REPORT_BYTES, ReportError, clip, parse_report
 from fedrun_operator.status import (
     FINAL_PHASES,
@@ -52,8 +53,9 @@ from fedrun_operator.status import (
     HospitalObservation,
     Observation,
     decide,
-    rfc3339,
 )
+from fedrun_render import security
+from fedrun_render.workloads import config_hash, config_name, render_run, server_name
 
 log = logging.getLogger("fedrun.operator")
 

@@ -1,0 +1,1289 @@
+"""The FederatedRun API: pydantic models for spec and status, loading and defaults.
+
+These models are the single source of truth for the resource: `crd.py` generates the
+CustomResourceDefinition from them, so every field description here is what
+`kubectl explain federatedrun.spec...` shows. Cross-field rules are enforced twice, by a
+pydantic validator (for `fedrun local` and `fedrun render`) and by the CEL rule declared
+beside it in `x-kubernetes-validations` (for `kubectl apply`); tests keep them in step.
+
+Every string, list and map in the spec is bounded: the API server estimates the cost of a CEL
+rule from these bounds (the immutability rule compares the whole spec) and refuses a CRD
+whose rules might cost too much.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from fedrun_core import names as c
+
+__all__ = [
+    "Condition",
+    "ConditionStatus",
+    "DataSpec",
+    "Feature",
+    "FederatedRun",
+    "FederatedRunSpec",
+    "FederatedRunStatus",
+    "Hospital",
+    "HospitalPrivacyStatus",
+    "HospitalState",
+    "HospitalStatus",
+    "MetricsStatus",
+    "MlflowSpec",
+    "ObjectMeta",
+    "Phase",
+    "PrivacySpec",
+    "PrivacyStatus",
+    "Resources",
+    "RoundStatus",
+    "SecuritySpec",
+    "ServerSpec",
+    "SpecError",
+    "StrategySpec",
+    "Toleration",
+    "TrainingSpec",
+    "ledger_uri",
+    "load_run",
+    "parse_run",
+    "pvc_claim",
+    "pvc_mount_path",
+    "pvc_pod_path",
+]
+
+# Kubernetes names. Services need DNS-1035 labels (leading letter), the rest DNS-1123 labels.
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# `<run>-server` must stay a 63-character label.
+MAX_RUN_NAME = c.MAX_LABEL_LENGTH - len(c.SERVER_SUFFIX)
+# `<run>-<hospital>` (ServiceAccount, Job and the Job's pod label) must stay a label too.
+MAX_RUN_PLUS_HOSPITAL = c.MAX_LABEL_LENGTH - 1
+
+# pvc://<claim>/<path>: a file on a PersistentVolumeClaim of the run's namespace. The claim
+# is a DNS-1123 subdomain; the path is relative and has no empty, '.' or '..' segment, so it
+# cannot name anything outside the claim. Written without lookahead: the API server's
+# regular expressions (RE2) have none.
+PVC_CLAIM = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+PVC_SEGMENT = r"([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+)"
+PVC_URI = rf"pvc://{PVC_CLAIM}/{PVC_SEGMENT}(/{PVC_SEGMENT})*"
+MAX_PVC_CLAIM = 253
+# s3://bucket/key, file:///absolute, file:relative (to the reader's working directory),
+# an absolute path inside the pod (a mounted volume), or pvc://claim/path.
+DATA_URI = (
+    r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+|file:///.+|file:[^/].*|/.+|" + PVC_URI + ")$"
+)
+ROLE_ARN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$"
+# Kubernetes resource.Quantity as a string, e.g. 500m, 2Gi, 1.5.
+QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+DEFAULT_PROXIMAL_MU = 0.01
+DEFAULT_SERVER_LEARNING_RATE = 0.1
+DEFAULT_HIDDEN_SIZES = (32, 16)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class RuleError(ValueError):
+    """A cross-field rule broken at `loc` (a path relative to the model that raised it)."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One `x-kubernetes-validations` entry (see crd.py)."""
+    entry = {"rule": rule, "message": message}
+    if field_path is not None:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def _validations(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+def _check_quantity(value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(
+            f"must be an integer or a Kubernetes quantity string such as '500m' (got {value!r})"
+        )
+    if isinstance(value, str) and not re.match(QUANTITY, value):
+        raise ValueError(f"must be a Kubernetes quantity such as '500m' or '2Gi' (got {value!r})")
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    BeforeValidator(_check_quantity),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+
+class _Spec(BaseModel):
+    """Base of spec models: camelCase in YAML, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, alias_generator=to_camel)
+
+
+class _Status(BaseModel):
+    """Base of status models: camelCase, unknown fields ignored (newer writers may add some)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, alias_generator=to_camel)
+
+
+# --------------------------------------------------------------------------- spec
+
+
+class StrategySpec(_Spec):
+    """How the server combines the hospitals' updates each round."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            cel(
+                "self.name == 'FedProx' || !has(self.proximalMu)",
+                "proximalMu is only meaningful for strategy FedProx",
+                ".proximalMu",
+            ),
+            cel(
+                "self.name == 'FedAdam' || !has(self.serverLearningRate)",
+                "serverLearningRate is only meaningful for strategy FedAdam",
+                ".serverLearningRate",
+            ),
+        )
+    )
+
+    name: Literal["FedAvg", "FedProx", "FedAdam"] = Field(
+        "FedAvg",
+        description=(
+            "Aggregation strategy. FedAvg: average of the hospitals' weights, weighted by "
+            "their number of training examples. FedProx: FedAvg plus a proximal term in each "
+            "hospital's loss (for hospitals whose data differ). FedAdam: the server applies "
+            "Adam to the averaged update."
+        ),
+    )
+    proximal_mu: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description=(
+            f"FedProx only: weight of the proximal term mu/2 * ||w - w_global||^2. "
+            f"Defaults to {DEFAULT_PROXIMAL_MU}."
+        ),
+    )
+    server_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description=(
+            f"FedAdam only: the server optimiser's learning rate. "
+            f"Defaults to {DEFAULT_SERVER_LEARNING_RATE}."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _params_match_strategy(self) -> StrategySpec:
+        if self.proximal_mu is not None and self.name != "FedProx":
+            raise RuleError(("proximalMu",), "only meaningful for strategy FedProx")
+        if self.server_learning_rate is not None and self.name != "FedAdam":
+            raise RuleError(("serverLearningRate",), "only meaningful for strategy FedAdam")
+        if self.name == "FedProx" and self.proximal_mu is None:
+            self.proximal_mu = DEFAULT_PROXIMAL_MU
+        if self.name == "FedAdam" and self.server_learning_rate is None:
+            self.server_learning_rate = DEFAULT_SERVER_LEARNING_RATE
+        return self
+
+
+class TrainingSpec(_Spec):
+    """The model every hospital trains and how each hospital trains it locally per round."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            cel(
+                "self.model == 'mlp' || !has(self.hiddenSizes)",
+                "hiddenSizes is only meaningful for model mlp",
+                ".hiddenSizes",
+            )
+        )
+    )
+
+    model: Literal["logistic", "mlp"] = Field(
+        "logistic",
+        description=(
+            "logistic: logistic regression (one linear layer). mlp: a multilayer perceptron "
+            "with ReLU hidden layers of hiddenSizes."
+        ),
+    )
+    hidden_sizes: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=8,
+        description=(
+            f"mlp only: width of each hidden layer, input side first. "
+            f"Defaults to {list(DEFAULT_HIDDEN_SIZES)}."
+        ),
+    )
+    local_epochs: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Passes over its training split each hospital makes per round.",
+    )
+    batch_size: int = Field(
+        64,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Expected batch size. With privacy enabled, batches are Poisson-sampled with "
+            "sample rate batchSize / (number of training rows), so sizes vary around this."
+        ),
+    )
+    learning_rate: float = Field(
+        0.1, gt=0, le=100, description="Learning rate of each hospital's local SGD optimiser."
+    )
+    test_fraction: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description=(
+            "Fraction of each hospital's rows held out (stratified by the target) for "
+            "federated evaluation; never used for training."
+        ),
+    )
+    seed: int = Field(
+        42,
+        ge=0,
+        le=2**31 - 1,
+        description="Seed for the train/test split, model initialisation and sampling.",
+    )
+
+    @model_validator(mode="after")
+    def _hidden_sizes_for_mlp(self) -> TrainingSpec:
+        if self.hidden_sizes is not None and self.model != "mlp":
+            raise RuleError(("hiddenSizes",), "only meaningful for model mlp")
+        if self.model == "mlp" and self.hidden_sizes is None:
+            self.hidden_sizes = list(DEFAULT_HIDDEN_SIZES)
+        return self
+
+
+class Feature(_Spec):
+    """One input column of the hospitals' tables."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            cel(
+                "self.type == 'categorical' || !has(self.categories)",
+                "categories are only meaningful for categorical features",
+                ".categories",
+            ),
+            cel(
+                "self.type != 'categorical' || (has(self.categories) && size(self.categories) > 0)",
+                "a categorical feature needs its categories",
+                ".categories",
+            ),
+            cel(
+                "self.type == 'numeric' || (!has(self.min) && !has(self.max))",
+                "min and max are only meaningful for numeric features",
+            ),
+            cel("has(self.min) == has(self.max)", "min and max go together"),
+            cel(
+                "!has(self.min) || !has(self.max) || self.min < self.max",
+                "min must be less than max",
+                ".min",
+            ),
+        )
+    )
+
+    name: str = Field(
+        min_length=1, max_length=256, description="Column name, exactly as in the tables."
+    )
+    type: Literal["numeric", "categorical"] = Field(
+        description="numeric: a number, scaled by min/max. categorical: one-hot encoded."
+    )
+    min: float | None = Field(
+        None,
+        description=(
+            "numeric only: lower end of the scaling range all hospitals agree on (values are "
+            "mapped to (x - min) / (max - min)). Give min and max together; without them the "
+            "value is used unscaled."
+        ),
+    )
+    max: float | None = Field(
+        None, description="numeric only: upper end of the agreed scaling range."
+    )
+    categories: list[Annotated[str, Field(max_length=128)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description=(
+            "categorical only: every category, once each, in a fixed order shared by all "
+            "hospitals. A value outside the list is an error."
+        ),
+        # A set: the API server refuses duplicates, as the model does.
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+    @model_validator(mode="after")
+    def _fields_match_type(self) -> Feature:
+        if self.type == "categorical":
+            if not self.categories:
+                raise RuleError(("categories",), "a categorical feature needs its categories")
+            if self.min is not None or self.max is not None:
+                raise RuleError(("min",), "only meaningful for numeric features")
+            if len(set(self.categories)) != len(self.categories):
+                raise RuleError(("categories",), "categories must be unique")
+        else:
+            if self.categories is not None:
+                raise RuleError(("categories",), "only meaningful for categorical features")
+            if (self.min is None) != (self.max is None):
+                raise RuleError(("min" if self.min is None else "max",), "min and max go together")
+            if self.min is not None and self.max is not None and self.min >= self.max:
+                raise RuleError(("min",), f"must be less than max ({self.max})")
+        return self
+
+
+class DataSpec(_Spec):
+    """The shape of the hospitals' tables: a named preset, or a target and feature list."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            cel(
+                "has(self.preset) || has(self.targetColumn)",
+                "targetColumn is required unless a preset is set",
+                ".targetColumn",
+            ),
+            cel(
+                "has(self.preset) || has(self.features)",
+                "features are required unless a preset is set",
+                ".features",
+            ),
+            cel(
+                "!has(self.preset) || !has(self.features)",
+                "a preset defines the features: set either preset or features",
+                ".features",
+            ),
+            cel(
+                "!has(self.features) || !has(self.targetColumn) || "
+                "!self.features.exists(f, f.name == self.targetColumn)",
+                "targetColumn must not also be a feature",
+                ".features",
+            ),
+        )
+    )
+
+    format: Literal["csv", "parquet"] = Field("csv", description="File format of every table.")
+    preset: Literal["stroke"] | None = Field(
+        None,
+        description=(
+            "A named schema: stroke is the Kaggle stroke-prediction table (target column "
+            "stroke; features gender, age, hypertension, heart_disease, ever_married, "
+            "work_type, Residence_type, avg_glucose_level, bmi, smoking_status)."
+        ),
+    )
+    target_column: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description=(
+            "Binary label column (0/1). Required unless a preset gives it; with a preset it "
+            "overrides the preset's target column."
+        ),
+    )
+    features: list[Feature] | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Input columns, when no preset is set. Names are unique.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+    @model_validator(mode="after")
+    def _preset_or_schema(self) -> DataSpec:
+        if self.preset is None:
+            if self.target_column is None:
+                raise RuleError(("targetColumn",), "required unless a preset is set")
+            if self.features is None:
+                raise RuleError(("features",), "required unless a preset is set")
+        elif self.features is not None:
+            raise RuleError(("features",), "a preset defines the features: set preset or features")
+        if self.features is not None:
+            seen: set[str] = set()
+            for i, feature in enumerate(self.features):
+                if feature.name in seen:
+                    raise RuleError(
+                        ("features", i, "name"), f"duplicate feature name {feature.name!r}"
+                    )
+                seen.add(feature.name)
+            if self.target_column in seen:
+                raise RuleError(
+                    ("targetColumn",), f"{self.target_column!r} is also listed as a feature"
+                )
+        return self
+
+
+class PrivacySpec(_Spec):
+    """Differential privacy (DP-SGD with Opacus) applied by every hospital to its own data."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            cel(
+                "!has(self.noiseMultiplier) || self.noiseMultiplier > 0.0",
+                "noiseMultiplier must be greater than 0 when set",
+                ".noiseMultiplier",
+            )
+        )
+    )
+
+    enabled: bool = Field(
+        True,
+        description=(
+            "Train with DP-SGD. When false no privacy guarantee is given and no ε is reported."
+        ),
+    )
+    target_epsilon: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description=(
+            "Privacy budget ε for the WHOLE run, per hospital. A hospital refuses any round "
+            "that would take it over; the run then ends with phase BudgetExhausted."
+        ),
+    )
+    delta: float = Field(
+        1e-5,
+        gt=0,
+        lt=1,
+        description="δ of the (ε, δ) guarantee; keep it well below 1 / (rows per hospital).",
+    )
+    max_grad_norm: float = Field(
+        1.0, gt=0, le=1e6, description="Per-example gradient clipping bound C."
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description=(
+            "Fixed noise multiplier σ. When unset each hospital derives σ so that all rounds "
+            "together end at or under targetEpsilon."
+        ),
+    )
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Privacy accountant: rdp (Rényi DP) or prv (privacy random variables)."
+    )
+
+
+class Resources(_Spec):
+    """Compute resources of a container, as in a Pod's resources."""
+
+    requests: dict[str, Quantity] | None = Field(
+        None,
+        max_length=32,
+        description="Minimum resources, e.g. {cpu: '1', memory: 2Gi}.",
+    )
+    limits: dict[str, Quantity] | None = Field(
+        None, max_length=32, description="Maximum resources, e.g. {memory: 4Gi}."
+    )
+
+
+class Toleration(_Spec):
+    """A Pod toleration, as in a Pod's tolerations."""
+
+    key: str | None = Field(None, max_length=316, description="Taint key; empty matches all.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        None, description="Exists or Equal (default Equal)."
+    )
+    value: str | None = Field(None, max_length=63, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="NoExecute only: how long the pod stays bound after the taint appears."
+    )
+
+
+class Hospital(_Spec):
+    """One participating hospital: where its data lives and where its client runs."""
+
+    name: str = Field(
+        max_length=c.MAX_LABEL_LENGTH,
+        description=(
+            "Hospital name: a DNS-1123 label (lowercase letters, digits, '-'), unique in the run. "
+            "Child objects are named <run>-<name>, which must stay within 63 characters."
+        ),
+        json_schema_extra={"pattern": DNS1123_LABEL, "minLength": 1},
+    )
+    data_uri: str = Field(
+        max_length=2048,
+        description=(
+            "The hospital's table: s3://bucket/key (read with the pod's IRSA role), "
+            "pvc://claim/path (a file on the PersistentVolumeClaim `claim` in the run's "
+            "namespace, mounted read-only into the hospital's pod at /data/<claim>), "
+            "file:///absolute/path, an absolute path inside the pod (a mounted volume), or "
+            "file:relative/path, which is relative to the working directory of the process "
+            "that reads it (meant for `fedrun local`)."
+        ),
+        json_schema_extra={"pattern": DATA_URI},
+    )
+    role_arn: str | None = Field(
+        None,
+        max_length=2048,
+        description=(
+            "AWS IAM role the hospital's pods assume through IRSA (annotated on its "
+            "ServiceAccount). Give each hospital its own role, able to read only its own data."
+        ),
+        json_schema_extra={"pattern": ROLE_ARN},
+    )
+    ledger_uri: str | None = Field(
+        None,
+        max_length=2048,
+        description=(
+            "Where the hospital keeps its privacy ledger, so a restarted client never starts "
+            "again from zero ε. Same forms as dataUri (a pvc:// claim is then mounted "
+            "read-write). Default: "
+            "s3://<dataUri's bucket>/fedrun-ledger/<namespace>/<run>/<uid>/<hospital>.json "
+            "for S3 data, otherwise file:///var/lib/fedrun/ledger/<uid>/<hospital>.json. A "
+            "ledger is this run's only (keyed by its uid): one written by another run, or "
+            "under other privacy terms, is refused."
+        ),
+        json_schema_extra={"pattern": DATA_URI},
+    )
+    resources: Resources | None = Field(None, description="Resources of the hospital's client.")
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=32, description="Node labels the hospital's pod must run on."
+    )
+    tolerations: list[Toleration] | None = Field(
+        None, max_length=32, description="Tolerations of the hospital's pod."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not re.match(DNS1123_LABEL, value):
+            raise ValueError(
+                f"must be a DNS-1123 label: lowercase letters, digits and '-', starting and "
+                f"ending with a letter or digit (got {value!r})"
+            )
+        return value
+
+    @field_validator("data_uri", "ledger_uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value.startswith("pvc://"):
+            claim = value.removeprefix("pvc://").split("/", 1)[0]
+            if not re.match(DATA_URI, value) or len(claim) > MAX_PVC_CLAIM:
+                raise ValueError(
+                    f"must be pvc://claim/path: claim a PersistentVolumeClaim name (a DNS-1123 "
+                    f"subdomain of at most {MAX_PVC_CLAIM} characters), path a file inside it "
+                    f"with no empty, '.' or '..' part (got {value!r})"
+                )
+        elif not re.match(DATA_URI, value):
+            raise ValueError(
+                f"must be s3://bucket/key, pvc://claim/path, file:///absolute/path, "
+                f"file:relative/path or /absolute/path (got {value!r})"
+            )
+        return value
+
+    @field_validator("role_arn")
+    @classmethod
+    def _role_arn(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(ROLE_ARN, value):
+            raise ValueError(
+                f"must be an IAM role ARN like arn:aws:iam::123456789012:role/NAME (got {value!r})"
+            )
+        return value
+
+
+class MlflowSpec(_Spec):
+    """Experiment tracking with MLflow."""
+
+    tracking_uri: str | None = Field(
+        None,
+        max_length=2048,
+        description=(
+            "MLflow tracking URI, e.g. http://mlflow.mlflow:5000. When unset the server logs to "
+            "a local sqlite store in its state directory."
+        ),
+    )
+    experiment_name: str = Field(
+        "fedrun", min_length=1, max_length=256, description="MLflow experiment name."
+    )
+
+
+class ServerSpec(_Spec):
+    """The run's server (Flower SuperLink and fedrun's run driver)."""
+
+    resources: Resources | None = Field(None, description="Resources of the server container.")
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        "ClusterIP",
+        description=(
+            "Type of the server's Service. Use NodePort or LoadBalancer only for hospitals "
+            "outside the cluster."
+        ),
+    )
+
+
+class SecuritySpec(_Spec):
+    """Transport security between the run's server and its hospitals."""
+
+    insecure: bool = Field(
+        False,
+        description=(
+            "For local debugging only: run Flower without TLS and without SuperNode "
+            "authentication, so anyone who reaches the server's port can read model updates "
+            "and join the run. The run then carries the condition Insecure=True. By default "
+            "(false) every run gets its own CA, a server certificate and one node key per "
+            "hospital, and only this run's hospitals can join."
+        ),
+    )
+
+
+def _spec_immutable_while_running() -> dict[str, str]:
+    """The root transition rule: while Running only spec.suspend may change.
+
+    Built from the spec model's fields so a new field is covered without a second list.
+    """
+    parts = []
+    for name, field in FederatedRunSpec.model_fields.items():
+        alias = field.alias or name
+        if alias == "suspend":
+            continue
+        if field.is_required():
+            parts.append(f"self.spec.{alias} == oldSelf.spec.{alias}")
+        else:
+            parts.append(
+                f"(has(self.spec.{alias}) == has(oldSelf.spec.{alias}) && "
+                f"(!has(self.spec.{alias}) || self.spec.{alias} == oldSelf.spec.{alias}))"
+            )
+    unchanged = " && ".join(parts)
+    return cel(
+        "!has(oldSelf.status) || !has(oldSelf.status.phase) || "
+        f"oldSelf.status.phase != 'Running' || ({unchanged})",
+        "spec is immutable while the run is Running; only spec.suspend may change",
+        ".spec",
+    )
+
+
+class FederatedRunSpec(_Spec):
+    """What to train, on which hospitals' data, under which privacy budget."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            cel(
+                "self.minHospitals <= size(self.hospitals)",
+                "minHospitals must not exceed the number of hospitals",
+                ".minHospitals",
+            ),
+        )
+    )
+
+    rounds: int = Field(ge=1, le=1000, description="Number of federated rounds.")
+    min_hospitals: int = Field(
+        1,
+        ge=1,
+        le=50,
+        description=(
+            "Fewest hospitals a round may proceed with; the run waits for this many to "
+            "connect before it starts. At most the number of hospitals."
+        ),
+    )
+    round_timeout_seconds: int = Field(
+        300,
+        ge=1,
+        le=86400,
+        description=(
+            "Per round: how long the server waits for the hospitals' replies before it "
+            "aggregates what it has (the round fails if fewer than minHospitals replied)."
+        ),
+    )
+    strategy: StrategySpec = Field(
+        default_factory=StrategySpec,
+        description="How updates are aggregated.",
+        json_schema_extra={"default": {}},
+    )
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec,
+        description="Model and local training.",
+        json_schema_extra={"default": {}},
+    )
+    data: DataSpec = Field(description="Shape of the hospitals' tables.")
+    privacy: PrivacySpec = Field(
+        default_factory=PrivacySpec,
+        description="Differential privacy; on by default.",
+        json_schema_extra={"default": {}},
+    )
+    hospitals: list[Hospital] = Field(
+        min_length=1,
+        max_length=50,
+        description="The participating hospitals (1 to 50), each with a unique name.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+            **_validations(
+                cel(
+                    "self.all(h, self.exists_one(g, g.name == h.name))",
+                    "hospital names must be unique",
+                )
+            ),
+        },
+    )
+    mlflow: MlflowSpec = Field(
+        default_factory=MlflowSpec,
+        description="Experiment tracking.",
+        json_schema_extra={"default": {}},
+    )
+    image: str = Field(
+        c.DEFAULT_IMAGE,
+        min_length=1,
+        max_length=1024,
+        description="Container image of the server and hospital pods (fedrun's trainer image).",
+    )
+    server: ServerSpec = Field(
+        default_factory=ServerSpec,
+        description="The run's server pod.",
+        json_schema_extra={"default": {}},
+    )
+    security: SecuritySpec | None = Field(
+        None,
+        description=(
+            "Transport security. Unset means the secure default: TLS with a per-run CA and "
+            "SuperNode authentication."
+        ),
+    )
+    suspend: bool = Field(
+        False,
+        description=(
+            "Pause the run: the server scales to zero and hospital Jobs are suspended. "
+            "The only field that may change while the run is Running."
+        ),
+    )
+    active_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Fail the run when it has been running longer than this many seconds.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        description="Delete the run (and its children) this many seconds after it finished.",
+    )
+
+    @model_validator(mode="after")
+    def _hospitals_consistent(self) -> FederatedRunSpec:
+        seen: set[str] = set()
+        for hospital in self.hospitals:
+            if hospital.name in seen:
+                raise RuleError(("hospitals",), f"duplicate hospital name {hospital.name!r}")
+            seen.add(hospital.name)
+        if self.min_hospitals > len(self.hospitals):
+            raise RuleError(
+                ("minHospitals",),
+                f"must not exceed the number of hospitals ({self.min_hospitals} > "
+                f"{len(self.hospitals)})",
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Phase(StrEnum):
+    """Where a run stands."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    BUDGET_EXHAUSTED = "BudgetExhausted"
+    SUSPENDED = "Suspended"
+
+
+class HospitalState(StrEnum):
+    """Where one hospital's client stands."""
+
+    PENDING = "Pending"
+    CONNECTED = "Connected"
+    TRAINING = "Training"
+    DONE = "Done"
+    FAILED = "Failed"
+
+
+class ConditionStatus(StrEnum):
+    """Status of a condition, as in metav1.Condition."""
+
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(_Status):
+    """A standard Kubernetes condition (metav1.Condition)."""
+
+    type: str = Field(max_length=316, description="Condition type, e.g. Ready or Suspended.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(max_length=1024, description="CamelCase reason for the last transition.")
+    message: str = Field("", max_length=32768, description="Human-readable details.")
+    last_transition_time: datetime = Field(
+        description="When the condition last changed status (RFC 3339)."
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="The metadata.generation the condition was set for."
+    )
+
+
+class RoundStatus(_Status):
+    """Round counter."""
+
+    current: int = Field(0, ge=0, description="Last round completed.")
+    total: int = Field(0, ge=0, description="Rounds requested (spec.rounds).")
+
+
+class HospitalPrivacyStatus(_Status):
+    """Privacy spent by one hospital."""
+
+    name: str = Field(description="Hospital name.")
+    epsilon: float = Field(0.0, ge=0, description="ε spent so far.")
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="Noise multiplier σ of the latest round (full precision), 0 before any.",
+    )
+    sample_rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description=(
+            "Poisson sample rate q of one DP-SGD step in the latest round (Opacus: "
+            "1 / batches per epoch; full precision), 0 before any."
+        ),
+    )
+    epsilon_operator: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "ε as the operator computes it itself (RDP): the larger of its figure from the "
+            "reported history and its figure at the σ and q the spec implies for the "
+            "hospital's rows, over the same steps."
+        ),
+    )
+    num_train: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Training rows the hospital reported (a count): the operator derives the σ and "
+            "q the spec implies from it."
+        ),
+    )
+    planned_noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="σ the spec implies for this hospital's rows (the operator's calibration).",
+    )
+    planned_sample_rate: float | None = Field(
+        None, ge=0, le=1, description="q the spec implies for this hospital's rows."
+    )
+    accounting_mismatch: str | None = Field(
+        None,
+        max_length=1024,
+        description=(
+            "Set when the (σ, q, steps per round) the server reports differ from what the "
+            "spec implies; the operator then enforces the larger ε."
+        ),
+    )
+    steps: int = Field(0, ge=0, description="DP-SGD steps taken so far.")
+    steps_per_round: int | None = Field(
+        None, ge=0, description="DP-SGD steps one round takes (local epochs × batches)."
+    )
+    history: list[Annotated[list[float], Field(min_length=3, max_length=3)]] = Field(
+        default_factory=list,
+        description=(
+            "The accountant history [[σ, q, steps], ...] (Opacus' RDPAccountant.history), one "
+            "entry per distinct (σ, q): ε can be recomputed from it exactly."
+        ),
+    )
+
+
+class CarriedPrivacy(_Status):
+    """One hospital's accountant history from before a resume."""
+
+    name: str = Field(description="Hospital name.")
+    history: list[Annotated[list[float], Field(min_length=3, max_length=3)]] = Field(
+        default_factory=list, description="[[σ, q, steps], ...] spent before the resume."
+    )
+
+
+class PrivacyStatus(_Status):
+    """Privacy budget of the run."""
+
+    epsilon_spent: float = Field(
+        0.0, ge=0, description="ε spent: the maximum over hospitals, accounted independently."
+    )
+    target_epsilon: float | None = Field(None, description="spec.privacy.targetEpsilon.")
+    delta: float | None = Field(None, description="spec.privacy.delta.")
+    hospitals: list[HospitalPrivacyStatus] = Field(
+        default_factory=list, description="ε per hospital."
+    )
+    carried: list[CarriedPrivacy] = Field(
+        default_factory=list,
+        description=(
+            "What earlier server incarnations spent (kept across suspend and resume): it "
+            "counts against the budget together with what the current server reports."
+        ),
+    )
+
+
+class MetricsStatus(_Status):
+    """Federated evaluation of the latest round's global model on the hospitals' test splits."""
+
+    round: int | None = Field(None, ge=0, description="Round these metrics belong to.")
+    loss: float | None = Field(None, description="Weighted mean test loss.")
+    auroc: float | None = Field(None, description="Area under the ROC curve.")
+    auprc: float | None = Field(None, description="Area under the precision-recall curve.")
+    accuracy: float | None = Field(None, description="Accuracy at threshold 0.5.")
+
+
+class HospitalStatus(_Status):
+    """One hospital's client."""
+
+    name: str = Field(description="Hospital name.")
+    job_name: str | None = Field(None, description="The hospital's Job.")
+    state: HospitalState = Field(
+        HospitalState.PENDING, description="Pending, Connected, Training, Done or Failed."
+    )
+    restarts: int = Field(0, ge=0, description="Failed pods or container restarts so far.")
+    epsilon: float | None = Field(None, ge=0, description="ε spent by this hospital.")
+    message: str | None = Field(None, description="Last error or note.")
+    last_failure: str | None = Field(
+        None,
+        max_length=1024,
+        description=(
+            "The termination message of the hospital's container the last time it failed "
+            "(kept after the Job controller deleted the Pod)."
+        ),
+    )
+
+
+class FederatedRunStatus(_Status):
+    """Observed state of a run, written only by the operator (or `fedrun local`)."""
+
+    phase: Phase = Field(
+        Phase.PENDING,
+        description="Pending, Running, Succeeded, Failed, BudgetExhausted or Suspended.",
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Standard conditions.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="The metadata.generation this status describes."
+    )
+    start_time: datetime | None = Field(None, description="When the run started (RFC 3339).")
+    completion_time: datetime | None = Field(
+        None, description="When the run reached a final phase (RFC 3339)."
+    )
+    round: RoundStatus | None = Field(None, description="Round counter.")
+    progress: str | None = Field(None, description="Rounds done, e.g. 3/5.")
+    privacy: PrivacyStatus | None = Field(None, description="Privacy budget spent.")
+    metrics: MetricsStatus | None = Field(None, description="Latest round's metrics.")
+    hospitals: list[HospitalStatus] = Field(default_factory=list, description="Per-hospital state.")
+    mlflow_run_id: str | None = Field(None, description="MLflow run holding params and metrics.")
+    message: str | None = Field(None, description="Human-readable summary of the phase.")
+
+
+# --------------------------------------------------------------------------- resource
+
+
+class ObjectMeta(BaseModel):
+    """The part of Kubernetes metadata fedrun reads; other fields are kept as they are."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+
+    name: str = Field(min_length=1, description="Run name.")
+    namespace: str = Field(c.DEFAULT_NAMESPACE, min_length=1, description="Run namespace.")
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, value: str) -> str:
+        if not re.match(DNS1035_LABEL, value) or len(value) > MAX_RUN_NAME:
+            raise ValueError(
+                f"must be a DNS-1035 label of at most {MAX_RUN_NAME} characters: lowercase "
+                f"letters, digits and '-', starting with a letter (got {value!r})"
+            )
+        return value
+
+
+class FederatedRun(BaseModel):
+    """A federated training run across hospitals."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, alias_generator=to_camel)
+
+    api_version: Literal["fedrun.io/v1alpha1"] = "fedrun.io/v1alpha1"
+    kind: Literal["FederatedRun"] = "FederatedRun"
+    metadata: ObjectMeta
+    spec: FederatedRunSpec
+    status: FederatedRunStatus | None = None
+
+    @model_validator(mode="after")
+    def _child_names_fit(self) -> FederatedRun:
+        run = self.metadata.name
+        for i, hospital in enumerate(self.spec.hospitals):
+            if len(run) + 1 + len(hospital.name) > c.MAX_LABEL_LENGTH:
+                raise RuleError(
+                    ("spec", "hospitals", i, "name"),
+                    f"'{run}-{hospital.name}' (run name + '-' + hospital name) is longer than "
+                    f"{c.MAX_LABEL_LENGTH} characters; shorten the run or hospital name",
+                )
+        return self
+
+    @property
+    def name(self) -> str:
+        """The run's name."""
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        """The run's namespace."""
+        return self.metadata.namespace
+
+    def hospital(self, name: str) -> Hospital:
+        """The hospital called `name`; KeyError when the run has none."""
+        for hospital in self.spec.hospitals:
+            if hospital.name == name:
+                return hospital
+        raise KeyError(f"run {self.name!r} has no hospital {name!r}")
+
+    def spec_dict(self) -> dict[str, Any]:
+        """The spec as it appears in YAML (camelCase, unset optional fields left out)."""
+        return self.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# Root-level CEL rules (they see metadata.name and, on update, oldSelf and status).
+ROOT_VALIDATIONS: list[dict[str, str]] = [
+    cel(
+        f"self.metadata.name.matches('{DNS1035_LABEL}')",
+        "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', "
+        "starting with a letter)",
+    ),
+    cel(
+        f"size(self.metadata.name) <= {MAX_RUN_NAME}",
+        f"metadata.name must be at most {MAX_RUN_NAME} characters (children are named "
+        "<run>-server)",
+    ),
+    cel(
+        f"self.spec.hospitals.all(h, size(self.metadata.name) + size(h.name) "
+        f"<= {MAX_RUN_PLUS_HOSPITAL})",
+        "<run>-<hospital> must be at most 63 characters: shorten the run or hospital names",
+        ".spec.hospitals",
+    ),
+    _spec_immutable_while_running(),
+]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class SpecError(ValueError):
+    """A FederatedRun that cannot be used; `problems` holds one line per bad field."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        head = f"invalid FederatedRun in {source}" if source else "invalid FederatedRun"
+        super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _all_field_names() -> set[str]:
+    models: list[type[BaseModel]] = [
+        FederatedRun,
+        ObjectMeta,
+        FederatedRunSpec,
+        StrategySpec,
+        TrainingSpec,
+        DataSpec,
+        Feature,
+        PrivacySpec,
+        Hospital,
+        Resources,
+        Toleration,
+        MlflowSpec,
+        ServerSpec,
+        SecuritySpec,
+    ]
+    return {field.alias or name for m in models for name, field in m.model_fields.items()}
+
+
+_FIELD_NAMES = frozenset(_all_field_names())
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _yaml_path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _PLAIN_KEY.match(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out or "(document)"
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc: tuple[str | int, ...] = tuple(error["loc"])
+    kind = error["type"]
+    exc = error.get("ctx", {}).get("error")
+    if isinstance(exc, RuleError):
+        return f"{_yaml_path(loc + exc.loc)}: {exc}"
+    if kind == "extra_forbidden":
+        text = "unknown field"
+        if loc and isinstance(loc[-1], str):
+            close = difflib.get_close_matches(loc[-1], _FIELD_NAMES, n=1, cutoff=0.75)
+            if close:
+                text += f" (did you mean {close[0]!r}?)"
+        return f"{_yaml_path(loc)}: {text}"
+    if kind == "missing":
+        return f"{_yaml_path(loc)}: required field is missing"
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ")
+    message = message.replace("Input should be", "must be").replace("Input", "value")
+    value = error.get("input")
+    if (
+        kind != "value_error"
+        and value is not None
+        and not isinstance(value, dict | list)
+        and "got" not in message
+    ):
+        message += f" (got {value!r})"
+    return f"{_yaml_path(loc)}: {message}"
+
+
+def parse_run(obj: object, source: str | None = None) -> FederatedRun:
+    """Validate a FederatedRun given as a mapping (a parsed YAML document or an API object).
+
+    Raises
+    ------
+    SpecError
+        With one line per bad field, each starting with its YAML path.
+    """
+    if not isinstance(obj, Mapping):
+        raise SpecError([f"(document): must be a mapping, got {type(obj).__name__}"], source)
+    try:
+        return FederatedRun.model_validate(dict(obj))
+    except ValidationError as err:
+        problems = [_describe(e) for e in err.errors()]
+        raise SpecError(problems, source) from None
+
+
+def load_run(path_or_text: str | Path) -> FederatedRun:
+    """Load a FederatedRun from a YAML file (a Path, or a str naming an existing file) or text.
+
+    Raises
+    ------
+    SpecError
+        When the file cannot be read, the YAML does not parse or the run is invalid.
+    """
+    source: str | None = None
+    if isinstance(path_or_text, Path) or (
+        "\n" not in path_or_text
+        and (path_or_text.endswith((".yaml", ".yml", ".json")) or Path(path_or_text).is_file())
+    ):
+        source = str(path_or_text)
+        try:
+            text = Path(path_or_text).read_text(encoding="utf-8")
+        except OSError as err:
+            raise SpecError([f"(document): cannot read: {err.strerror or err}"], source) from None
+    else:
+        text = path_or_text
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as err:
+        raise SpecError([f"(document): not valid YAML: {err}"], source) from None
+    if len(docs) != 1:
+        raise SpecError([f"(document): expected one YAML document, found {len(docs)}"], source)
+    return parse_run(docs[0], source)
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def ledger_uri(run: FederatedRun, hospital: Hospital | str) -> str:
+    """Where `hospital` keeps its privacy ledger.
+
+    The hospital's own `ledgerUri` when set; for S3 data the data bucket under
+    `fedrun-ledger/<namespace>/<run>/<uid>/<hospital>.json`; otherwise the pod's state
+    directory, `file:///var/lib/fedrun/ledger/<uid>/<hospital>.json` (the local runner maps
+    /var/lib/fedrun to a local directory). `<uid>/` is left out for a run without a uid
+    (one rendered by `fedrun render`, never applied).
+    """
+    h = run.hospital(hospital) if isinstance(hospital, str) else hospital
+    if h.ledger_uri is not None:
+        return h.ledger_uri
+    # Keyed by the run's uid: a run deleted and created again under the same name is
+    # another run and must not find the first one's ledger.
+    key = f"{run.metadata.uid}/{h.name}" if run.metadata.uid else h.name
+    if h.data_uri.startswith("s3://"):
+        bucket = h.data_uri.removeprefix("s3://").split("/", 1)[0]
+        return f"s3://{bucket}/fedrun-ledger/{run.namespace}/{run.name}/{key}.json"
+    return f"file://{c.STATE_DIR}/ledger/{key}.json"
+
+
+# --------------------------------------------------------------------------- PVC data
+
+
+def pvc_claim(uri: str | None) -> str | None:
+    """The claim a `pvc://<claim>/<path>` URI names; None for any other URI (or None)."""
+    if uri is None or not uri.startswith("pvc://"):
+        return None
+    return uri.removeprefix("pvc://").split("/", 1)[0]
+
+
+def pvc_mount_path(claim: str) -> str:
+    """Where a hospital's pod mounts the PersistentVolumeClaim `claim`: `/data/<claim>`."""
+    return f"{c.PVC_MOUNT_ROOT}/{claim}"
+
+
+def pvc_pod_path(uri: str) -> str:
+    """The path inside the hospital's pod of a `pvc://<claim>/<path>` URI.
+
+    `pvc://fedrun-demo-data/hospital-a.csv` is `/data/fedrun-demo-data/hospital-a.csv`,
+    where rendering mounts the claim. Raises ValueError for any other URI.
+    """
+    claim = pvc_claim(uri)
+    if claim is None:
+        raise ValueError(f"not a pvc:// URI: {uri!r}")
+    return f"{pvc_mount_path(claim)}/{uri.removeprefix('pvc://').split('/', 1)[1]}"

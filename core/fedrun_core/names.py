@@ -1,0 +1,81 @@
+"""Names shared by the API models, the CRD, rendering and the operator.
+
+Changing a value here changes what users and clusters see: the API group, label keys
+and ports are part of fedrun's contract (docs/architecture.md).
+"""
+
+import re
+from typing import Final
+
+# The FederatedRun resource.
+GROUP: Final = "fedrun.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "FederatedRun"
+PLURAL: Final = "federatedruns"
+SINGULAR: Final = "federatedrun"
+SHORT_NAMES: Final = ("fedrun", "fr")
+CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+
+# Labels on every child object.
+LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_RUN: Final = f"{GROUP}/run"
+LABEL_HOSPITAL: Final = f"{GROUP}/hospital"
+LABEL_COMPONENT: Final = f"{GROUP}/component"
+PART_OF: Final = "fedrun"
+MANAGED_BY: Final = "fedrun-operator"
+COMPONENT_SERVER: Final = "server"
+COMPONENT_HOSPITAL: Final = "hospital"
+
+# Annotations.
+ANNOTATION_IRSA_ROLE: Final = "eks.amazonaws.com/role-arn"
+ANNOTATION_CONFIG_HASH: Final = f"{GROUP}/config-hash"
+
+# Ports of the server pod.
+FLEET_PORT: Final = 9092
+STATUS_PORT: Final = 9100
+FLEET_PORT_NAME: Final = "fleet"
+STATUS_PORT_NAME: Final = "status"
+HEALTH_PATH: Final = "/healthz"
+
+# Mount paths inside every fedrun pod.
+CONFIG_DIR: Final = "/etc/fedrun"
+CONFIG_FILE: Final = "config.json"
+CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_FILE}"
+STATE_DIR: Final = "/var/lib/fedrun"
+TMP_DIR: Final = "/tmp"
+# A run's TLS and node-key Secret is mounted here: `<run>-server-tls` in the server pod,
+# `<run>-<hospital>-auth` in that hospital's pod (see security.py for the file names).
+SECRETS_DIR: Final = "/var/run/secrets/fedrun"
+SECRETS_VOLUME: Final = "tls"
+# A hospital's pvc://<claim>/<path> data is mounted at <PVC_MOUNT_ROOT>/<claim>.
+PVC_MOUNT_ROOT: Final = "/data"
+
+# Pod identity: the trainer image runs as this unprivileged user.
+RUN_AS_USER: Final = 10001
+
+# Defaults a FederatedRun may leave out.
+DEFAULT_IMAGE: Final = "ghcr.io/fedrun/trainer:0.1.0"
+DEFAULT_NAMESPACE: Final = "default"
+JOB_BACKOFF_LIMIT: Final = 3
+
+# Kubernetes name limits: child names `<run>-<hospital>` must be DNS-1123 labels.
+MAX_LABEL_LENGTH: Final = 63
+SERVER_SUFFIX: Final = "-server"
+CONFIG_SUFFIX: Final = "-config"
+
+# Namespace of the operator when nobody says otherwise: the release namespace docs/install.md
+# installs the chart into. The operator itself renders with the namespace it runs in (the
+# chart sets FEDRUN_OPERATOR_NAMESPACE from the pod's metadata.namespace); `fedrun render`
+# and the local runner use this unless told otherwise.
+DEFAULT_OPERATOR_NAMESPACE: Final = "fedrun-system"
+
+_NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def namespace_name(value: str) -> str:
+    """`value` if it is a Kubernetes namespace name (an RFC 1123 label), else ValueError."""
+    if not _NAMESPACE_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a namespace name (lowercase RFC 1123 label)")
+    return value

@@ -1,0 +1,1 @@
+"""The ``fedrun`` command: the only package that imports every other fedrun package."""

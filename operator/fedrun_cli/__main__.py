@@ -1,0 +1,5 @@
+"""``python -m fedrun_cli`` is ``fedrun``."""
+
+from fedrun_cli.main import main
+
+raise SystemExit(main())

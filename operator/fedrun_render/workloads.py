@@ -1,0 +1,542 @@
+"""Render a FederatedRun into the Kubernetes objects that carry it out.
+
+`render_run` is pure (no I/O, clock or randomness): the operator applies its output, `fedrun
+render` prints it for review, and the local runner runs its containers' commands, so all
+three agree on names, commands and configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import yaml
+
+from fedrun_core import names as c
+from fedrun_core.api import FederatedRun, Hospital, Resources, pvc_claim, pvc_mount_path
+
+__all__ = [
+    "config_hash",
+    "config_json",
+    "config_name",
+    "hospital_auth_secret_name",
+    "hospital_name",
+    "labels",
+    "render_run",
+    "secure",
+    "server_address",
+    "server_name",
+    "server_tls_secret_name",
+    "to_yaml",
+]
+
+Manifest = dict[str, Any]
+
+# Mode of the files of a mounted run Secret (0440: read-only for root and the pod's fsGroup).
+SECRET_FILE_MODE = 0o440
+
+
+# --------------------------------------------------------------------------- names
+
+
+def config_name(run: FederatedRun) -> str:
+    """Name of the run's ConfigMap."""
+    return f"{run.name}{c.CONFIG_SUFFIX}"
+
+
+def server_name(run: FederatedRun) -> str:
+    """Name of the run's server Deployment and Service."""
+    return f"{run.name}{c.SERVER_SUFFIX}"
+
+
+def hospital_name(run: FederatedRun, hospital: Hospital | str) -> str:
+    """Name of a hospital's ServiceAccount and Job: `<run>-<hospital>`."""
+    name = hospital if isinstance(hospital, str) else hospital.name
+    return f"{run.name}-{name}"
+
+
+def server_tls_secret_name(run: FederatedRun) -> str:
+    """Name of the server's TLS Secret: `<run>-server-tls` (made by the operator)."""
+    return f"{server_name(run)}-tls"
+
+
+def hospital_auth_secret_name(run: FederatedRun, hospital: Hospital | str) -> str:
+    """Name of a hospital's node-key Secret: `<run>-<hospital>-auth` (made by the operator)."""
+    return f"{hospital_name(run, hospital)}-auth"
+
+
+def server_address(run: FederatedRun) -> str:
+    """Where hospitals reach the server's fleet port (a Service name inside the namespace)."""
+    return f"{server_name(run)}:{c.FLEET_PORT}"
+
+
+def labels(run: FederatedRun, component: str, hospital: str | None = None) -> dict[str, str]:
+    """Labels of every child of `run`; per-hospital children also name their hospital."""
+    out = {
+        c.LABEL_PART_OF: c.PART_OF,
+        c.LABEL_MANAGED_BY: c.MANAGED_BY,
+        c.LABEL_RUN: run.name,
+        c.LABEL_COMPONENT: component,
+    }
+    if hospital is not None:
+        out[c.LABEL_HOSPITAL] = hospital
+    return out
+
+
+def _selector(run: FederatedRun) -> dict[str, str]:
+    return {c.LABEL_RUN: run.name, c.LABEL_COMPONENT: c.COMPONENT_SERVER}
+
+
+def _owner_reference(run: FederatedRun) -> dict[str, Any]:
+    ref: dict[str, Any] = {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "name": run.name,
+    }
+    if run.metadata.uid:
+        ref["uid"] = run.metadata.uid
+    ref["controller"] = True
+    ref["blockOwnerDeletion"] = True
+    return ref
+
+
+def _metadata(
+    run: FederatedRun, name: str, component: str, hospital: str | None = None
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": run.namespace,
+        "labels": labels(run, component, hospital),
+        "ownerReferences": [_owner_reference(run)],
+    }
+
+
+# --------------------------------------------------------------------------- config
+
+
+def config_json(run: FederatedRun) -> str:
+    """The trainer configuration mounted at /etc/fedrun/config.json (stable key order).
+
+    `spec.suspend` is left out: suspending or resuming a run must not change the pods'
+    configuration (its hash is on their templates, and a Job's template is immutable).
+    """
+    spec = run.spec_dict()
+    spec.pop("suspend", None)
+    metadata = {"name": run.name, "namespace": run.namespace}
+    if run.metadata.uid:
+        metadata["uid"] = run.metadata.uid  # the hospitals key their privacy ledgers by it
+    doc = {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "metadata": metadata,
+        "spec": spec,
+    }
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+
+
+def _config_map(run: FederatedRun, config: str) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(run, config_name(run), c.COMPONENT_SERVER),
+        "data": {c.CONFIG_FILE: config},
+    }
+
+
+# --------------------------------------------------------------------------- pods
+
+
+def _env(run: FederatedRun, hospital: str | None) -> list[dict[str, str]]:
+    env = {
+        "FEDRUN_RUN": run.name,
+        "FEDRUN_NAMESPACE": run.namespace,
+    }
+    if hospital is not None:
+        env["FEDRUN_HOSPITAL"] = hospital
+    env |= {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HOME": c.TMP_DIR,
+    }
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def _volumes(run: FederatedRun, secret: str | None) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_name(run)}},
+        {"name": "state", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if secret is not None:
+        # Owner (root) and the pod's fsGroup may read; nobody may write.
+        volumes.append(
+            {
+                "name": c.SECRETS_VOLUME,
+                "secret": {"secretName": secret, "defaultMode": SECRET_FILE_MODE},
+            }
+        )
+    return volumes
+
+
+_VOLUME_MOUNTS: list[dict[str, Any]] = [
+    {"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True},
+    {"name": "state", "mountPath": c.STATE_DIR},
+    {"name": "tmp", "mountPath": c.TMP_DIR},
+]
+
+
+def _pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": c.RUN_AS_USER,
+        "runAsGroup": c.RUN_AS_USER,
+        "fsGroup": c.RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _container(
+    run: FederatedRun,
+    name: str,
+    args: list[str],
+    resources: Resources | None,
+    hospital: str | None,
+) -> dict[str, Any]:
+    # No `command`: the image's entrypoint (tini) stays PID 1 and reaps Flower's app
+    # processes; `args` is the whole fedrun command line.
+    container: dict[str, Any] = {
+        "name": name,
+        "image": run.spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "env": _env(run, hospital),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if resources is not None:
+        container["resources"] = resources.model_dump(mode="json", by_alias=True, exclude_none=True)
+    container["volumeMounts"] = [dict(m) for m in _VOLUME_MOUNTS]
+    container["securityContext"] = _container_security_context()
+    return container
+
+
+def secure(run: FederatedRun) -> bool:
+    """Whether the run's pods use TLS and node authentication (the default)."""
+    return not (run.spec.security is not None and run.spec.security.insecure)
+
+
+def _transport_args(run: FederatedRun) -> list[str]:
+    """`--tls-dir` (the mounted Secret) for a secure run, else the explicit `--insecure`."""
+    return ["--tls-dir", c.SECRETS_DIR] if secure(run) else ["--insecure"]
+
+
+def _pod_spec(run: FederatedRun, container: dict[str, Any], secret: str) -> dict[str, Any]:
+    """The pod around `container`; a secure run's pod mounts `secret` at SECRETS_DIR."""
+    mounted = secret if secure(run) else None
+    if mounted is not None:
+        container["volumeMounts"].append(
+            {"name": c.SECRETS_VOLUME, "mountPath": c.SECRETS_DIR, "readOnly": True}
+        )
+    return {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security_context(),
+        "containers": [container],
+        "volumes": _volumes(run, mounted),
+    }
+
+
+def config_hash(config: str) -> str:
+    """sha256 of the config JSON: on pod templates, so a new config restarts the pods."""
+    return hashlib.sha256(config.encode()).hexdigest()
+
+
+def _checkov_skips(run: FederatedRun, resources: Resources | None, field: str) -> dict[str, str]:
+    """checkov skip annotations for a run's Deployment or Job, each with its reason.
+
+    Only checks that do not fit this workload are skipped (a pinned digest or a set memory
+    limit leaves its check to pass). checkov reads `checkov.io/skip...: CHECK_ID=reason`;
+    a reason must not contain "=".
+    """
+    skips = {
+        "CKV_K8S_15": "IfNotPresent so that clusters that preload the trainer image (kind, "
+        "air-gapped hospital nodes) can start it; pin spec.image by digest to fix what runs",
+    }
+    if "@sha256:" not in run.spec.image:
+        skips["CKV_K8S_43"] = (
+            "the image is the run's spec.image; pin it by digest there (image@sha256:...)"
+        )
+    requests = (resources.requests if resources else None) or {}
+    limits = (resources.limits if resources else None) or {}
+    if "cpu" not in limits:
+        skips["CKV_K8S_11"] = (
+            "fedrun sets no CPU limit of its own: throttling slows DP-SGD training and "
+            f"protects nobody; CPU is reserved with requests in {field}"
+        )
+    missing = {
+        "CKV_K8S_10": "cpu" not in requests,
+        "CKV_K8S_12": "memory" not in requests,
+        "CKV_K8S_13": "memory" not in limits,
+    }
+    for check, unset in missing.items():
+        if unset:
+            skips[check] = (
+                f"{field} leaves this resource unset; set it there, or give the namespace a "
+                "LimitRange that supplies defaults"
+            )
+    return {
+        f"checkov.io/skip-{check.lower().replace('_', '-')}": f"{check}={reason}"
+        for check, reason in sorted(skips.items())
+    }
+
+
+# --------------------------------------------------------------------------- server
+
+
+def _server_deployment(run: FederatedRun, config: str) -> Manifest:
+    container = _container(
+        run,
+        "server",
+        [
+            "fedrun",
+            "server",
+            "--config",
+            c.CONFIG_PATH,
+            "--state-dir",
+            c.STATE_DIR,
+            "--fleet-port",
+            str(c.FLEET_PORT),
+            "--status-port",
+            str(c.STATUS_PORT),
+            *_transport_args(run),
+        ],
+        run.spec.server.resources,
+        None,
+    )
+    container["ports"] = [
+        {"name": c.FLEET_PORT_NAME, "containerPort": c.FLEET_PORT, "protocol": "TCP"},
+        {"name": c.STATUS_PORT_NAME, "containerPort": c.STATUS_PORT, "protocol": "TCP"},
+    ]
+    probe = {"httpGet": {"path": c.HEALTH_PATH, "port": c.STATUS_PORT_NAME}}
+    container["readinessProbe"] = {**probe, "periodSeconds": 5, "failureThreshold": 3}
+    # The server imports torch before it listens: give liveness a generous start.
+    container["livenessProbe"] = {
+        **probe,
+        "initialDelaySeconds": 10,
+        "periodSeconds": 10,
+        "failureThreshold": 6,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            **_metadata(run, server_name(run), c.COMPONENT_SERVER),
+            "annotations": _checkov_skips(run, run.spec.server.resources, "spec.server.resources"),
+        },
+        "spec": {
+            "replicas": 0 if run.spec.suspend else 1,
+            "strategy": {"type": "Recreate"},
+            "revisionHistoryLimit": 2,
+            "selector": {"matchLabels": _selector(run)},
+            "template": {
+                "metadata": {
+                    "labels": labels(run, c.COMPONENT_SERVER),
+                    "annotations": {c.ANNOTATION_CONFIG_HASH: config_hash(config)},
+                },
+                "spec": _pod_spec(run, container, server_tls_secret_name(run)),
+            },
+        },
+    }
+
+
+def _server_service(run: FederatedRun) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(run, server_name(run), c.COMPONENT_SERVER),
+        "spec": {
+            "type": run.spec.server.service_type,
+            "selector": _selector(run),
+            "ports": [
+                {
+                    "name": c.FLEET_PORT_NAME,
+                    "port": c.FLEET_PORT,
+                    "targetPort": c.FLEET_PORT_NAME,
+                    "protocol": "TCP",
+                },
+                {
+                    "name": c.STATUS_PORT_NAME,
+                    "port": c.STATUS_PORT,
+                    "targetPort": c.STATUS_PORT_NAME,
+                    "protocol": "TCP",
+                },
+            ],
+        },
+    }
+
+
+# --------------------------------------------------------------------------- hospitals
+
+
+def _service_account(run: FederatedRun, hospital: Hospital) -> Manifest:
+    metadata = _metadata(run, hospital_name(run, hospital), c.COMPONENT_HOSPITAL, hospital.name)
+    if hospital.role_arn is not None:
+        metadata["annotations"] = {c.ANNOTATION_IRSA_ROLE: hospital.role_arn}
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata,
+        "automountServiceAccountToken": False,
+    }
+
+
+def _claims(hospital: Hospital) -> list[tuple[str, str, bool]]:
+    """(volume name, claim, read-only) for each PersistentVolumeClaim the hospital reads.
+
+    Data are mounted read-only; a claim that also holds the ledger must be writable.
+    """
+    data = pvc_claim(hospital.data_uri)
+    ledger = pvc_claim(hospital.ledger_uri)
+    out: list[tuple[str, str, bool]] = []
+    if data is not None:
+        out.append(("data", data, ledger != data))
+    if ledger is not None and ledger != data:
+        out.append(("ledger", ledger, False))
+    return out
+
+
+def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifest:
+    name = hospital_name(run, hospital)
+    container = _container(
+        run,
+        "hospital",
+        [
+            "fedrun",
+            "client",
+            "--config",
+            c.CONFIG_PATH,
+            "--hospital",
+            hospital.name,
+            "--server",
+            server_address(run),
+            "--state-dir",
+            c.STATE_DIR,
+            "--termination-log",
+            "/dev/termination-log",
+            *_transport_args(run),
+        ],
+        hospital.resources,
+        hospital.name,
+    )
+    pod = _pod_spec(run, container, hospital_auth_secret_name(run, hospital))
+    for volume_name, claim, read_only in _claims(hospital):
+        pod["volumes"].append(
+            {
+                "name": volume_name,
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only},
+            }
+        )
+        container["volumeMounts"].append(
+            {"name": volume_name, "mountPath": pvc_mount_path(claim), "readOnly": read_only}
+        )
+    pod["serviceAccountName"] = name
+    # OnFailure keeps the pod, and with it the emptyDir that holds the default file
+    # ledger, across container restarts: a crashed client resumes from the ε it spent.
+    pod["restartPolicy"] = "OnFailure"
+    if hospital.node_selector:
+        pod["nodeSelector"] = dict(sorted(hospital.node_selector.items()))
+    if hospital.tolerations:
+        pod["tolerations"] = [
+            t.model_dump(mode="json", by_alias=True, exclude_none=True)
+            for t in hospital.tolerations
+        ]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            **_metadata(run, name, c.COMPONENT_HOSPITAL, hospital.name),
+            "annotations": _checkov_skips(
+                run, hospital.resources, f"spec.hospitals[{hospital.name}].resources"
+            ),
+        },
+        "spec": {
+            "backoffLimit": c.JOB_BACKOFF_LIMIT,
+            "suspend": run.spec.suspend,
+            "template": {
+                "metadata": {
+                    "labels": labels(run, c.COMPONENT_HOSPITAL, hospital.name),
+                    "annotations": {c.ANNOTATION_CONFIG_HASH: config_hash(config)},
+                },
+                "spec": pod,
+            },
+        },
+    }
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def render_run(
+    run: FederatedRun, *, operator_namespace: str = c.DEFAULT_OPERATOR_NAMESPACE
+) -> list[Manifest]:
+    """Every child object of `run`, in apply order.
+
+    ConfigMap `<run>-config`, Deployment and Service `<run>-server`, then for each hospital
+    (in spec order) ServiceAccount and Job `<run>-<hospital>`, then the run's NetworkPolicies
+    (default deny; the server's and the hospitals' rules, see
+    :func:`fedrun_render.security.network_policies`). Equal arguments give equal output.
+
+    `operator_namespace` is the namespace the operator's pod runs in: the server's status
+    port (9100) admits the operator's pods from that namespace only. The operator passes its
+    own (`OperatorConfig.operator_namespace`); pass the release namespace of the chart when
+    rendering for a cluster by hand.
+    """
+    from fedrun_render.security import network_policies  # it builds on this module
+
+    config = config_json(run)
+    manifests = [
+        _config_map(run, config),
+        _server_deployment(run, config),
+        _server_service(run),
+    ]
+    for hospital in run.spec.hospitals:
+        manifests.append(_service_account(run, hospital))
+        manifests.append(_hospital_job(run, hospital, config))
+    return manifests + network_policies(run, operator_namespace=operator_namespace)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings (the config JSON) and no anchors or aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+def to_yaml(manifests: list[Manifest]) -> str:
+    """Manifests as one multi-document YAML text (keys in insertion order, deterministic)."""
+    return yaml.dump_all(
+        manifests,
+        Dumper=_Dumper,
+        sort_keys=False,
+        explicit_start=True,
+        width=100,
+        allow_unicode=True,
+    )

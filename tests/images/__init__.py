@@ -1,0 +1,2 @@
+"""The Dockerfiles and .dockerignore: checked on their text, and by importing what each image
+needs."""

@@ -1,0 +1,1 @@
+"""The Terraform configuration: validated, evaluated for several hospital counts, its IAM read."""

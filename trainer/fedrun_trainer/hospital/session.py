@@ -1,0 +1,221 @@
+"""One hospital's work for one Flower message: its data, its ledger, its model.
+
+A session is built afresh for every message (Flower starts a process per message), so
+everything that must outlive a message lives on disk or S3: the data (read-only) and the
+privacy ledger (read, checked, trained, written back before replying).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedrun_core import names as constants
+from fedrun_core.api import ledger_uri
+from fedrun_trainer.common.data import Table, load_hospital_data
+from fedrun_trainer.common.model import build_model
+from fedrun_trainer.common.privacy import (
+    BudgetExceeded,
+    LedgerRefused,
+    PrivacyLedger,
+    checked_history,
+    open_ledger,
+    save_ledger,
+)
+from fedrun_trainer.common.protocol import Outcome
+from fedrun_trainer.common.settings import HospitalConfigError, RunSettings
+from fedrun_trainer.hospital.train import EvalResult, evaluate, train_round
+
+__all__ = ["HospitalConfigError", "HospitalSession", "LedgerRefused", "TrainOutcome"]
+
+Weights = list[np.ndarray]
+log = logging.getLogger("fedrun.hospital")
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What the hospital replies to a train request."""
+
+    outcome: Outcome
+    message: str = ""
+    weights: Weights | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, float] = field(default_factory=dict)
+
+
+def _eval_dict(result: EvalResult) -> dict[str, float]:
+    out = {
+        "num_examples": float(result.num_examples),
+        "loss": result.loss,
+        "accuracy": result.accuracy,
+    }
+    if result.auroc is not None:
+        out["auroc"] = result.auroc
+    if result.auprc is not None:
+        out["auprc"] = result.auprc
+    return out
+
+
+def local_ledger_uri(uri: str, state_dir: Path) -> str:
+    """Point a default ``file://`` ledger under the pod's state mount at this process's dir."""
+    prefix = f"file://{constants.STATE_DIR}/"
+    if uri.startswith(prefix):
+        return (state_dir / uri.removeprefix(prefix)).resolve().as_uri()
+    return uri
+
+
+def resume_from_server(
+    ledger: PrivacyLedger, server_history: list[tuple[float, float, int]]
+) -> PrivacyLedger:
+    """The ledger, or the server's record of this hospital's steps when that is longer.
+
+    Only the record of what was spent is taken from the server (a longer one can only
+    raise ε); the σ and q of the next steps stay the plan's, from the spec.
+    ``server_history`` must have passed :func:`~fedrun_trainer.common.privacy.checked_history`.
+    """
+    server_steps = sum(n for _, _, n in server_history)
+    if server_steps <= ledger.steps:
+        return ledger
+    log.warning(
+        "hospital %s: the local ledger knows %d DP steps, the server %d; resuming from the "
+        "server's record (was the ledger lost with a pod?)",
+        ledger.hospital,
+        ledger.steps,
+        server_steps,
+    )
+    return ledger.with_history(server_history)
+
+
+@dataclass
+class HospitalSession:
+    """The run settings, this hospital's spec and its train/test split."""
+
+    settings: RunSettings
+    name: str
+    train_table: Table
+    test_table: Table
+    state_dir: Path
+
+    @classmethod
+    def open(cls, config_path: str, hospital: str, state_dir: Path) -> HospitalSession:
+        """Load the run and this hospital's data; raises ``DataError`` on bad data."""
+        settings = RunSettings.load(config_path)
+        spec = settings.hospital(hospital)
+        run = settings.run.spec
+        train, test = load_hospital_data(
+            spec.data_uri, run.data, run.training.test_fraction, run.training.seed
+        )
+        return cls(settings, hospital, train, test, state_dir)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.train_table.x.shape[1])
+
+    def summary(self) -> dict[str, float]:
+        """Counts the server may know: sizes and feature count, never raw values."""
+        return {
+            "num_train": float(len(self.train_table)),
+            "num_test": float(len(self.test_table)),
+            "num_features": float(self.n_features),
+        }
+
+    def _model(self) -> Any:
+        return build_model(self.settings.model_spec(), self.n_features, seed=self.settings.seed)
+
+    def evaluate(self, weights: Weights) -> dict[str, float]:
+        """Held-out metrics of ``weights`` on this hospital's test split."""
+        return _eval_dict(evaluate(self._model(), weights, self.test_table))
+
+    def ledger_uri(self) -> str:
+        return local_ledger_uri(ledger_uri(self.settings.run, self.name), self.state_dir)
+
+    def open_ledger(self) -> PrivacyLedger | None:
+        """This hospital's ledger on the spec's plan (None with privacy off).
+
+        Raises :class:`~fedrun_trainer.common.privacy.LedgerRefused` for a stored ledger of
+        another run or under other terms; the hospital then fails before it trains.
+        """
+        spec = self.settings.run.spec
+        if not spec.privacy.enabled:
+            return None
+        return open_ledger(
+            self.ledger_uri(),
+            hospital=self.name,
+            n_train=len(self.train_table),
+            batch_size=spec.training.batch_size,
+            local_epochs=spec.training.local_epochs,
+            rounds=spec.rounds,
+            target_epsilon=spec.privacy.target_epsilon,
+            delta=spec.privacy.delta,
+            accountant=spec.privacy.accountant,
+            noise_multiplier=spec.privacy.noise_multiplier,
+            run_uid=self.settings.run_uid,
+        )
+
+    def train(
+        self,
+        weights: Weights,
+        server_round: int,
+        evaluate_first: bool,
+        server_history: list[tuple[float, float, int]] | None = None,
+    ) -> TrainOutcome:
+        """Evaluate the incoming model if asked, then train one round within the budget.
+
+        ``server_history`` is the server's record of this hospital's DP steps; when the
+        local ledger knows fewer steps (it was lost with a pod), training resumes from the
+        server's record, so ε is never counted from zero again.
+        """
+        evaluation = self.evaluate(weights) if evaluate_first else {}
+        spec = self.settings.run.spec
+        uri = self.ledger_uri()
+        ledger = self.open_ledger()
+        if ledger is not None:
+            record = checked_history(server_history or [], "the server's record of spent steps")
+            ledger = resume_from_server(ledger, record)
+        try:
+            result = train_round(
+                self._model(),
+                self.train_table,
+                weights,
+                training=spec.training,
+                privacy=spec.privacy,
+                ledger=ledger,
+                server_round=server_round,
+                proximal_mu=self.settings.proximal_mu,
+                hospital=self.name,
+            )
+        except BudgetExceeded as err:
+            assert ledger is not None
+            return TrainOutcome(
+                Outcome.BUDGET,
+                str(err),
+                evaluation=evaluation,
+                privacy=self._privacy(ledger.epsilon, ledger, steps=0),
+            )
+        if result.ledger is not None and not result.skipped:
+            save_ledger(uri, result.ledger)
+        return TrainOutcome(
+            Outcome.OK,
+            weights=list(result.weights),
+            metrics={"num_examples": float(result.num_examples), "loss": result.loss},
+            evaluation=evaluation,
+            privacy=self._privacy(result.epsilon, result.ledger, steps=result.steps),
+        )
+
+    @staticmethod
+    def _privacy(epsilon: float, ledger: Any, steps: int) -> dict[str, float]:
+        if ledger is None:
+            return {"epsilon": 0.0}
+        return {
+            "epsilon": float(epsilon),
+            "noise_multiplier": float(ledger.noise_multiplier),
+            "sample_rate": float(ledger.sample_rate),
+            "steps": float(steps),
+            "steps_per_round": float(ledger.steps_per_round),
+            "total_steps": float(ledger.steps),
+        }

@@ -1,0 +1,279 @@
+"""``fedrun server``: the server pod's main process.
+
+It starts Flower's SuperLink, submits the run to it (the ServerApp in
+:mod:`fedrun_trainer.server.federation` does the rounds), follows the run with a deadline, and
+serves ``/status`` (the FederatedRun ``.status`` as JSON), ``/metrics`` (Prometheus) and
+``/healthz`` on its own port. After the run it stops the SuperLink but keeps serving the
+final status until it is terminated: a Deployment's pod must not exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fedrun_core.times import now_rfc3339
+from fedrun_trainer.common import files
+from fedrun_trainer.common.settings import RunSettings
+from fedrun_trainer.server.federation import (
+    HISTORY_FILE,
+    NODES_FILE,
+    STATUS_FILE,
+    new_run_state,
+    write_registered_nodes,
+)
+from fedrun_trainer.server.fleet_proxy import DEFAULT_MAX_BODY_BYTES
+from fedrun_trainer.server.metrics import render_metrics
+from fedrun_trainer.server.run_state import PHASES_FINAL, to_status
+from fedrun_trainer.server.superlink import (
+    FlowerServer,
+    MaterialError,
+    ServerTls,
+    check_material,
+    utc_now,
+)
+
+log = logging.getLogger("fedrun.server")
+
+FLOWER_CHECK_S = 15.0  # how often a running run's Flower state is checked (crash detection)
+FINAL_GRACE_S = 60.0  # how long the ServerApp may take to exit after its final status
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Command-line options of ``fedrun server``."""
+
+    config: str
+    state_dir: Path
+    fleet_port: int = 9092
+    status_port: int = 9100
+    host: str = "0.0.0.0"
+    tls_dir: Path | None = None  # the mounted <run>-server-tls Secret; None: insecure
+    max_request_bytes: int = DEFAULT_MAX_BODY_BYTES  # the fleet proxy's cap on one body
+
+
+class StatusServer:
+    """The HTTP side: ``/status``, ``/metrics``, ``/healthz`` from the state directory."""
+
+    def __init__(self, state_dir: Path, host: str, port: int) -> None:
+        self.state_dir = state_dir
+        state_dir_ref = state_dir
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/healthz":
+                    self._send(200, "text/plain", b"ok\n")
+                elif path == "/status":
+                    status = files.read_json(state_dir_ref / STATUS_FILE) or {}
+                    self._send(200, "application/json", json.dumps(status).encode())
+                elif path == "/history":
+                    history = files.read_json(state_dir_ref / HISTORY_FILE) or {}
+                    self._send(200, "application/json", json.dumps(history).encode())
+                elif path == "/metrics":
+                    body = render_metrics(
+                        files.read_json(state_dir_ref / STATUS_FILE) or {},
+                        files.read_json(state_dir_ref / HISTORY_FILE) or {},
+                    )
+                    self._send(200, "text/plain; version=0.0.4", body)
+                else:
+                    self._send(404, "text/plain", b"not found\n")
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return  # probes every few seconds would drown the run's own log
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+
+
+def _publish_failure(state_dir: Path, reason: str, message: str) -> None:
+    """Mark the run Failed unless the ServerApp already wrote a final phase."""
+    status: dict[str, Any] = files.read_json(state_dir / STATUS_FILE) or {}
+    if status.get("phase") in PHASES_FINAL:
+        return
+    status["phase"] = "Failed"
+    status["message"] = message
+    status["completionTime"] = now_rfc3339()
+    for cond in status.get("conditions", []):
+        is_failed = cond["type"] == "Failed"
+        cond["status"] = "True" if is_failed else "False"
+        if is_failed:
+            cond["reason"], cond["message"] = reason, message
+        cond["lastTransitionTime"] = status["completionTime"]
+    files.write_json_atomic(state_dir / STATUS_FILE, status)
+    log.error("run failed: %s", message)
+
+
+def _prepare_app(state_dir: Path) -> Path:
+    """Copy the code-free Flower App (one pyproject.toml) into the state directory."""
+    app_dir = state_dir / "app"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    source = resources.files("fedrun_trainer").joinpath("flower_app/pyproject.toml")
+    (app_dir / "pyproject.toml").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    return app_dir
+
+
+def run_server(opts: ServerOptions) -> int:
+    """Run the server until terminated; returns the process exit status."""
+    settings = RunSettings.load(opts.config)
+    state_dir = opts.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (STATUS_FILE, HISTORY_FILE, NODES_FILE):
+        (state_dir / stale).unlink(missing_ok=True)
+    initial = new_run_state(settings)
+    files.write_json_atomic(state_dir / STATUS_FILE, to_status(initial))
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    http = StatusServer(state_dir, opts.host, opts.status_port)
+    http.start()
+    log.info("status on :%d (/status, /metrics, /healthz)", opts.status_port)
+
+    app_dir = _prepare_app(state_dir)
+    tls = None if opts.tls_dir is None else ServerTls(opts.tls_dir)
+    try:
+        if tls is not None:
+            check_material(tls, settings.hospital_names, utc_now())
+    except MaterialError as err:
+        # Flower would start with these files and only its clients would fail: refuse here.
+        _publish_failure(state_dir, "CertificateInvalid", str(err))
+        code = 1
+    else:
+        flower = FlowerServer(
+            state_dir, opts.host, opts.fleet_port, tls, proxy_max_body_bytes=opts.max_request_bytes
+        )
+        try:
+            code = _start_and_follow(settings, opts, state_dir, app_dir, flower, stop)
+        finally:
+            flower.stop()
+    log.info("run over; serving the final status until terminated")
+    stop.wait()
+    http.stop()
+    return code
+
+
+def _start_and_follow(
+    settings: RunSettings,
+    opts: ServerOptions,
+    state_dir: Path,
+    app_dir: Path,
+    flower: FlowerServer,
+    stop: threading.Event,
+) -> int:
+    flower.start()
+    if not flower.wait_ready(60):
+        why = flower.failure() or "it did not answer /health within 60 s"
+        _publish_failure(state_dir, "ServerError", f"the Flower SuperLink did not start: {why}")
+        return 1
+    try:
+        write_registered_nodes(state_dir, flower.register(settings.hospital_names))
+        flower.serve_fleet()
+    except (RuntimeError, OSError) as err:
+        _publish_failure(state_dir, "ServerError", str(err))
+        return 1
+    return _submit_and_follow(settings, opts, state_dir, app_dir, flower, stop)
+
+
+def run_deadline_s(settings: RunSettings) -> float:
+    """How long the server lets one run take: joining plus every round, with slack."""
+    budget = (settings.rounds + 3) * settings.round_timeout_s
+    active = settings.run.spec.active_deadline_seconds
+    return float(min(budget, active)) if active else budget
+
+
+def _submit_and_follow(
+    settings: RunSettings,
+    opts: ServerOptions,
+    state_dir: Path,
+    app_dir: Path,
+    flower: FlowerServer,
+    stop: threading.Event,
+) -> int:
+    run_config = f'fedrun-config="{Path(opts.config).resolve()}" state-dir="{state_dir}"'
+    submitted = flower.flwr_json(["run", str(app_dir), "local", "--run-config", run_config])
+    if not submitted.get("success"):
+        _publish_failure(
+            state_dir, "ServerError", f"could not submit the run to Flower: {submitted}"
+        )
+        return 1
+    run_id = str(submitted["run-id"])
+    log.info("submitted Flower run %s", run_id)
+    deadline = time.monotonic() + run_deadline_s(settings)
+    # Asking Flower costs a `flwr` process (1-2 s of CPU on a small node), so it is asked
+    # rarely while the run goes on, and a little more often once our status is final.
+    next_check = time.monotonic() + FLOWER_CHECK_S
+    final_since: float | None = None
+    while not stop.is_set():
+        status = files.read_json(state_dir / STATUS_FILE) or {}
+        final = status.get("phase") in PHASES_FINAL
+        if final and final_since is None:
+            final_since, next_check = time.monotonic(), time.monotonic() + 1.0
+        if final_since is not None and time.monotonic() - final_since > FINAL_GRACE_S:
+            log.warning("the ServerApp has not exited %ss after its final status", FINAL_GRACE_S)
+            return 0 if status["phase"] == "Succeeded" else 1
+        failure = flower.failure()
+        if failure:
+            _publish_failure(state_dir, "ServerError", failure)
+            return 1
+        if time.monotonic() >= deadline:
+            flower.flwr_json(["stop", run_id, "local"])
+            _publish_failure(
+                state_dir,
+                "DeadlineExceeded",
+                f"the run did not finish within {run_deadline_s(settings):.0f}s",
+            )
+            return 1
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + (2.0 if final else FLOWER_CHECK_S)
+            if _flower_status(run_id, flower).startswith("finished"):
+                status = files.read_json(state_dir / STATUS_FILE) or {}
+                if status.get("phase") in PHASES_FINAL:
+                    return 0 if status["phase"] == "Succeeded" else 1
+                # The ServerApp process is gone without a final status: it crashed.
+                _publish_failure(
+                    state_dir,
+                    "ServerError",
+                    "the ServerApp ended before the run finished (see the server log)",
+                )
+                return 1
+        stop.wait(0.5)
+    return 143
+
+
+def _flower_status(run_id: str, flower: FlowerServer) -> str:
+    listed = flower.flwr_json(["list", "--run-id", run_id, "local"])
+    runs = listed.get("runs") or []
+    return str(runs[0].get("status", "")) if runs else ""
+
+
+def main_server(opts: ServerOptions) -> int:
+    """CLI entry: logs to stderr, returns the exit status."""
+    code = run_server(opts)
+    sys.stderr.flush()
+    shutil.rmtree(opts.state_dir / "app", ignore_errors=True)
+    return code

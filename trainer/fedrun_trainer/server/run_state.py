@@ -1,0 +1,273 @@
+"""The server's view of a run, and the pure mapping from it to the resource's ``.status``.
+
+The ServerApp mutates a :class:`RunState` as replies arrive and writes
+:func:`to_status` (the FederatedRun ``.status`` schema) and :func:`to_history`
+(per-round figures for reports and metrics) after every change. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedrun_core.accounting import collapse
+from fedrun_core.times import now_rfc3339
+
+PHASES_FINAL = frozenset({"Succeeded", "Failed", "BudgetExhausted"})
+
+
+@dataclass
+class HospitalState:
+    """One hospital as the server sees it."""
+
+    name: str
+    job_name: str
+    state: str = "Pending"
+    node_id: int | None = None
+    incarnation: str = ""
+    restarts: int = 0
+    message: str = ""
+    # Privacy as reported by the hospital, and as the server accounts it on its own
+    # from (σ, q, steps): the status shows the larger of the two.
+    epsilon_reported: float = 0.0
+    epsilon_accounted: float = 0.0
+    noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    steps_per_round: int = 0
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+    rounds_trained: int = 0
+    budget_exhausted: bool = False
+    num_train: int = 0
+    num_test: int = 0
+    num_features: int = 0
+
+    @property
+    def epsilon(self) -> float:
+        """The ε this hospital has spent: the max of its own and the server's accounting."""
+        return max(self.epsilon_reported, self.epsilon_accounted)
+
+    @property
+    def active(self) -> bool:
+        """Whether the hospital can still be asked to train."""
+        return self.state not in ("Failed", "Done") and not self.budget_exhausted
+
+
+@dataclass
+class RoundRecord:
+    """Figures for one round: the global model's evaluation and each hospital's ε."""
+
+    round: int
+    duration_s: float = 0.0
+    hospitals_trained: list[str] = field(default_factory=list)
+    train_loss: float | None = None
+    evaluation: dict[str, float | None] = field(default_factory=dict)
+    per_hospital_eval: dict[str, dict[str, float]] = field(default_factory=dict)
+    epsilon: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """Everything the server knows about the run; the input of :func:`to_status`."""
+
+    run_name: str
+    total_rounds: int
+    target_epsilon: float | None
+    delta: float | None
+    hospitals: dict[str, HospitalState]
+    phase: str = "Pending"
+    reason: str = "Created"
+    message: str = "waiting for hospitals to connect"
+    current_round: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    mlflow_run_id: str | None = None
+    rounds: list[RoundRecord] = field(default_factory=list)
+    observed_generation: int | None = None
+
+    @classmethod
+    def new(
+        cls,
+        run_name: str,
+        hospital_names: list[str],
+        total_rounds: int,
+        target_epsilon: float | None,
+        delta: float | None,
+        observed_generation: int | None = None,
+    ) -> RunState:
+        """A fresh run whose hospitals have not connected yet."""
+        return cls(
+            run_name=run_name,
+            total_rounds=total_rounds,
+            target_epsilon=target_epsilon,
+            delta=delta,
+            hospitals={
+                h: HospitalState(name=h, job_name=f"{run_name}-{h}") for h in hospital_names
+            },
+            observed_generation=observed_generation,
+        )
+
+    @property
+    def final(self) -> bool:
+        """Whether the run has ended, one way or another."""
+        return self.phase in PHASES_FINAL
+
+    def latest_evaluation(self) -> RoundRecord | None:
+        """The most recent round that has an evaluation of the global model."""
+        for record in reversed(self.rounds):
+            if record.evaluation:
+                return record
+        return None
+
+    def finish(self, phase: str, reason: str, message: str) -> None:
+        """Move to a final phase once; later calls keep the first outcome."""
+        if self.final:
+            return
+        self.phase, self.reason, self.message = phase, reason, message
+        self.completion_time = now_rfc3339()
+
+
+def _condition(
+    ctype: str, status: bool, reason: str, message: str, since: str, generation: int | None
+) -> dict[str, Any]:
+    cond: dict[str, Any] = {
+        "type": ctype,
+        "status": "True" if status else "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def conditions_for(state: RunState) -> list[dict[str, Any]]:
+    """Standard ``metav1.Condition`` entries for the run's phase (the full list, every time)."""
+    since = state.completion_time or state.start_time or now_rfc3339()
+    gen = state.observed_generation
+    running = state.phase == "Running"
+    done = state.phase == "Succeeded"
+    failed = state.phase == "Failed"
+    budget = state.phase == "BudgetExhausted"
+    return [
+        _condition(
+            "Running",
+            running,
+            state.reason if running else ("Finished" if state.final else state.reason),
+            state.message if running else "",
+            since,
+            gen,
+        ),
+        _condition(
+            "Succeeded",
+            done,
+            state.reason if done else "NotSucceeded",
+            state.message if done else "",
+            since,
+            gen,
+        ),
+        _condition(
+            "Failed",
+            failed,
+            state.reason if failed else "NotFailed",
+            state.message if failed else "",
+            since,
+            gen,
+        ),
+        _condition(
+            "BudgetExhausted",
+            budget,
+            state.reason if budget else "WithinBudget",
+            state.message if budget else "",
+            since,
+            gen,
+        ),
+    ]
+
+
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def to_status(state: RunState) -> dict[str, Any]:
+    """The FederatedRun ``.status`` for this state (camelCase keys, JSON-ready)."""
+    hospitals = [state.hospitals[name] for name in sorted(state.hospitals)]
+    status: dict[str, Any] = {
+        "phase": state.phase,
+        "conditions": conditions_for(state),
+        "round": {"current": state.current_round, "total": state.total_rounds},
+        "progress": f"{state.current_round}/{state.total_rounds}",
+        "hospitals": [
+            {
+                "name": h.name,
+                "jobName": h.job_name,
+                "state": h.state,
+                "restarts": h.restarts,
+                "epsilon": _rounded(h.epsilon),
+                **({"message": h.message} if h.message else {}),
+            }
+            for h in hospitals
+        ],
+        "message": state.message,
+    }
+    if state.observed_generation is not None:
+        status["observedGeneration"] = state.observed_generation
+    if state.start_time:
+        status["startTime"] = state.start_time
+    if state.completion_time:
+        status["completionTime"] = state.completion_time
+    if state.target_epsilon is not None:
+        spent = max((h.epsilon for h in hospitals), default=0.0)
+        status["privacy"] = {
+            "epsilonSpent": _rounded(spent),
+            "targetEpsilon": state.target_epsilon,
+            "delta": state.delta,
+            "hospitals": [
+                {
+                    "name": h.name,
+                    "epsilon": _rounded(h.epsilon),
+                    # σ and q unrounded: the operator recomputes ε from them on its own.
+                    "noiseMultiplier": float(h.noise_multiplier),
+                    "sampleRate": float(h.sample_rate),
+                    "steps": sum(s for _, _, s in h.history),
+                    "stepsPerRound": h.steps_per_round,
+                    # A count: the operator derives the spec's σ and q from it on its own.
+                    "numTrain": h.num_train,
+                    "history": [[s, q, n] for s, q, n in collapse(h.history)],
+                }
+                for h in hospitals
+            ],
+        }
+    latest = state.latest_evaluation()
+    if latest is not None:
+        status["metrics"] = {
+            "round": latest.round,
+            **{k: _rounded(v) for k, v in sorted(latest.evaluation.items())},
+        }
+    if state.mlflow_run_id:
+        status["mlflowRunId"] = state.mlflow_run_id
+    return status
+
+
+def to_history(state: RunState) -> dict[str, Any]:
+    """Per-round figures (for the report, the PNG and ``/metrics``), JSON-ready."""
+    return {
+        "run": state.run_name,
+        "phase": state.phase,
+        "targetEpsilon": state.target_epsilon,
+        "rounds": [
+            {
+                "round": r.round,
+                "durationSeconds": round(r.duration_s, 3),
+                "hospitalsTrained": r.hospitals_trained,
+                "trainLoss": _rounded(r.train_loss),
+                "evaluation": {k: _rounded(v) for k, v in r.evaluation.items()},
+                "hospitalEvaluation": {
+                    h: {k: _rounded(v) for k, v in ev.items()}
+                    for h, ev in sorted(r.per_hospital_eval.items())
+                },
+                "epsilon": {h: _rounded(e) for h, e in sorted(r.epsilon.items())},
+            }
+            for r in state.rounds
+        ],
+    }
