@@ -17,7 +17,6 @@ import difflib
 import re
 from collections.abc import Mapping
 from datetime import datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,10 +34,10 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from fedrun_core import names as c
+from fedrun_core.states import ConditionStatus, HospitalState, Phase
 
 __all__ = [
     "Condition",
-    "ConditionStatus",
     "DataSpec",
     "Feature",
     "FederatedRun",
@@ -46,12 +45,10 @@ __all__ = [
     "FederatedRunStatus",
     "Hospital",
     "HospitalPrivacyStatus",
-    "HospitalState",
     "HospitalStatus",
     "MetricsStatus",
     "MlflowSpec",
     "ObjectMeta",
-    "Phase",
     "PrivacySpec",
     "PrivacyStatus",
     "Resources",
@@ -688,7 +685,7 @@ def _spec_immutable_while_running() -> dict[str, str]:
     unchanged = " && ".join(parts)
     return cel(
         "!has(oldSelf.status) || !has(oldSelf.status.phase) || "
-        f"oldSelf.status.phase != 'Running' || ({unchanged})",
+        f"oldSelf.status.phase != {Phase.RUNNING.value!r} || ({unchanged})",
         "spec is immutable while the run is Running; only spec.suspend may change",
         ".spec",
     )
@@ -815,35 +812,6 @@ class FederatedRunSpec(_Spec):
 
 
 # --------------------------------------------------------------------------- status
-
-
-class Phase(StrEnum):
-    """Where a run stands."""
-
-    PENDING = "Pending"
-    RUNNING = "Running"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    BUDGET_EXHAUSTED = "BudgetExhausted"
-    SUSPENDED = "Suspended"
-
-
-class HospitalState(StrEnum):
-    """Where one hospital's client stands."""
-
-    PENDING = "Pending"
-    CONNECTED = "Connected"
-    TRAINING = "Training"
-    DONE = "Done"
-    FAILED = "Failed"
-
-
-class ConditionStatus(StrEnum):
-    """Status of a condition, as in metav1.Condition."""
-
-    TRUE = "True"
-    FALSE = "False"
-    UNKNOWN = "Unknown"
 
 
 class Condition(_Status):

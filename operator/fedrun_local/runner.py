@@ -38,11 +38,30 @@ from typing import Any
 
 from fedrun_core import names as c
 from fedrun_core.api import FederatedRun, load_run, pvc_claim
+from fedrun_core.states import FINAL_PHASES, HospitalState, Phase, Reason, phase_conditions
+from fedrun_core.times import now_rfc3339
 from fedrun_render.workloads import render_run, secure
 
 log = logging.getLogger("fedrun.local")
 
-FINAL_PHASES = ("Succeeded", "Failed", "BudgetExhausted")
+
+def _failed(status: dict[str, Any], reason: str, message: str) -> dict[str, Any]:
+    """``status`` moved to Failed for ``reason``, with its conditions, as a server would."""
+    now = now_rfc3339()
+    generation = status.get("observedGeneration")
+    return {
+        **status,
+        "phase": Phase.FAILED,
+        "message": message,
+        "completionTime": now,
+        "conditions": phase_conditions(
+            Phase.FAILED,
+            reason,
+            message,
+            now,
+            generation if isinstance(generation, int) else None,
+        ),
+    }
 
 
 @dataclass(frozen=True)
@@ -378,18 +397,14 @@ class LocalCluster:
                 if status.get("phase") in FINAL_PHASES:
                     return self._merge_pods(status)
             elif not self.server.running:
-                last = dict(last)
-                last["phase"] = "Failed"
-                last["message"] = (
+                message = (
                     f"the server exited with status {self.server.exit_code}: "
                     f"{self.server.termination_message()}"
                 )
-                return self._merge_pods(last)
+                return self._merge_pods(_failed(last, Reason.SERVER_ERROR, message))
             if time.monotonic() > deadline:
-                last = dict(last)
-                last["phase"] = "Failed"
-                last["message"] = f"fedrun local gave up after {timeout_s:.0f}s"
-                return self._merge_pods(last)
+                message = f"fedrun local gave up after {timeout_s:.0f}s"
+                return self._merge_pods(_failed(last, Reason.DEADLINE_EXCEEDED, message))
             time.sleep(poll_s)
 
     def _merge_pods(self, status: dict[str, Any], grace_s: float = 30.0) -> dict[str, Any]:
@@ -399,11 +414,13 @@ class LocalCluster:
             time.sleep(0.2)
         by_name = {h["name"]: h for h in status.get("hospitals", [])}
         for name, pod in self.hospitals.items():
-            entry = by_name.setdefault(name, {"name": name, "state": "Pending", "restarts": 0})
+            entry = by_name.setdefault(
+                name, {"name": name, "state": HospitalState.PENDING, "restarts": 0}
+            )
             entry["restarts"] = max(int(entry.get("restarts", 0)), pod.starts - 1)
             code = pod.exit_code
-            if code not in (None, 0) and entry.get("state") != "Failed":
-                entry["state"] = "Failed"
+            if code not in (None, 0) and entry.get("state") != HospitalState.FAILED:
+                entry["state"] = HospitalState.FAILED
                 entry["message"] = pod.termination_message() or f"exited with status {code}"
         status["hospitals"] = [by_name[n] for n in sorted(by_name)]
         return status
@@ -498,4 +515,4 @@ def run_local(opts: LocalOptions) -> int:
     elapsed = time.monotonic() - started
     status_path = local_report.write_outputs(out, status, history)
     local_report.print_summary(run, status, history, out, elapsed, status_path)
-    return 0 if status.get("phase") == "Succeeded" else 1
+    return 0 if status.get("phase") == Phase.SUCCEEDED else 1

@@ -19,7 +19,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-PHASES = ("Pending", "Running", "Succeeded", "Failed", "BudgetExhausted", "Suspended")
+from fedrun_core.states import HospitalState, Phase
+
+PHASES = tuple(Phase)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -138,7 +140,7 @@ def observe_run(
     last_progress: float | None,
 ) -> None:
     """Set the run's series from its spec and (camelCase) status."""
-    phase = status.get("phase") or "Pending"
+    phase = status.get("phase") or Phase.PENDING
     for p in PHASES:
         RUN_PHASE.labels(namespace, run, p).set(1.0 if p == phase else 0.0)
     rnd = status.get("round") or {}
@@ -150,7 +152,7 @@ def observe_run(
     if target is not None:
         RUN_EPSILON_TARGET.labels(namespace, run).set(float(target))
     hospitals = status.get("hospitals") or []
-    active = sum(1 for h in hospitals if h.get("state") != "Failed")
+    active = sum(1 for h in hospitals if h.get("state") != HospitalState.FAILED)
     RUN_HOSPITALS_ACTIVE.labels(namespace, run).set(float(active))
     RUN_MIN_HOSPITALS.labels(namespace, run).set(float(spec.get("minHospitals") or 0))
     if last_progress is not None:

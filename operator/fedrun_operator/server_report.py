@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from fedrun_core.api import HospitalState, Phase
+from fedrun_core.states import HospitalState, Phase
 
 __all__ = [
     "MAX_MESSAGE_CHARS",

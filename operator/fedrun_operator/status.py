@@ -31,24 +31,22 @@ from typing import Any
 
 from fedrun_core.accounting import PlannedCost
 from fedrun_core.api import FederatedRun
+from fedrun_core.states import (
+    FINAL_PHASES,
+    ConditionStatus,
+    ConditionType,
+    HospitalState,
+    Phase,
+    Reason,
+    condition,
+    phase_conditions,
+)
 from fedrun_core.times import parse_time, rfc3339
 from fedrun_operator.server_report import clip
 from fedrun_render import security
 
 Obj = dict[str, Any]
 
-PENDING, RUNNING, SUCCEEDED, FAILED, BUDGET, SUSPENDED = (
-    "Pending",
-    "Running",
-    "Succeeded",
-    "Failed",
-    "BudgetExhausted",
-    "Suspended",
-)
-FINAL_PHASES = frozenset({SUCCEEDED, FAILED, BUDGET})
-CONDITION_TYPES = ("Running", "Suspended", "Succeeded", "Failed", "BudgetExhausted")
-#: Present (True) when the server's reported (σ, q) disagree with what the spec implies.
-CONDITION_ACCOUNTING_MISMATCH = "AccountingMismatch"
 # Relative difference in σ or q that counts as a disagreement (the two calibrations agree
 # to about 1e-12; a real mismatch is a different σ or another row count).
 _PLAN_TOLERANCE = 1e-6
@@ -280,7 +278,7 @@ def hospital_rows(
         row: Obj = {
             "name": h.name,
             "jobName": job.job_name if job else f"{run.name}-{h.name}",
-            "state": "Pending",
+            "state": HospitalState.PENDING,
             "restarts": 0,
         }
         src = reported.get(h.name, {})
@@ -300,14 +298,14 @@ def hospital_rows(
             )
             last_failure = clip(job.message) if job.message else last_failure
             if job.failed:
-                row["state"] = "Failed"
+                row["state"] = HospitalState.FAILED
                 row["message"] = clip(
                     last_failure
                     or job.failed_message
                     or f"Job {job.job_name} failed ({job.failed_reason or 'no reason given'})"
                 )
-            elif job.complete and row["state"] not in ("Failed",):
-                row["state"] = "Done"
+            elif job.complete and row["state"] != HospitalState.FAILED:
+                row["state"] = HospitalState.DONE
         if last_failure:
             row["lastFailure"] = last_failure
         rows.append(row)
@@ -320,25 +318,10 @@ def hospital_rows(
 def conditions(
     prev: Obj, phase: str, reason: str, message: str, now: datetime, generation: int | None
 ) -> list[Obj]:
-    """The full list of standard conditions; a condition's time moves only when it flips."""
-    before = {c["type"]: c for c in prev.get("conditions", [])}
-    out: list[Obj] = []
-    for ctype in CONDITION_TYPES:
-        on = ctype == phase or (ctype == "Running" and phase == RUNNING)
-        status = "True" if on else "False"
-        old = before.get(ctype)
-        since = old["lastTransitionTime"] if old and old.get("status") == status else rfc3339(now)
-        cond: Obj = {
-            "type": ctype,
-            "status": status,
-            "reason": reason if on else f"Not{ctype}",
-            "message": message if on else "",
-            "lastTransitionTime": since,
-        }
-        if generation is not None:
-            cond["observedGeneration"] = generation
-        out.append(cond)
-    return out
+    """The phase conditions (:func:`fedrun_core.states.phase_conditions`) after ``prev``."""
+    return phase_conditions(
+        phase, reason, message, rfc3339(now), generation, prev.get("conditions", [])
+    )
 
 
 # --------------------------------------------------------------------------- decide
@@ -366,9 +349,9 @@ def _carry_over(privacy: Obj, prev: Obj, server: Obj | None) -> list[Obj]:
 
 def _server_reason(server: Obj) -> str:
     for cond in server.get("conditions", []):
-        if cond.get("status") == "True" and cond.get("type") == server.get("phase"):
+        if cond.get("status") == ConditionStatus.TRUE and cond.get("type") == server.get("phase"):
             return str(cond.get("reason") or server.get("phase"))
-    return str(server.get("phase") or PENDING)
+    return str(server.get("phase") or Phase.PENDING)
 
 
 #: Seconds a Succeeded run's processes get to end by themselves before the server is scaled
@@ -407,7 +390,7 @@ def decide(
         expired = (
             ttl is not None and done_at is not None and now >= done_at + timedelta(seconds=ttl)
         )
-        stop = prev_phase != SUCCEEDED or (
+        stop = prev_phase != Phase.SUCCEEDED or (
             done_at is None or now >= done_at + timedelta(seconds=succeeded_grace_s)
         )
         return Decision(status=dict(prev), stop=stop, delete_run=expired)
@@ -419,35 +402,37 @@ def decide(
     rnd = (server or {}).get("round") or prev.get("round") or {"current": 0, "total": spec.rounds}
     rnd = {"current": min(int(rnd.get("current", 0)), spec.rounds), "total": spec.rounds}
 
-    phase, reason, message = PENDING, "ChildrenCreated", "waiting for the server to start"
+    phase: str = Phase.PENDING
+    reason: str = Reason.CHILDREN_CREATED
+    message = "waiting for the server to start"
     if server is not None:
-        phase = str(server.get("phase") or PENDING)
+        phase = str(server.get("phase") or Phase.PENDING)
         reason = _server_reason(server)
         message = str(server.get("message") or "")
     elif obs.server_invalid:
-        phase = RUNNING if prev_phase == RUNNING else PENDING
-        reason = "ServerStatusInvalid"
+        phase = Phase.RUNNING if prev_phase == Phase.RUNNING else Phase.PENDING
+        reason = Reason.SERVER_STATUS_INVALID
         message = f"the server's status was refused: {obs.server_error}"
-    elif obs.server_error and prev_phase == RUNNING:
-        phase, reason = RUNNING, "ServerUnreachable"
+    elif obs.server_error and prev_phase == Phase.RUNNING:
+        phase, reason = Phase.RUNNING, Reason.SERVER_UNREACHABLE
         message = f"cannot read the server's status: {obs.server_error}"
     elif obs.server_error:
         message = f"waiting for the server: {obs.server_error}"
     message = clip(message)
-    if server is None and prev_phase == SUSPENDED and not spec.suspend:
-        reason = "Resumed"
+    if server is None and prev_phase == Phase.SUSPENDED and not spec.suspend:
+        reason = Reason.RESUMED
         message = "resumed: the server restarts training from round 0; ε spent so far still counts"
 
     start = prev.get("startTime") or (server or {}).get("startTime") or rfc3339(now)
 
     # The operator's own stop rules, strongest first.
-    failed = [h for h in hospitals if h["state"] == "Failed"]
+    failed = [h for h in hospitals if h["state"] == HospitalState.FAILED]
     target = spec.privacy.target_epsilon
     if obs.conflicts:
-        phase, reason = FAILED, "ChildConflict"
+        phase, reason = Phase.FAILED, Reason.CHILD_CONFLICT
         message = clip("; ".join(obs.conflicts))
     elif spec.suspend:
-        phase, reason = SUSPENDED, "Suspended"
+        phase, reason = Phase.SUSPENDED, Reason.SUSPENDED
         message = (
             f"suspended at round {rnd['current']}/{spec.rounds}; on resume the server restarts "
             "training from round 0 (it keeps no checkpoint) and the ε already spent keeps "
@@ -456,19 +441,19 @@ def decide(
     elif spec.active_deadline_seconds is not None and now >= _deadline(
         start, spec.active_deadline_seconds
     ):
-        phase, reason = FAILED, "DeadlineExceeded"
+        phase, reason = Phase.FAILED, Reason.DEADLINE_EXCEEDED
         message = (
             f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed at round "
             f"{rnd['current']}/{spec.rounds}"
         )
     elif spec.privacy.enabled and any(over(e, target) for e in spent.values()):
         names = sorted(n for n, e in spent.items() if over(e, target))
-        phase, reason = BUDGET, "BudgetExceeded"
+        phase, reason = Phase.BUDGET_EXHAUSTED, Reason.BUDGET_EXCEEDED
         message = (
             f"ε of {', '.join(names)} is over targetEpsilon {target}: the operator stopped the run"
         )
     elif len(spec.hospitals) - len(failed) < spec.min_hospitals and phase not in FINAL_PHASES:
-        phase, reason = FAILED, "TooFewHospitals"
+        phase, reason = Phase.FAILED, Reason.TOO_FEW_HOSPITALS
         failures = ", ".join(f"{h['name']} ({h.get('message', 'failed')})" for h in failed)
         message = (
             f"{len(spec.hospitals) - len(failed)} hospitals left, minHospitals is "
@@ -483,35 +468,36 @@ def decide(
         able = [
             h["name"]
             for h in hospitals
-            if h["state"] != "Failed" and not over(after_next.get(h["name"], 0.0), target)
+            if h["state"] != HospitalState.FAILED
+            and not over(after_next.get(h["name"], 0.0), target)
         ]
         if len(able) < spec.min_hospitals:
-            phase, reason = BUDGET, "BudgetWouldBeExceeded"
+            phase, reason = Phase.BUDGET_EXHAUSTED, Reason.BUDGET_WOULD_BE_EXCEEDED
             message = (
                 f"stopped after round {rnd['current']}: another round would take all but "
                 f"{len(able)} hospitals over targetEpsilon {target} (minHospitals is "
                 f"{spec.min_hospitals})"
             )
     if obs.spec_refused and phase not in FINAL_PHASES:
-        events.append(Event("Warning", "SpecChangeRefused", obs.spec_refused))
+        events.append(Event("Warning", Reason.SPEC_CHANGE_REFUSED, obs.spec_refused))
 
     message = clip(message)
     if obs.server_invalid and prev.get("message") != message:
-        events.append(Event("Warning", "ServerStatusInvalid", message))
+        events.append(Event("Warning", Reason.SERVER_STATUS_INVALID, message))
     conds = conditions(prev, phase, reason, message, now, generation)
     insecure = security.insecure_condition(run, prev.get("conditions", []), now, generation)
     if insecure is not None:
         conds.append(insecure)
-        if not _is_true(prev, security.CONDITION_INSECURE):
-            events.append(Event("Warning", security.CONDITION_INSECURE, security.INSECURE_MESSAGE))
+        if not _is_true(prev, ConditionType.INSECURE):
+            events.append(Event("Warning", ConditionType.INSECURE, security.INSECURE_MESSAGE))
     if pv.mismatches:
         text = clip(
             "; ".join(f"{name}: {why}" for name, why in sorted(pv.mismatches.items()))
             + ". The operator enforces the larger ε."
         )
         conds.append(_mismatch_condition(prev, text, now, generation))
-        if not _is_true(prev, CONDITION_ACCOUNTING_MISMATCH):
-            events.append(Event("Warning", CONDITION_ACCOUNTING_MISMATCH, text))
+        if not _is_true(prev, ConditionType.ACCOUNTING_MISMATCH):
+            events.append(Event("Warning", ConditionType.ACCOUNTING_MISMATCH, text))
     status: Obj = {
         "phase": phase,
         "conditions": conds,
@@ -523,7 +509,7 @@ def decide(
         "message": message,
     }
     if privacy is not None:
-        if phase == SUSPENDED and prev_phase != SUSPENDED:
+        if phase == Phase.SUSPENDED and prev_phase != Phase.SUSPENDED:
             # The server's state goes with its pod: keep what it spent in the status.
             privacy["carried"] = _carry_over(privacy, prev, server)
         status["privacy"] = privacy
@@ -539,35 +525,30 @@ def decide(
         del status["observedGeneration"]
 
     events += _events(prev, status, reason)
-    stop = (phase in FINAL_PHASES and (phase != SUCCEEDED or succeeded_grace_s <= 0)) or (
-        phase == SUSPENDED
+    stop = (phase in FINAL_PHASES and (phase != Phase.SUCCEEDED or succeeded_grace_s <= 0)) or (
+        phase == Phase.SUSPENDED
     )
     return Decision(status=status, events=events, stop=stop)
 
 
 def _mismatch_condition(prev: Obj, message: str, now: datetime, generation: int | None) -> Obj:
     """``AccountingMismatch=True``; its time is kept while it stays True."""
-    old = next(
-        (x for x in prev.get("conditions", []) if x.get("type") == CONDITION_ACCOUNTING_MISMATCH),
-        None,
+    return condition(
+        ConditionType.ACCOUNTING_MISMATCH,
+        True,
+        Reason.SERVER_DISAGREES_WITH_SPEC,
+        message,
+        rfc3339(now),
+        generation,
+        prev.get("conditions", []),
     )
-    since = old["lastTransitionTime"] if old and old.get("status") == "True" else rfc3339(now)
-    cond: Obj = {
-        "type": CONDITION_ACCOUNTING_MISMATCH,
-        "status": "True",
-        "reason": "ServerDisagreesWithSpec",
-        "message": message,
-        "lastTransitionTime": since,
-    }
-    if generation is not None:
-        cond["observedGeneration"] = generation
-    return cond
 
 
 def _is_true(prev: Obj, ctype: str) -> bool:
     """Whether the previous status has the condition `ctype` with status True."""
     return any(
-        x.get("type") == ctype and x.get("status") == "True" for x in prev.get("conditions", [])
+        x.get("type") == ctype and x.get("status") == ConditionStatus.TRUE
+        for x in prev.get("conditions", [])
     )
 
 
@@ -576,19 +557,19 @@ def _events(prev: Obj, status: Obj, reason: str) -> list[Event]:
     out: list[Event] = []
     phase, old = status["phase"], prev.get("phase")
     if phase != old:
-        kind = "Warning" if phase in (FAILED, BUDGET) else "Normal"
+        kind = "Warning" if phase in (Phase.FAILED, Phase.BUDGET_EXHAUSTED) else "Normal"
         text = f"{old or 'New'} → {phase}: {status['message']}".rstrip(": ")
         out.append(Event(kind, reason, text))
     before = {h["name"]: h.get("state") for h in prev.get("hospitals", [])}
     for h in status["hospitals"]:
-        if h["state"] == "Failed" and before.get(h["name"]) != "Failed":
+        if h["state"] == HospitalState.FAILED and before.get(h["name"]) != HospitalState.FAILED:
             out.append(
                 Event(
                     "Warning",
-                    "HospitalFailed",
+                    Reason.HOSPITAL_FAILED,
                     f"hospital {h['name']} failed: {h.get('message', '')}".rstrip(": "),
                 )
             )
-    if status["phase"] == BUDGET and old != BUDGET:
-        out.append(Event("Warning", "BudgetStop", status["message"]))
+    if status["phase"] == Phase.BUDGET_EXHAUSTED and old != Phase.BUDGET_EXHAUSTED:
+        out.append(Event("Warning", Reason.BUDGET_STOP, status["message"]))
     return out

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from fedrun_core import names as c
 from fedrun_core.api import FederatedRun
 from fedrun_core.pki import RunMaterial
+from fedrun_core.states import ConditionType, Reason, condition
 from fedrun_core.times import rfc3339
 from fedrun_render.workloads import (
     _metadata,
@@ -37,7 +38,6 @@ from fedrun_render.workloads import (
 
 __all__ = [
     "CA_FILE",
-    "CONDITION_INSECURE",
     "DNS_PORT",
     "HTTPS_PORT",
     "INSECURE_MESSAGE",
@@ -82,8 +82,6 @@ KUBE_SYSTEM_NAMESPACE_LABELS: dict[str, str] = {NAMESPACE_NAME_LABEL: "kube-syst
 DNS_PORT = 53
 HTTPS_PORT = 443
 
-CONDITION_INSECURE = "Insecure"
-INSECURE_REASON = "InsecureTransport"
 INSECURE_MESSAGE = (
     "spec.security.insecure is true: the server and hospitals talk without TLS and without "
     "SuperNode authentication, so anyone who reaches the server can read model updates and "
@@ -311,15 +309,12 @@ def insecure_condition(
     """
     if not is_insecure(run):
         return None
-    old = next((x for x in prev_conditions if x.get("type") == CONDITION_INSECURE), None)
-    since = old["lastTransitionTime"] if old and old.get("status") == "True" else rfc3339(now)
-    condition: dict[str, Any] = {
-        "type": CONDITION_INSECURE,
-        "status": "True",
-        "reason": INSECURE_REASON,
-        "message": INSECURE_MESSAGE,
-        "lastTransitionTime": since,
-    }
-    if generation is not None:
-        condition["observedGeneration"] = generation
-    return condition
+    return condition(
+        ConditionType.INSECURE,
+        True,
+        Reason.INSECURE_TRANSPORT,
+        INSECURE_MESSAGE,
+        rfc3339(now),
+        generation,
+        prev_conditions,
+    )

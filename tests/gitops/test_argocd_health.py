@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from fedrun_core.api import FederatedRunStatus, Phase, load_run
+from fedrun_core.api import FederatedRunStatus, load_run
+from fedrun_core.states import Phase
 
 lupa51 = pytest.importorskip("lupa.lua51", reason="lupa (a dev dependency) is not installed")
 

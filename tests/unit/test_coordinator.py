@@ -26,6 +26,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrun_core.api import FederatedRunStatus
+from fedrun_core.states import FINAL_PHASES
 from fedrun_trainer.common import protocol
 from fedrun_trainer.common.privacy import epsilon_of
 from fedrun_trainer.common.protocol import Outcome
@@ -33,7 +34,6 @@ from fedrun_trainer.hospital.handlers import NodeSettings, _reply
 from fedrun_trainer.server import coordinator as coordinator_module
 from fedrun_trainer.server.coordinator import Coordinator, CoordinatorSettings, Weights
 from fedrun_trainer.server.run_state import (
-    PHASES_FINAL,
     RoundRecord,
     RunState,
     to_history,
@@ -336,7 +336,7 @@ def assert_published_statuses_are_valid(h: Harness) -> None:
         FederatedRunStatus.model_validate(status)
     phases = [s["phase"] for s in h.published]
     assert phases[0] == "Running"
-    assert phases[-1] in PHASES_FINAL
+    assert phases[-1] in FINAL_PHASES
     final_from = phases.index(phases[-1])
     assert set(phases[final_from:]) == {phases[-1]}  # once final, it stays final
 

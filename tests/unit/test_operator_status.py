@@ -10,8 +10,8 @@ import pytest
 
 from fedrun_core.accounting import epsilon
 from fedrun_core.api import FederatedRun, load_run, parse_run
+from fedrun_core.states import PHASE_CONDITIONS
 from fedrun_operator.status import (
-    CONDITION_TYPES,
     SUCCEEDED_GRACE_S,
     Decision,
     Event,
@@ -357,7 +357,7 @@ def test_an_insecure_run_carries_insecure_and_is_warned_about_once() -> None:
         }
     ]
     # The five standard conditions are still there, unchanged.
-    assert [c["type"] for c in first.status["conditions"]] == [*CONDITION_TYPES, "Insecure"]
+    assert [c["type"] for c in first.status["conditions"]] == [*PHASE_CONDITIONS, "Insecure"]
     warnings = [e for e in first.events if e.reason == "Insecure"]
     assert warnings == [Event("Warning", "Insecure", INSECURE_MESSAGE)]
     # Later reconciles keep the condition (and its time) but do not warn again.

@@ -13,9 +13,10 @@ import yaml
 
 from fedrun_core.accounting import epsilon
 from fedrun_core.api import FederatedRunStatus
+from fedrun_core.states import PHASE_CONDITIONS
 from fedrun_trainer.common.privacy import epsilon_of
 from fedrun_trainer.server.run_state import (
-    HospitalState,
+    HospitalProgress,
     RoundRecord,
     RunState,
     conditions_for,
@@ -235,10 +236,10 @@ def test_hospital_message_appears_only_when_set() -> None:
 
 
 def test_hospital_is_active_until_done_failed_or_out_of_budget() -> None:
-    assert HospitalState("a", "r-a", state="Connected").active
-    assert not HospitalState("a", "r-a", state="Done").active
-    assert not HospitalState("a", "r-a", state="Failed").active
-    assert not HospitalState("a", "r-a", state="Connected", budget_exhausted=True).active
+    assert HospitalProgress("a", "r-a", state="Connected").active
+    assert not HospitalProgress("a", "r-a", state="Done").active
+    assert not HospitalProgress("a", "r-a", state="Failed").active
+    assert not HospitalProgress("a", "r-a", state="Connected", budget_exhausted=True).active
 
 
 def test_finish_keeps_the_first_outcome() -> None:
@@ -266,7 +267,7 @@ def test_finish_keeps_the_first_outcome() -> None:
 def test_conditions_mark_exactly_the_current_phase(name: str, true_type: str | None) -> None:
     st = STATES[name]
     conditions = conditions_for(st)
-    assert [c["type"] for c in conditions] == ["Running", "Succeeded", "Failed", "BudgetExhausted"]
+    assert [c["type"] for c in conditions] == list(PHASE_CONDITIONS)
     assert [c["type"] for c in conditions if c["status"] == "True"] == (
         [true_type] if true_type else []
     )
@@ -285,7 +286,7 @@ def test_conditions_of_a_final_run_date_from_completion() -> None:
     assert {c["lastTransitionTime"] for c in conditions} == {st.completion_time}
     assert {c["observedGeneration"] for c in conditions} == {3}
     running = conditions[0]
-    assert (running["status"], running["reason"]) == ("False", "Finished")
+    assert (running["status"], running["reason"]) == ("False", "NotRunning")
 
 
 @pytest.mark.parametrize("name", list(STATES))

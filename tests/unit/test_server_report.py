@@ -16,6 +16,7 @@ import pytest
 
 from fedrun_core.accounting import epsilon, noise_multiplier_for_run, planned_cost
 from fedrun_core.api import FederatedRunStatus, load_run
+from fedrun_core.states import ConditionType
 from fedrun_operator.handlers.reconcile_run import _pod_facts
 from fedrun_operator.server_report import (
     MAX_MESSAGE_CHARS,
@@ -24,7 +25,7 @@ from fedrun_operator.server_report import (
     clip,
     parse_report,
 )
-from fedrun_operator.status import CONDITION_ACCOUNTING_MISMATCH, Observation, decide
+from fedrun_operator.status import Observation, decide
 from fedrun_trainer.common.privacy import noise_multiplier_for_run as opacus_noise_multiplier
 from fedrun_trainer.server.run_state import RunState, to_status
 
@@ -221,11 +222,11 @@ def test_a_server_claiming_more_noise_than_the_spec_cannot_hide_spend() -> None:
     assert row["plannedNoiseMultiplier"] == sigma and row["numTrain"] == 1190
     assert "σ=50" in row["accountingMismatch"]
     cond = next(
-        c for c in decision.status["conditions"] if c["type"] == CONDITION_ACCOUNTING_MISMATCH
+        c for c in decision.status["conditions"] if c["type"] == ConditionType.ACCOUNTING_MISMATCH
     )
     assert cond["status"] == "True"
     assert [e.reason for e in decision.events if e.type == "Warning"] == [
-        CONDITION_ACCOUNTING_MISMATCH
+        ConditionType.ACCOUNTING_MISMATCH
     ]
     FederatedRunStatus.model_validate(decision.status)
 
@@ -242,7 +243,9 @@ def test_a_server_that_agrees_with_the_spec_is_not_flagged() -> None:
         delta=p.delta,
     )
     decision, _ = _decide(run, _report(run, sigma, q, 38))
-    assert all(c["type"] != CONDITION_ACCOUNTING_MISMATCH for c in decision.status["conditions"])
+    assert all(
+        c["type"] != ConditionType.ACCOUNTING_MISMATCH for c in decision.status["conditions"]
+    )
     assert "accountingMismatch" not in decision.status["privacy"]["hospitals"][0]
     assert decision.status["privacy"]["epsilonSpent"] == pytest.approx(
         epsilon([(sigma, q, 38)], p.delta), abs=1e-6

@@ -41,6 +41,7 @@ from fedrun_core import names as c
 from fedrun_core import pki
 from fedrun_core.accounting import PlannedCost, epsilon, planned_cost
 from fedrun_core.api import FederatedRun, SpecError, parse_run
+from fedrun_core.states import FINAL_PHASES, Phase, Reason, phase_conditions
 from fedrun_core.times import rfc3339
 from fedrun_operator import metrics
 from fedrun_operator.children import Action, owned_by, plan_child
@@ -48,7 +49,6 @@ from fedrun_operator.config import OperatorConfig
 from fedrun_operator.kube import ConflictError, ForbiddenError, Kube
 from fedrun_operator.server_report import MAX_REPORT_BYTES, ReportError, clip, parse_report
 from fedrun_operator.status import (
-    FINAL_PHASES,
     Event,
     HospitalObservation,
     Observation,
@@ -372,7 +372,11 @@ class Reconciler:
                 self.kube.get("v1", "ConfigMap", ns, config_name(run)),
                 self.kube.get("apps/v1", "Deployment", ns, server_name(run)),
             )
-            if prev_phase == "Running" and _owner_ok(config, run) and _owner_ok(deployment, run):
+            if (
+                prev_phase == Phase.RUNNING
+                and _owner_ok(config, run)
+                and _owner_ok(deployment, run)
+            ):
                 run, refused = applied_run(run, config, deployment)
             manifests = render_run(run, operator_namespace=self.cfg.operator_namespace)
             known = {
@@ -411,7 +415,7 @@ class Reconciler:
             )
         read = ServerRead()
         # A run being suspended is read once more: what its server spent is carried over.
-        if not first and not final and not (run.spec.suspend and prev_phase == "Suspended"):
+        if not first and not final and not (run.spec.suspend and prev_phase == Phase.SUSPENDED):
             url = self.cfg.status_url(server_name(run), ns)
             read = await read_server(await self.http(), url, self.cfg.server_timeout_seconds)
         planned = await asyncio.to_thread(plans, run, read.report) if read.report else {}
@@ -620,19 +624,19 @@ class Reconciler:
         """A stored spec the models refuse (the CRD should have): fail the run, say why."""
         meta = body["metadata"]
         message = f"invalid spec: {err}"
+        generation = meta.get("generation")
         status: Obj = {
-            "phase": "Failed",
+            "phase": Phase.FAILED,
             "message": message,
-            "observedGeneration": meta.get("generation"),
-            "conditions": [
-                {
-                    "type": "Failed",
-                    "status": "True",
-                    "reason": "InvalidSpec",
-                    "message": message,
-                    "lastTransitionTime": rfc3339(now),
-                }
-            ],
+            "observedGeneration": generation,
+            "conditions": phase_conditions(
+                Phase.FAILED,
+                Reason.INVALID_SPEC,
+                message,
+                rfc3339(now),
+                generation,
+                prev.get("conditions", []),
+            ),
             "completionTime": rfc3339(now),
         }
         status = {k: v for k, v in status.items() if v is not None}
@@ -642,7 +646,7 @@ class Reconciler:
         await self.kube.patch_status(
             c.API_VERSION, c.KIND, meta.get("namespace", c.DEFAULT_NAMESPACE), meta["name"], status
         )
-        outcome.events.append(Event("Warning", "InvalidSpec", message))
+        outcome.events.append(Event("Warning", Reason.INVALID_SPEC, message))
         return outcome
 
     def _observe(self, run: FederatedRun, status: Obj, now: datetime) -> None:
@@ -658,7 +662,7 @@ class Reconciler:
             status,
             self.progress[uid][1],
         )
-        self.phases[uid] = str(status.get("phase") or "Pending")
+        self.phases[uid] = str(status.get("phase") or Phase.PENDING)
         metrics.count_phases(list(self.phases.values()))
 
 

@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from fedrun_core.states import HospitalState, Phase, Reason
 from fedrun_core.times import now_rfc3339
 from fedrun_trainer.common import protocol
 from fedrun_trainer.common.protocol import HospitalReply, Outcome
@@ -221,7 +222,7 @@ class Coordinator:
                 reply.hospital,
             )
             h = self.state.hospitals.get(owner)
-            if h is not None and h.state != "Failed":
+            if h is not None and h.state != HospitalState.FAILED:
                 h.node_id = node_id
                 self._fail_hospital(
                     owner,
@@ -236,8 +237,12 @@ class Coordinator:
         """Forget a node that went offline; its hospital waits to rejoin (same or new node)."""
         self._node_hospital.pop(node_id, None)
         h = self.state.hospitals.get(hospital)
-        if h is not None and h.node_id == node_id and h.state not in ("Done", "Failed"):
-            h.state, h.node_id = "Pending", None
+        if (
+            h is not None
+            and h.node_id == node_id
+            and h.state not in (HospitalState.DONE, HospitalState.FAILED)
+        ):
+            h.state, h.node_id = HospitalState.PENDING, None
             h.message = "lost connection; waiting for the hospital to rejoin"
             self.publish(self.state)
 
@@ -256,13 +261,13 @@ class Coordinator:
         h.num_features = int(reply.metrics.get("num_features", h.num_features))
         if reply.outcome is Outcome.FAILED:
             self._fail_hospital(h.name, reply.message)
-        elif h.state in ("Pending", "Connected"):
-            h.state, h.message = "Connected", ""
+        elif h.state in (HospitalState.PENDING, HospitalState.CONNECTED):
+            h.state, h.message = HospitalState.CONNECTED, ""
         self.publish(self.state)
 
     def _fail_hospital(self, name: str, message: str) -> None:
         h = self.state.hospitals[name]
-        h.state, h.message = "Failed", message
+        h.state, h.message = HospitalState.FAILED, message
         log.error("hospital %s failed: %s", name, message)
         if h.node_id is not None:
             # The acknowledgement lets the hospital's wrapper exit knowing the server has
@@ -290,7 +295,7 @@ class Coordinator:
         while True:
             self.refresh_nodes(force=True)
             ready = self.connected()
-            alive = [h for h in self.state.hospitals.values() if h.state != "Failed"]
+            alive = [h for h in self.state.hospitals.values() if h.state != HospitalState.FAILED]
             elapsed = time.monotonic() - start
             if len(ready) == len(alive) and len(ready) >= self.settings.min_hospitals:
                 return True
@@ -416,7 +421,7 @@ class Coordinator:
             self.refresh_nodes()
             for name, (node, incarnation, mid) in list(pending.items()):
                 h = self.state.hospitals[name]
-                if h.state == "Failed":
+                if h.state == HospitalState.FAILED:
                     del pending[name]
                 elif h.node_id is not None and (
                     h.node_id != node or h.incarnation != incarnation or not mid
@@ -434,13 +439,14 @@ class Coordinator:
         reported when they joined (they must agree).
         """
         st, cfg = self.state, self.settings
-        st.phase, st.reason, st.start_time = "Running", "WaitingForHospitals", now_rfc3339()
+        st.phase, st.reason = Phase.RUNNING, Reason.WAITING_FOR_HOSPITALS
+        st.start_time = now_rfc3339()
         self.publish(st)
         if not self.wait_for_hospitals():
             ready = len(self.connected())
             st.finish(
-                "Failed",
-                "TooFewHospitals",
+                Phase.FAILED,
+                Reason.TOO_FEW_HOSPITALS,
                 f"{ready} of {len(st.hospitals)} hospitals could take part; "
                 f"minHospitals is {cfg.min_hospitals}. {self._failures()}".strip(),
             )
@@ -451,8 +457,8 @@ class Coordinator:
         }
         if len(set(sizes.values())) != 1:
             st.finish(
-                "Failed",
-                "InconsistentData",
+                Phase.FAILED,
+                Reason.INCONSISTENT_DATA,
                 f"hospitals disagree on the number of model features: {sizes}",
             )
             self.publish(st)
@@ -465,8 +471,8 @@ class Coordinator:
             weights = outcome
         self._final_evaluation(weights)
         st.finish(
-            "Succeeded",
-            "RoundsCompleted",
+            Phase.SUCCEEDED,
+            Reason.ROUNDS_COMPLETED,
             f"{cfg.rounds} rounds completed; ε spent {self._epsilon_text()}",
         )
         self.publish(st)
@@ -476,7 +482,7 @@ class Coordinator:
         st, cfg = self.state, self.settings
         t0 = time.monotonic()
         st.current_round = server_round - 1
-        st.reason = "Training"
+        st.reason = Reason.TRAINING
         self.refresh_nodes(force=True)
         # Wait for a hospital that is restarting, up to the round timeout.
         deadline = time.monotonic() + cfg.round_timeout_s
@@ -484,7 +490,7 @@ class Coordinator:
             for name in self.connected():
                 if not self.can_afford_round(name):
                     st.hospitals[name].budget_exhausted = True
-                    st.hospitals[name].state = "Done"
+                    st.hospitals[name].state = HospitalState.DONE
                     st.hospitals[name].message = "privacy budget reached; no more rounds"
             eligible = self.connected()
             if len(eligible) >= cfg.min_hospitals:
@@ -495,8 +501,8 @@ class Coordinator:
             waiting = [h for h in st.hospitals.values() if h.active and h.node_id is None]
             if not waiting or time.monotonic() >= deadline:
                 st.finish(
-                    "Failed",
-                    "TooFewHospitals",
+                    Phase.FAILED,
+                    Reason.TOO_FEW_HOSPITALS,
                     f"round {server_round}: {len(eligible)} hospitals available, "
                     f"minHospitals is {cfg.min_hospitals}. {self._failures()}".strip(),
                 )
@@ -507,7 +513,7 @@ class Coordinator:
             time.sleep(0.2)
             self.refresh_nodes()
         for name in eligible:
-            st.hospitals[name].state = "Training"
+            st.hospitals[name].state = HospitalState.TRAINING
         st.message = f"round {server_round}/{cfg.rounds}: training at {len(eligible)} hospitals"
         self.publish(st)
         replies = self._exchange(
@@ -526,7 +532,7 @@ class Coordinator:
             h = st.hospitals[name]
             reply = replies.get(name)
             if reply is None:
-                h.state = "Pending" if h.node_id is None else "Connected"
+                h.state = HospitalState.PENDING if h.node_id is None else HospitalState.CONNECTED
                 h.message = f"no reply in round {server_round} within {cfg.round_timeout_s:.0f}s"
                 continue
             self._record_privacy(name, reply.privacy)
@@ -535,9 +541,9 @@ class Coordinator:
             if reply.outcome is Outcome.FAILED:
                 self._fail_hospital(name, reply.message)
             elif reply.outcome is Outcome.BUDGET:
-                h.budget_exhausted, h.state, h.message = True, "Done", reply.message
+                h.budget_exhausted, h.state, h.message = True, HospitalState.DONE, reply.message
             else:
-                h.state, h.message = "Connected", ""
+                h.state, h.message = HospitalState.CONNECTED, ""
                 h.rounds_trained += 1
                 n = int(reply.metrics.get("num_examples", 0))
                 if reply.weights is None:
@@ -556,8 +562,8 @@ class Coordinator:
                 self._stop_for_budget(server_round)
             else:
                 st.finish(
-                    "Failed",
-                    "TooFewHospitals",
+                    Phase.FAILED,
+                    Reason.TOO_FEW_HOSPITALS,
                     f"round {server_round}: {len(results)} hospitals returned an update, "
                     f"minHospitals is {cfg.min_hospitals}. {self._failures()}".strip(),
                 )
@@ -577,7 +583,9 @@ class Coordinator:
     def _final_evaluation(self, weights: Weights) -> None:
         st = self.state
         names = [
-            n for n, h in st.hospitals.items() if h.node_id is not None and h.state != "Failed"
+            n
+            for n, h in st.hospitals.items()
+            if h.node_id is not None and h.state != HospitalState.FAILED
         ]
         content = RecordDict({protocol.WEIGHTS: ArrayRecord(weights)})
         replies = self._exchange(
@@ -590,8 +598,8 @@ class Coordinator:
         if st.rounds and self.on_round is not None:
             self.on_round(st, st.rounds[-1])
         for name, h in st.hospitals.items():
-            if h.state != "Failed" and name in replies:
-                h.state = "Done"
+            if h.state != HospitalState.FAILED and name in replies:
+                h.state = HospitalState.DONE
 
     def shutdown_hospitals(self) -> None:
         """Tell every connected hospital the run is over, so its wrapper exits 0."""
@@ -602,15 +610,15 @@ class Coordinator:
     def _budget_bound(self) -> bool:
         """Whether too few hospitals remain because of their privacy budgets."""
         st = self.state
-        capable = [h for h in st.hospitals.values() if h.state != "Failed"]
+        capable = [h for h in st.hospitals.values() if h.state != HospitalState.FAILED]
         exhausted = [h for h in capable if h.budget_exhausted]
         return bool(exhausted) and len(capable) - len(exhausted) < self.settings.min_hospitals
 
     def _stop_for_budget(self, server_round: int) -> None:
         st = self.state
         st.finish(
-            "BudgetExhausted",
-            "BudgetExhausted",
+            Phase.BUDGET_EXHAUSTED,
+            Reason.BUDGET_EXHAUSTED,
             f"stopped before round {server_round}: another round would take hospitals "
             f"over targetEpsilon {self.settings.target_epsilon}; ε spent "
             f"{self._epsilon_text()}",
@@ -624,6 +632,8 @@ class Coordinator:
 
     def _failures(self) -> str:
         failed = [
-            f"{h.name}: {h.message}" for h in self.state.hospitals.values() if h.state == "Failed"
+            f"{h.name}: {h.message}"
+            for h in self.state.hospitals.values()
+            if h.state == HospitalState.FAILED
         ]
         return ("Failed hospitals: " + "; ".join(failed)) if failed else ""

@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid
 
+from fedrun_core.states import Phase, Reason
 from fedrun_trainer.common import files
 from fedrun_trainer.common.settings import RunSettings
 from fedrun_trainer.server.coordinator import Coordinator, CoordinatorSettings, RoundCost, Weights
@@ -171,7 +172,7 @@ def run_federation(grid: Grid, context: Context) -> None:
     try:
         coordinator.registered = read_registered_nodes(state_dir, settings)
     except RuntimeError as err:
-        state.finish("Failed", "ServerError", f"server error: {err}")
+        state.finish(Phase.FAILED, Reason.SERVER_ERROR, f"server error: {err}")
         publish(state)
         return
     publish(state)
@@ -190,7 +191,9 @@ def run_federation(grid: Grid, context: Context) -> None:
             tracker.log_artifact(state_dir / "model.json")
     except Exception as err:  # a crash becomes a Failed status with the reason
         log.error("%s", traceback.format_exc())
-        state.finish("Failed", "ServerError", f"server error: {type(err).__name__}: {err}")
+        state.finish(
+            Phase.FAILED, Reason.SERVER_ERROR, f"server error: {type(err).__name__}: {err}"
+        )
     finally:
         publish(state)
         tracker.log_artifact(state_dir / HISTORY_FILE)

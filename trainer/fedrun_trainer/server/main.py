@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fedrun_core.states import FINAL_PHASES, Phase, phase_conditions
 from fedrun_core.times import now_rfc3339
 from fedrun_trainer.common import files
 from fedrun_trainer.common.settings import RunSettings
@@ -34,7 +35,7 @@ from fedrun_trainer.server.federation import (
 )
 from fedrun_trainer.server.fleet_proxy import DEFAULT_MAX_BODY_BYTES
 from fedrun_trainer.server.metrics import render_metrics
-from fedrun_trainer.server.run_state import PHASES_FINAL, to_status
+from fedrun_trainer.server.run_state import to_status
 from fedrun_trainer.server.superlink import (
     FlowerServer,
     MaterialError,
@@ -112,17 +113,19 @@ class StatusServer:
 def _publish_failure(state_dir: Path, reason: str, message: str) -> None:
     """Mark the run Failed unless the ServerApp already wrote a final phase."""
     status: dict[str, Any] = files.read_json(state_dir / STATUS_FILE) or {}
-    if status.get("phase") in PHASES_FINAL:
+    if status.get("phase") in FINAL_PHASES:
         return
-    status["phase"] = "Failed"
+    status["phase"] = Phase.FAILED
     status["message"] = message
     status["completionTime"] = now_rfc3339()
-    for cond in status.get("conditions", []):
-        is_failed = cond["type"] == "Failed"
-        cond["status"] = "True" if is_failed else "False"
-        if is_failed:
-            cond["reason"], cond["message"] = reason, message
-        cond["lastTransitionTime"] = status["completionTime"]
+    generation = status.get("observedGeneration")
+    status["conditions"] = phase_conditions(
+        Phase.FAILED,
+        reason,
+        message,
+        status["completionTime"],
+        generation if isinstance(generation, int) else None,
+    )
     files.write_json_atomic(state_dir / STATUS_FILE, status)
     log.error("run failed: %s", message)
 
@@ -230,12 +233,12 @@ def _submit_and_follow(
     final_since: float | None = None
     while not stop.is_set():
         status = files.read_json(state_dir / STATUS_FILE) or {}
-        final = status.get("phase") in PHASES_FINAL
+        final = status.get("phase") in FINAL_PHASES
         if final and final_since is None:
             final_since, next_check = time.monotonic(), time.monotonic() + 1.0
         if final_since is not None and time.monotonic() - final_since > FINAL_GRACE_S:
             log.warning("the ServerApp has not exited %ss after its final status", FINAL_GRACE_S)
-            return 0 if status["phase"] == "Succeeded" else 1
+            return 0 if status["phase"] == Phase.SUCCEEDED else 1
         failure = flower.failure()
         if failure:
             _publish_failure(state_dir, "ServerError", failure)
@@ -252,8 +255,8 @@ def _submit_and_follow(
             next_check = time.monotonic() + (2.0 if final else FLOWER_CHECK_S)
             if _flower_status(run_id, flower).startswith("finished"):
                 status = files.read_json(state_dir / STATUS_FILE) or {}
-                if status.get("phase") in PHASES_FINAL:
-                    return 0 if status["phase"] == "Succeeded" else 1
+                if status.get("phase") in FINAL_PHASES:
+                    return 0 if status["phase"] == Phase.SUCCEEDED else 1
                 # The ServerApp process is gone without a final status: it crashed.
                 _publish_failure(
                     state_dir,

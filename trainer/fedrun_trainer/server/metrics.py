@@ -12,7 +12,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-PHASES = ("Pending", "Running", "Succeeded", "Failed", "BudgetExhausted", "Suspended")
+from fedrun_core.states import HospitalState, Phase
+
+PHASES = tuple(Phase)
 ROUND_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -65,10 +67,19 @@ def metric_families(status: dict[str, Any], history: dict[str, Any]) -> list[Met
         "fedrun_hospitals_connected", "Hospitals connected or training.", labels=["run"]
     )
     connected.add_metric(
-        [run], float(sum(1 for h in hospitals if h.get("state") in ("Connected", "Training")))
+        [run],
+        float(
+            sum(
+                1
+                for h in hospitals
+                if h.get("state") in (HospitalState.CONNECTED, HospitalState.TRAINING)
+            )
+        ),
     )
     failed = GaugeMetricFamily("fedrun_hospitals_failed", "Hospitals that failed.", labels=["run"])
-    failed.add_metric([run], float(sum(1 for h in hospitals if h.get("state") == "Failed")))
+    failed.add_metric(
+        [run], float(sum(1 for h in hospitals if h.get("state") == HospitalState.FAILED))
+    )
     out += [connected, failed]
 
     durations = [float(r.get("durationSeconds", 0.0)) for r in history.get("rounds", [])]

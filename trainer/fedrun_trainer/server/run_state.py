@@ -11,18 +11,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedrun_core.accounting import collapse
+from fedrun_core.states import (
+    FINAL_PHASES,
+    HospitalState,
+    Phase,
+    Reason,
+    phase_conditions,
+)
 from fedrun_core.times import now_rfc3339
-
-PHASES_FINAL = frozenset({"Succeeded", "Failed", "BudgetExhausted"})
 
 
 @dataclass
-class HospitalState:
+class HospitalProgress:
     """One hospital as the server sees it."""
 
     name: str
     job_name: str
-    state: str = "Pending"
+    state: str = HospitalState.PENDING
     node_id: int | None = None
     incarnation: str = ""
     restarts: int = 0
@@ -49,7 +54,10 @@ class HospitalState:
     @property
     def active(self) -> bool:
         """Whether the hospital can still be asked to train."""
-        return self.state not in ("Failed", "Done") and not self.budget_exhausted
+        return (
+            self.state not in (HospitalState.FAILED, HospitalState.DONE)
+            and not self.budget_exhausted
+        )
 
 
 @dataclass
@@ -73,9 +81,9 @@ class RunState:
     total_rounds: int
     target_epsilon: float | None
     delta: float | None
-    hospitals: dict[str, HospitalState]
-    phase: str = "Pending"
-    reason: str = "Created"
+    hospitals: dict[str, HospitalProgress]
+    phase: str = Phase.PENDING
+    reason: str = Reason.CREATED
     message: str = "waiting for hospitals to connect"
     current_round: int = 0
     start_time: str | None = None
@@ -101,7 +109,7 @@ class RunState:
             target_epsilon=target_epsilon,
             delta=delta,
             hospitals={
-                h: HospitalState(name=h, job_name=f"{run_name}-{h}") for h in hospital_names
+                h: HospitalProgress(name=h, job_name=f"{run_name}-{h}") for h in hospital_names
             },
             observed_generation=observed_generation,
         )
@@ -109,7 +117,7 @@ class RunState:
     @property
     def final(self) -> bool:
         """Whether the run has ended, one way or another."""
-        return self.phase in PHASES_FINAL
+        return self.phase in FINAL_PHASES
 
     def latest_evaluation(self) -> RoundRecord | None:
         """The most recent round that has an evaluation of the global model."""
@@ -126,63 +134,17 @@ class RunState:
         self.completion_time = now_rfc3339()
 
 
-def _condition(
-    ctype: str, status: bool, reason: str, message: str, since: str, generation: int | None
-) -> dict[str, Any]:
-    cond: dict[str, Any] = {
-        "type": ctype,
-        "status": "True" if status else "False",
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": since,
-    }
-    if generation is not None:
-        cond["observedGeneration"] = generation
-    return cond
-
-
 def conditions_for(state: RunState) -> list[dict[str, Any]]:
-    """Standard ``metav1.Condition`` entries for the run's phase (the full list, every time)."""
+    """The phase conditions for the run's phase (the full list, every time).
+
+    Built by the same function as the operator's (:func:`fedrun_core.states.phase_conditions`),
+    so both write the same conditions with the same reasons for the same phase. The server
+    keeps no earlier conditions: every time is the phase's own (completion or start).
+    """
     since = state.completion_time or state.start_time or now_rfc3339()
-    gen = state.observed_generation
-    running = state.phase == "Running"
-    done = state.phase == "Succeeded"
-    failed = state.phase == "Failed"
-    budget = state.phase == "BudgetExhausted"
-    return [
-        _condition(
-            "Running",
-            running,
-            state.reason if running else ("Finished" if state.final else state.reason),
-            state.message if running else "",
-            since,
-            gen,
-        ),
-        _condition(
-            "Succeeded",
-            done,
-            state.reason if done else "NotSucceeded",
-            state.message if done else "",
-            since,
-            gen,
-        ),
-        _condition(
-            "Failed",
-            failed,
-            state.reason if failed else "NotFailed",
-            state.message if failed else "",
-            since,
-            gen,
-        ),
-        _condition(
-            "BudgetExhausted",
-            budget,
-            state.reason if budget else "WithinBudget",
-            state.message if budget else "",
-            since,
-            gen,
-        ),
-    ]
+    return phase_conditions(
+        state.phase, state.reason, state.message, since, state.observed_generation
+    )
 
 
 def _rounded(value: float | None, digits: int = 4) -> float | None:

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedrun_core.states import Phase
+
 log = logging.getLogger("fedrun.mlflow")
 
 
@@ -111,7 +113,7 @@ class Tracker:
         def _end() -> None:
             import mlflow
 
-            status = "FINISHED" if phase == "Succeeded" else "FAILED"
+            status = "FINISHED" if phase == Phase.SUCCEEDED else "FAILED"
             client = mlflow.MlflowClient(self.tracking_uri)
             client.set_tag(run_id, "fedrun.phase", phase)
             client.set_terminated(run_id, status=status)
