@@ -2,9 +2,12 @@
 
 These models are the single source of truth for the resource: `crd.py` generates the
 CustomResourceDefinition from them, so every field description here is what
-`kubectl explain federatedrun.spec...` shows. Cross-field rules are enforced twice, by a
-pydantic validator (for `fedrun local` and `fedrun render`) and by the CEL rule declared
-beside it in `x-kubernetes-validations` (for `kubectl apply`); tests keep them in step.
+`kubectl explain federatedrun.spec...` shows. Each cross-field rule is written once, as a
+:class:`Rule` in its model's ``RULES``: its CEL expression goes into the CRD's
+``x-kubernetes-validations`` (checked on `kubectl apply`), its Python check runs when the
+models parse a run (`fedrun local`, `fedrun render`, the operator), both with one message.
+tests/unit/test_rules.py shows every rule accepting and refusing the same objects on both
+sides.
 
 Every string, list and map in the spec is bounded: the API server estimates the cost of a CEL
 rule from these bounds (the immutability rule compares the whole spec) and refuses a CRD
@@ -15,10 +18,11 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -111,16 +115,44 @@ class RuleError(ValueError):
         self.loc = loc
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
-    """One `x-kubernetes-validations` entry (see crd.py)."""
-    entry = {"rule": rule, "message": message}
-    if field_path is not None:
-        entry["fieldPath"] = field_path
-    return entry
+@dataclass(frozen=True)
+class Rule:
+    """One cross-field rule of a spec object, written once for both sides.
+
+    The API server checks ``cel`` (``self`` is the object, or its field ``scope``) when a run
+    is applied; the models check ``check`` (on the validated model) when fedrun parses a
+    run. Both report ``message`` at ``field``. ``accepts`` and ``refuses`` are two objects
+    of the model's kind (camelCase, as in YAML) that differ in what the rule is about:
+    tests/unit/test_rules.py shows each side accepts the first and refuses the second.
+    """
+
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+    accepts: Mapping[str, Any]
+    refuses: Mapping[str, Any]
+    field: str | None = None
+    scope: str | None = None
+    # Whether the CEL entry names `field` as its fieldPath (the API server accepts a
+    # fieldPath only into the schema's own properties: not into metadata).
+    cel_field: bool = True
+
+    def entry(self) -> dict[str, str]:
+        """The rule's ``x-kubernetes-validations`` entry."""
+        out = {"rule": self.cel, "message": self.message}
+        if self.field is not None and self.scope is None and self.cel_field:
+            out["fieldPath"] = f".{self.field}"
+        return out
+
+    def loc(self) -> tuple[str, ...]:
+        """Where the models report the rule: its field (dotted), relative to the model."""
+        name = self.scope or self.field
+        return tuple(name.split(".")) if name else ()
 
 
-def _validations(*rules: dict[str, str]) -> dict[str, Any]:
-    return {"x-kubernetes-validations": list(rules)}
+def rules_schema(rules: Sequence[Rule], scope: str | None = None) -> dict[str, Any]:
+    """The ``x-kubernetes-validations`` of ``rules`` placed at ``scope`` (None: the object)."""
+    return {"x-kubernetes-validations": [r.entry() for r in rules if r.scope == scope]}
 
 
 def _check_quantity(value: object) -> object:
@@ -151,6 +183,16 @@ class _Spec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, alias_generator=to_camel)
 
+    #: The object's cross-field rules; the CRD carries their CEL, the models run their checks.
+    RULES: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _rules_hold(self) -> Any:
+        for rule in type(self).RULES:
+            if not rule.check(self):
+                raise RuleError(rule.loc(), rule.message)
+        return self
+
 
 class _Status(BaseModel):
     """Base of status models: camelCase, unknown fields ignored (newer writers may add some)."""
@@ -164,20 +206,25 @@ class _Status(BaseModel):
 class StrategySpec(_Spec):
     """How the server combines the hospitals' updates each round."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_validations(
-            cel(
-                "self.name == 'FedProx' || !has(self.proximalMu)",
-                "proximalMu is only meaningful for strategy FedProx",
-                ".proximalMu",
-            ),
-            cel(
-                "self.name == 'FedAdam' || !has(self.serverLearningRate)",
-                "serverLearningRate is only meaningful for strategy FedAdam",
-                ".serverLearningRate",
-            ),
-        )
+    RULES = (
+        Rule(
+            "self.name == 'FedProx' || !has(self.proximalMu)",
+            "proximalMu is only meaningful for strategy FedProx",
+            lambda s: s.name == "FedProx" or s.proximal_mu is None,
+            accepts={"name": "FedProx", "proximalMu": 0.5},
+            refuses={"name": "FedAvg", "proximalMu": 0.5},
+            field="proximalMu",
+        ),
+        Rule(
+            "self.name == 'FedAdam' || !has(self.serverLearningRate)",
+            "serverLearningRate is only meaningful for strategy FedAdam",
+            lambda s: s.name == "FedAdam" or s.server_learning_rate is None,
+            accepts={"name": "FedAdam", "serverLearningRate": 0.5},
+            refuses={"name": "FedProx", "serverLearningRate": 0.5},
+            field="serverLearningRate",
+        ),
     )
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
 
     name: Literal["FedAvg", "FedProx", "FedAdam"] = Field(
         "FedAvg",
@@ -208,11 +255,7 @@ class StrategySpec(_Spec):
     )
 
     @model_validator(mode="after")
-    def _params_match_strategy(self) -> StrategySpec:
-        if self.proximal_mu is not None and self.name != "FedProx":
-            raise RuleError(("proximalMu",), "only meaningful for strategy FedProx")
-        if self.server_learning_rate is not None and self.name != "FedAdam":
-            raise RuleError(("serverLearningRate",), "only meaningful for strategy FedAdam")
+    def _strategy_defaults(self) -> StrategySpec:
         if self.name == "FedProx" and self.proximal_mu is None:
             self.proximal_mu = DEFAULT_PROXIMAL_MU
         if self.name == "FedAdam" and self.server_learning_rate is None:
@@ -223,15 +266,17 @@ class StrategySpec(_Spec):
 class TrainingSpec(_Spec):
     """The model every hospital trains and how each hospital trains it locally per round."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_validations(
-            cel(
-                "self.model == 'mlp' || !has(self.hiddenSizes)",
-                "hiddenSizes is only meaningful for model mlp",
-                ".hiddenSizes",
-            )
-        )
+    RULES = (
+        Rule(
+            "self.model == 'mlp' || !has(self.hiddenSizes)",
+            "hiddenSizes is only meaningful for model mlp",
+            lambda s: s.model == "mlp" or s.hidden_sizes is None,
+            accepts={"model": "mlp", "hiddenSizes": [8]},
+            refuses={"model": "logistic", "hiddenSizes": [8]},
+            field="hiddenSizes",
+        ),
     )
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
 
     model: Literal["logistic", "mlp"] = Field(
         "logistic",
@@ -285,8 +330,6 @@ class TrainingSpec(_Spec):
 
     @model_validator(mode="after")
     def _hidden_sizes_for_mlp(self) -> TrainingSpec:
-        if self.hidden_sizes is not None and self.model != "mlp":
-            raise RuleError(("hiddenSizes",), "only meaningful for model mlp")
         if self.model == "mlp" and self.hidden_sizes is None:
             self.hidden_sizes = list(DEFAULT_HIDDEN_SIZES)
         return self
@@ -295,30 +338,53 @@ class TrainingSpec(_Spec):
 class Feature(_Spec):
     """One input column of the hospitals' tables."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_validations(
-            cel(
-                "self.type == 'categorical' || !has(self.categories)",
-                "categories are only meaningful for categorical features",
-                ".categories",
-            ),
-            cel(
-                "self.type != 'categorical' || (has(self.categories) && size(self.categories) > 0)",
-                "a categorical feature needs its categories",
-                ".categories",
-            ),
-            cel(
-                "self.type == 'numeric' || (!has(self.min) && !has(self.max))",
-                "min and max are only meaningful for numeric features",
-            ),
-            cel("has(self.min) == has(self.max)", "min and max go together"),
-            cel(
-                "!has(self.min) || !has(self.max) || self.min < self.max",
-                "min must be less than max",
-                ".min",
-            ),
-        )
+    RULES = (
+        Rule(
+            "self.type == 'categorical' || !has(self.categories)",
+            "categories are only meaningful for categorical features",
+            lambda f: f.type == "categorical" or f.categories is None,
+            accepts={"name": "sex", "type": "categorical", "categories": ["F", "M"]},
+            refuses={"name": "sex", "type": "numeric", "categories": ["F", "M"]},
+            field="categories",
+        ),
+        Rule(
+            "self.type != 'categorical' || (has(self.categories) && size(self.categories) > 0)",
+            "a categorical feature needs its categories",
+            lambda f: f.type != "categorical" or bool(f.categories),
+            accepts={"name": "sex", "type": "categorical", "categories": ["F"]},
+            refuses={"name": "sex", "type": "categorical"},
+            field="categories",
+        ),
+        Rule(
+            "self.type == 'numeric' || (!has(self.min) && !has(self.max))",
+            "min and max are only meaningful for numeric features",
+            lambda f: f.type == "numeric" or (f.min is None and f.max is None),
+            accepts={"name": "age", "type": "numeric", "min": 0.0, "max": 120.0},
+            refuses={
+                "name": "age",
+                "type": "categorical",
+                "categories": ["young"],
+                "min": 0.0,
+                "max": 120.0,
+            },
+        ),
+        Rule(
+            "has(self.min) == has(self.max)",
+            "min and max go together",
+            lambda f: (f.min is None) == (f.max is None),
+            accepts={"name": "age", "type": "numeric"},
+            refuses={"name": "age", "type": "numeric", "min": 0.0},
+        ),
+        Rule(
+            "!has(self.min) || !has(self.max) || self.min < self.max",
+            "min must be less than max",
+            lambda f: f.min is None or f.max is None or f.min < f.max,
+            accepts={"name": "age", "type": "numeric", "min": 0.0, "max": 1.0},
+            refuses={"name": "age", "type": "numeric", "min": 1.0, "max": 1.0},
+            field="min",
+        ),
     )
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
 
     name: str = Field(
         min_length=1, max_length=256, description="Column name, exactly as in the tables."
@@ -350,52 +416,52 @@ class Feature(_Spec):
     )
 
     @model_validator(mode="after")
-    def _fields_match_type(self) -> Feature:
-        if self.type == "categorical":
-            if not self.categories:
-                raise RuleError(("categories",), "a categorical feature needs its categories")
-            if self.min is not None or self.max is not None:
-                raise RuleError(("min",), "only meaningful for numeric features")
-            if len(set(self.categories)) != len(self.categories):
-                raise RuleError(("categories",), "categories must be unique")
-        else:
-            if self.categories is not None:
-                raise RuleError(("categories",), "only meaningful for categorical features")
-            if (self.min is None) != (self.max is None):
-                raise RuleError(("min" if self.min is None else "max",), "min and max go together")
-            if self.min is not None and self.max is not None and self.min >= self.max:
-                raise RuleError(("min",), f"must be less than max ({self.max})")
+    def _categories_unique(self) -> Feature:
+        # The CRD says the same with x-kubernetes-list-type: set.
+        if self.categories is not None and len(set(self.categories)) != len(self.categories):
+            raise RuleError(("categories",), "categories must be unique")
         return self
 
 
 class DataSpec(_Spec):
     """The shape of the hospitals' tables: a named preset, or a target and feature list."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_validations(
-            cel(
-                "has(self.preset) || has(self.targetColumn)",
-                "targetColumn is required unless a preset is set",
-                ".targetColumn",
-            ),
-            cel(
-                "has(self.preset) || has(self.features)",
-                "features are required unless a preset is set",
-                ".features",
-            ),
-            cel(
-                "!has(self.preset) || !has(self.features)",
-                "a preset defines the features: set either preset or features",
-                ".features",
-            ),
-            cel(
-                "!has(self.features) || !has(self.targetColumn) || "
-                "!self.features.exists(f, f.name == self.targetColumn)",
-                "targetColumn must not also be a feature",
-                ".features",
-            ),
-        )
+    RULES = (
+        Rule(
+            "has(self.preset) || has(self.targetColumn)",
+            "targetColumn is required unless a preset is set",
+            lambda d: d.preset is not None or d.target_column is not None,
+            accepts={"targetColumn": "y", "features": [{"name": "x", "type": "numeric"}]},
+            refuses={"features": [{"name": "x", "type": "numeric"}]},
+            field="targetColumn",
+        ),
+        Rule(
+            "has(self.preset) || has(self.features)",
+            "features are required unless a preset is set",
+            lambda d: d.preset is not None or d.features is not None,
+            accepts={"preset": "stroke", "targetColumn": "y"},
+            refuses={"targetColumn": "y"},
+            field="features",
+        ),
+        Rule(
+            "!has(self.preset) || !has(self.features)",
+            "a preset defines the features: set either preset or features",
+            lambda d: d.preset is None or d.features is None,
+            accepts={"preset": "stroke"},
+            refuses={"preset": "stroke", "features": [{"name": "x", "type": "numeric"}]},
+            field="features",
+        ),
+        Rule(
+            "!has(self.features) || !has(self.targetColumn) || "
+            "!self.features.exists(f, f.name == self.targetColumn)",
+            "targetColumn must not also be a feature",
+            lambda d: d.features is None or d.target_column not in {f.name for f in d.features},
+            accepts={"targetColumn": "y", "features": [{"name": "x", "type": "numeric"}]},
+            refuses={"targetColumn": "x", "features": [{"name": "x", "type": "numeric"}]},
+            field="features",
+        ),
     )
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
 
     format: Literal["csv", "parquet"] = Field("csv", description="File format of every table.")
     preset: Literal["stroke"] | None = Field(
@@ -424,14 +490,8 @@ class DataSpec(_Spec):
     )
 
     @model_validator(mode="after")
-    def _preset_or_schema(self) -> DataSpec:
-        if self.preset is None:
-            if self.target_column is None:
-                raise RuleError(("targetColumn",), "required unless a preset is set")
-            if self.features is None:
-                raise RuleError(("features",), "required unless a preset is set")
-        elif self.features is not None:
-            raise RuleError(("features",), "a preset defines the features: set preset or features")
+    def _feature_names_unique(self) -> DataSpec:
+        # The CRD says the same with x-kubernetes-list-type: map, keyed by name.
         if self.features is not None:
             seen: set[str] = set()
             for i, feature in enumerate(self.features):
@@ -440,25 +500,23 @@ class DataSpec(_Spec):
                         ("features", i, "name"), f"duplicate feature name {feature.name!r}"
                     )
                 seen.add(feature.name)
-            if self.target_column in seen:
-                raise RuleError(
-                    ("targetColumn",), f"{self.target_column!r} is also listed as a feature"
-                )
         return self
 
 
 class PrivacySpec(_Spec):
     """Differential privacy (DP-SGD with Opacus) applied by every hospital to its own data."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_validations(
-            cel(
-                "!has(self.noiseMultiplier) || self.noiseMultiplier > 0.0",
-                "noiseMultiplier must be greater than 0 when set",
-                ".noiseMultiplier",
-            )
-        )
+    RULES = (
+        Rule(
+            "!has(self.noiseMultiplier) || self.noiseMultiplier > 0.0",
+            "noiseMultiplier must be greater than 0 when set",
+            lambda p: p.noise_multiplier is None or p.noise_multiplier > 0.0,
+            accepts={"noiseMultiplier": 0.5},
+            refuses={"noiseMultiplier": 0.0},
+            field="noiseMultiplier",
+        ),
     )
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
 
     enabled: bool = Field(
         True,
@@ -683,26 +741,52 @@ def _spec_immutable_while_running() -> dict[str, str]:
                 f"(!has(self.spec.{alias}) || self.spec.{alias} == oldSelf.spec.{alias}))"
             )
     unchanged = " && ".join(parts)
-    return cel(
-        "!has(oldSelf.status) || !has(oldSelf.status.phase) || "
+    return {
+        "rule": "!has(oldSelf.status) || !has(oldSelf.status.phase) || "
         f"oldSelf.status.phase != {Phase.RUNNING.value!r} || ({unchanged})",
-        "spec is immutable while the run is Running; only spec.suspend may change",
-        ".spec",
-    )
+        "message": "spec is immutable while the run is Running; only spec.suspend may change",
+        "fieldPath": ".spec",
+    }
+
+
+def _example_spec(
+    min_hospitals: int = 1, names: Sequence[str] = ("a", "b"), run: str | None = None
+) -> dict[str, Any]:
+    """A small valid spec (camelCase), or with ``run`` a whole FederatedRun named so: the
+    examples rules carry to show what they accept and refuse."""
+    spec = {
+        "rounds": 1,
+        "minHospitals": min_hospitals,
+        "data": {"preset": "stroke"},
+        "hospitals": [{"name": n, "dataUri": f"/data/{n}.csv"} for n in names],
+    }
+    if run is None:
+        return spec
+    return {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": run}, "spec": spec}
 
 
 class FederatedRunSpec(_Spec):
     """What to train, on which hospitals' data, under which privacy budget."""
 
-    model_config = ConfigDict(
-        json_schema_extra=_validations(
-            cel(
-                "self.minHospitals <= size(self.hospitals)",
-                "minHospitals must not exceed the number of hospitals",
-                ".minHospitals",
-            ),
-        )
+    RULES = (
+        Rule(
+            "self.minHospitals <= size(self.hospitals)",
+            "minHospitals must not exceed the number of hospitals",
+            lambda s: s.min_hospitals <= len(s.hospitals),
+            accepts=_example_spec(min_hospitals=2),
+            refuses=_example_spec(min_hospitals=3),
+            field="minHospitals",
+        ),
+        Rule(
+            "self.all(h, self.exists_one(g, g.name == h.name))",
+            "hospital names must be unique",
+            lambda s: len({h.name for h in s.hospitals}) == len(s.hospitals),
+            accepts=_example_spec(names=("a", "b")),
+            refuses=_example_spec(names=("a", "a")),
+            scope="hospitals",
+        ),
     )
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
 
     rounds: int = Field(ge=1, le=1000, description="Number of federated rounds.")
     min_hospitals: int = Field(
@@ -746,12 +830,7 @@ class FederatedRunSpec(_Spec):
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["name"],
-            **_validations(
-                cel(
-                    "self.all(h, self.exists_one(g, g.name == h.name))",
-                    "hospital names must be unique",
-                )
-            ),
+            **rules_schema(RULES, scope="hospitals"),
         },
     )
     mlflow: MlflowSpec = Field(
@@ -794,21 +873,6 @@ class FederatedRunSpec(_Spec):
         ge=0,
         description="Delete the run (and its children) this many seconds after it finished.",
     )
-
-    @model_validator(mode="after")
-    def _hospitals_consistent(self) -> FederatedRunSpec:
-        seen: set[str] = set()
-        for hospital in self.hospitals:
-            if hospital.name in seen:
-                raise RuleError(("hospitals",), f"duplicate hospital name {hospital.name!r}")
-            seen.add(hospital.name)
-        if self.min_hospitals > len(self.hospitals):
-            raise RuleError(
-                ("minHospitals",),
-                f"must not exceed the number of hospitals ({self.min_hospitals} > "
-                f"{len(self.hospitals)})",
-            )
-        return self
 
 
 # --------------------------------------------------------------------------- status
@@ -1004,39 +1068,60 @@ class ObjectMeta(BaseModel):
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _run_name(cls, value: str) -> str:
-        if not re.match(DNS1035_LABEL, value) or len(value) > MAX_RUN_NAME:
-            raise ValueError(
-                f"must be a DNS-1035 label of at most {MAX_RUN_NAME} characters: lowercase "
-                f"letters, digits and '-', starting with a letter (got {value!r})"
-            )
-        return value
-
 
 class FederatedRun(BaseModel):
     """A federated training run across hospitals."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, alias_generator=to_camel)
 
+    #: Root rules: they see metadata.name as well as the spec (see `_Spec.RULES`).
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            f"self.metadata.name.matches('{DNS1035_LABEL}')",
+            "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', "
+            "starting with a letter)",
+            lambda r: re.match(DNS1035_LABEL, r.metadata.name) is not None,
+            accepts=_example_spec(run="stroke-1"),
+            refuses=_example_spec(run="1-stroke"),
+            field="metadata.name",
+            cel_field=False,
+        ),
+        Rule(
+            f"size(self.metadata.name) <= {MAX_RUN_NAME}",
+            f"metadata.name must be at most {MAX_RUN_NAME} characters (children are named "
+            "<run>-server)",
+            lambda r: len(r.metadata.name) <= MAX_RUN_NAME,
+            accepts=_example_spec(run="r" * MAX_RUN_NAME, names=("a",)),
+            refuses=_example_spec(run="r" * (MAX_RUN_NAME + 1), names=("a",)),
+            field="metadata.name",
+            cel_field=False,
+        ),
+        Rule(
+            f"self.spec.hospitals.all(h, size(self.metadata.name) + size(h.name) "
+            f"<= {MAX_RUN_PLUS_HOSPITAL})",
+            "<run>-<hospital> must be at most 63 characters: shorten the run or hospital names",
+            lambda r: all(
+                len(r.metadata.name) + len(h.name) <= MAX_RUN_PLUS_HOSPITAL
+                for h in r.spec.hospitals
+            ),
+            accepts=_example_spec(run="r" * 50, names=("a" * 12,)),
+            refuses=_example_spec(run="r" * 50, names=("a" * 13,)),
+            field="spec.hospitals",
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _rules_hold(self) -> FederatedRun:
+        for rule in self.RULES:
+            if not rule.check(self):
+                raise RuleError(rule.loc(), rule.message)
+        return self
+
     api_version: Literal["fedrun.io/v1alpha1"] = "fedrun.io/v1alpha1"
     kind: Literal["FederatedRun"] = "FederatedRun"
     metadata: ObjectMeta
     spec: FederatedRunSpec
     status: FederatedRunStatus | None = None
-
-    @model_validator(mode="after")
-    def _child_names_fit(self) -> FederatedRun:
-        run = self.metadata.name
-        for i, hospital in enumerate(self.spec.hospitals):
-            if len(run) + 1 + len(hospital.name) > c.MAX_LABEL_LENGTH:
-                raise RuleError(
-                    ("spec", "hospitals", i, "name"),
-                    f"'{run}-{hospital.name}' (run name + '-' + hospital name) is longer than "
-                    f"{c.MAX_LABEL_LENGTH} characters; shorten the run or hospital name",
-                )
-        return self
 
     @property
     def name(self) -> str:
@@ -1060,24 +1145,11 @@ class FederatedRun(BaseModel):
         return self.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-# Root-level CEL rules (they see metadata.name and, on update, oldSelf and status).
+# Root-level CEL rules: the root rules, and the transition rule that compares a Running
+# run's spec with its old self. The models have no old self to compare with: the operator
+# refuses such a change itself (reason SpecChangeRefused) should one get past the CRD.
 ROOT_VALIDATIONS: list[dict[str, str]] = [
-    cel(
-        f"self.metadata.name.matches('{DNS1035_LABEL}')",
-        "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', "
-        "starting with a letter)",
-    ),
-    cel(
-        f"size(self.metadata.name) <= {MAX_RUN_NAME}",
-        f"metadata.name must be at most {MAX_RUN_NAME} characters (children are named "
-        "<run>-server)",
-    ),
-    cel(
-        f"self.spec.hospitals.all(h, size(self.metadata.name) + size(h.name) "
-        f"<= {MAX_RUN_PLUS_HOSPITAL})",
-        "<run>-<hospital> must be at most 63 characters: shorten the run or hospital names",
-        ".spec.hospitals",
-    ),
+    *(rule.entry() for rule in FederatedRun.RULES),
     _spec_immutable_while_running(),
 ]
 
