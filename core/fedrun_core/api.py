@@ -310,7 +310,14 @@ class TrainingSpec(_Spec):
         ),
     )
     learning_rate: float = Field(
-        0.1, gt=0, le=100, description="Learning rate of each hospital's local SGD optimiser."
+        2.0,
+        gt=0,
+        le=100,
+        description=(
+            "Learning rate of each hospital's local SGD optimiser. DP-SGD clips every "
+            "example's gradient (maxGradNorm) and adds noise, so it wants a larger step than "
+            "plain SGD: on the stroke table, rates from 2 to 8 trained about equally well."
+        ),
     )
     test_fraction: float = Field(
         0.3,

@@ -21,8 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedrun_cli.demo_data import synthetic_stroke
-from fedrun_trainer.common.data import DataConfig, Table, prepare
-from fedrun_trainer.common.model import ModelConfig, build_model
+from fedrun_core.api import DataSpec, TrainingSpec
+from fedrun_trainer.common.data import Table, prepare
+from fedrun_trainer.common.model import build_model
 from tests.benchmarks.report import fmt, table
 from tests.benchmarks.settings import BenchSettings, PartResult
 
@@ -36,7 +37,7 @@ NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
 #: Rows of training data: about one demo hospital's 70 % training split.
 N_ROWS = 1190
-MODELS = (ModelConfig("logistic"), ModelConfig("mlp", (32, 16)))
+MODELS = (TrainingSpec(model="logistic"), TrainingSpec(model="mlp", hidden_sizes=[32, 16]))
 
 Step = Callable[[], None]
 
@@ -56,7 +57,7 @@ QUICK = StepPlan(steps=5, warmup=2, repeats=3)
 
 def _data(seed: int = 0) -> Table:
     frame = synthetic_stroke(N_ROWS, seed)
-    return prepare(frame, DataConfig(preset="stroke"), "synthetic stroke rows")
+    return prepare(frame, DataSpec(preset="stroke"), "synthetic stroke rows")
 
 
 def _batches(loader: DataLoader[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -86,7 +87,7 @@ def _stepper(
     return step
 
 
-def _plain(spec: ModelConfig, data: Table) -> Step:
+def _plain(spec: TrainingSpec, data: Table) -> Step:
     model = build_model(spec, data.x.shape[1])
     model.train()
     dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
@@ -94,7 +95,7 @@ def _plain(spec: ModelConfig, data: Table) -> Step:
     return _stepper(model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE), loader)
 
 
-def _private(spec: ModelConfig, data: Table) -> tuple[Step, float]:
+def _private(spec: TrainingSpec, data: Table) -> tuple[Step, float]:
     """The DP step, and how long ``make_private`` took (ms; paid once per round)."""
     model = build_model(spec, data.x.shape[1])
     model.train()
@@ -138,7 +139,7 @@ def time_steps(steps: Sequence[Step], plan: StepPlan) -> list[list[float]]:
     return samples
 
 
-def _row(spec: ModelConfig, data: Table, plan: StepPlan) -> list[str]:
+def _row(spec: TrainingSpec, data: Table, plan: StepPlan) -> list[str]:
     dp_step, setup_ms = _private(spec, data)
     plain, dp = time_steps([_plain(spec, data), dp_step], plan)
     ratio = statistics.median(dp) / statistics.median(plain)

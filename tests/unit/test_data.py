@@ -9,12 +9,11 @@ import pandas as pd
 import pytest
 
 from fedrun_cli.demo_data import synthetic_stroke, write_demo_hospitals
+from fedrun_core.api import DataSpec, Feature
 from fedrun_trainer.common.data import (
     INDICATOR_VALUE,
     STROKE_BMI_IMPUTE,
-    DataConfig,
     DataError,
-    Feature,
     Table,
     load_hospital_data,
     load_table,
@@ -22,13 +21,13 @@ from fedrun_trainer.common.data import (
     split,
 )
 
-STROKE = DataConfig(preset="stroke")
-GENERIC = DataConfig(
+STROKE = DataSpec(preset="stroke")
+GENERIC = DataSpec(
     target_column="outcome",
     features=[
-        Feature("age", "numeric", min=0, max=100),
-        Feature("score", "numeric"),
-        Feature("smoker", "categorical", categories=["yes", "no"]),
+        Feature(name="age", type="numeric", min=0, max=100),
+        Feature(name="score", type="numeric"),
+        Feature(name="smoker", type="categorical", categories=["yes", "no"]),
     ],
 )
 GOOD = "age,score,smoker,outcome\n50,1.5,yes,1\n20,0.5,no,0\n70,2.5,no,1\n30,0.1,yes,0\n"
@@ -40,7 +39,7 @@ def write(tmp_path: Path, text: str, name: str = "h.csv") -> Path:
     return path
 
 
-def load(path: Path, spec: DataConfig = GENERIC) -> Table:
+def load(path: Path, spec: DataSpec = GENERIC) -> Table:
     return prepare(load_table(str(path), "csv"), spec, str(path))
 
 

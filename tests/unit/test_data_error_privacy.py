@@ -21,17 +21,18 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrun_cli.demo_data import synthetic_stroke
+from fedrun_core.api import DataSpec, Feature
 from fedrun_trainer.common import protocol
-from fedrun_trainer.common.data import DataConfig, DataError, Feature, load_table, prepare
+from fedrun_trainer.common.data import DataError, load_table, prepare
 from fedrun_trainer.hospital import handlers as hospital
 
 SENTINEL = "DOE JANE MRN 123456 HIV+"
 REPO = Path(__file__).resolve().parents[2]
-GENERIC = DataConfig(
+GENERIC = DataSpec(
     target_column="outcome",
     features=[
-        Feature("age", "numeric", min=0, max=100),
-        Feature("smoker", "categorical", categories=["yes", "no"]),
+        Feature(name="age", type="numeric", min=0, max=100),
+        Feature(name="smoker", type="categorical", categories=["yes", "no"]),
     ],
 )
 GOOD = "age,smoker,outcome\n50,yes,1\n20,no,0\n70,no,1\n30,yes,0\n"
@@ -118,7 +119,7 @@ def test_a_stroke_binary_flag_is_located_not_quoted(tmp_path: Path) -> None:
     path = tmp_path / "s.csv"
     df.to_csv(path, index=False)
     with pytest.raises(DataError) as info:
-        prepare(load_table(str(path), "csv"), DataConfig(preset="stroke"), str(path))
+        prepare(load_table(str(path), "csv"), DataSpec(preset="stroke"), str(path))
     _assert_private(info.value, "line 6, column 'hypertension'")
 
 

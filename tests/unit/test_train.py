@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from fedrun_core.api import PrivacySpec, TrainingSpec
 from fedrun_trainer.common.data import Table
-from fedrun_trainer.common.model import ModelConfig, build_model, get_weights, set_weights
+from fedrun_trainer.common.model import build_model, get_weights, set_weights
 from fedrun_trainer.common.privacy import BudgetExceeded, PrivacyLedger, new_ledger
-from fedrun_trainer.hospital.train import PrivacyConfig, TrainingConfig, evaluate, train_round
+from fedrun_trainer.hospital.train import evaluate, train_round
 
 N_FEATURES = 4
-TRAINING = TrainingConfig(learning_rate=0.5, batch_size=32)
-DP = PrivacyConfig(enabled=True, target_epsilon=2.0)
+TRAINING = TrainingSpec(learning_rate=0.5, batch_size=32)
+DP = PrivacySpec(enabled=True, target_epsilon=2.0)
 
 
 def table(n: int = 160, seed: int = 0) -> Table:
@@ -114,7 +115,7 @@ def test_budget_exceeded_before_training() -> None:
 
 def test_tiny_batches_survive_empty_poisson_draws() -> None:
     # Expected batch size 1 on 40 rows: some Poisson batches are empty.
-    training = TrainingConfig(learning_rate=0.1, batch_size=1)
+    training = TrainingSpec(learning_rate=0.1, batch_size=1)
     small = new_ledger(
         hospital="h",
         n_train=40,
@@ -130,7 +131,7 @@ def test_tiny_batches_survive_empty_poisson_draws() -> None:
         table(40),
         get_weights(model),
         training=training,
-        privacy=PrivacyConfig(target_epsilon=50.0),
+        privacy=PrivacySpec(target_epsilon=50.0),
         ledger=small,
         server_round=1,
     )
@@ -144,7 +145,7 @@ def test_without_privacy_plain_sgd_and_zero_epsilon() -> None:
         table(),
         get_weights(model),
         training=TRAINING,
-        privacy=PrivacyConfig(enabled=False),
+        privacy=PrivacySpec(enabled=False),
         ledger=None,
         server_round=1,
         seed=3,
@@ -156,7 +157,7 @@ def test_without_privacy_plain_sgd_and_zero_epsilon() -> None:
 def test_fedprox_pulls_towards_global() -> None:
     model = build_model(TRAINING, N_FEATURES)
     start = get_weights(model)
-    off = PrivacyConfig(enabled=False)
+    off = PrivacySpec(enabled=False)
     runs = {
         mu: train_round(
             model,
@@ -179,7 +180,7 @@ def test_fedprox_pulls_towards_global() -> None:
 
 
 def test_evaluate_metrics_in_range_and_one_class() -> None:
-    model = build_model(ModelConfig("mlp", (8, 4)), N_FEATURES, seed=1)
+    model = build_model(TrainingSpec(model="mlp", hidden_sizes=[8, 4]), N_FEATURES, seed=1)
     weights = get_weights(model)
     result = evaluate(model, weights, table(200, seed=4))
     assert result.num_examples == 200
@@ -194,15 +195,15 @@ def test_evaluate_metrics_in_range_and_one_class() -> None:
 
 
 def test_model_weights_round_trip_and_shape_check() -> None:
-    mlp = build_model(ModelConfig("mlp", (8, 4)), N_FEATURES, seed=1)
-    same = build_model(ModelConfig("mlp", (8, 4)), N_FEATURES, seed=1)
+    mlp = build_model(TrainingSpec(model="mlp", hidden_sizes=[8, 4]), N_FEATURES, seed=1)
+    same = build_model(TrainingSpec(model="mlp", hidden_sizes=[8, 4]), N_FEATURES, seed=1)
     weights = get_weights(mlp)
     assert [w.shape for w in weights] == [(8, 4), (8,), (4, 8), (4,), (1, 4), (1,)]
     assert all(np.array_equal(a, b) for a, b in zip(weights, get_weights(same), strict=True))
-    logistic = build_model(ModelConfig("logistic"), N_FEATURES)
+    logistic = build_model(TrainingSpec(model="logistic"), N_FEATURES)
     set_weights(logistic, [np.ones((1, N_FEATURES)), np.zeros(1)])
     assert get_weights(logistic)[0].tolist() == [[1.0] * N_FEATURES]
     with pytest.raises(ValueError, match="shape"):
         set_weights(logistic, [np.ones((1, 3)), np.zeros(1)])
     with pytest.raises(ValueError, match="unknown model"):
-        build_model(ModelConfig("forest"), N_FEATURES)
+        build_model(TrainingSpec.model_construct(model="forest"), N_FEATURES)

@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedrun_core.api import PrivacySpec, TrainingSpec
 from fedrun_trainer.common.data import Table
 from fedrun_trainer.common.model import build_model, get_weights
 from fedrun_trainer.common.privacy import new_ledger
-from fedrun_trainer.hospital.train import PrivacyConfig, TrainingConfig, train_round
+from fedrun_trainer.hospital.train import train_round
 from fedrun_trainer.warm_executor import PINNED_FLWR, check_hook, reseed
 
 CHILD_TIMEOUT_S = 60.0
@@ -145,8 +146,8 @@ def dp_round() -> Callable[[int | None], list[list[float]]]:
     x = rng.normal(size=(64, 3)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.float32)
     table = Table(x=x, y=y, feature_names=["f0", "f1", "f2"])
-    training = TrainingConfig(batch_size=16, learning_rate=0.5)
-    privacy = PrivacyConfig(target_epsilon=100.0, noise_multiplier=1.0)
+    training = TrainingSpec(batch_size=16, learning_rate=0.5)
+    privacy = PrivacySpec(target_epsilon=100.0, noise_multiplier=1.0)
     model = build_model(training, n_features=3, seed=42)
     start = get_weights(model)
     ledger = new_ledger(

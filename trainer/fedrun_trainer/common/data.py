@@ -54,25 +54,21 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from fedrun_core.api import pvc_pod_path
+from fedrun_core.api import DataSpec, pvc_pod_path
 
 __all__ = [
     "INDICATOR_VALUE",
     "STROKE_BMI_IMPUTE",
     "STROKE_CATEGORIES",
     "STROKE_RANGES",
-    "DataConfig",
     "DataError",
-    "DataSpec",
-    "Feature",
-    "FeatureSpec",
     "Table",
     "load_hospital_data",
     "load_table",
@@ -153,55 +149,6 @@ class DataError(ValueError):
     def found(cls, public: str, what: str) -> DataError:
         """An error whose ``detail`` is ``public`` followed by ``what`` (the found value)."""
         return cls(public, f"{public}; found {what}")
-
-
-class FeatureSpec(Protocol):
-    """One feature of the generic schema (matches the spec's ``data.features[]``)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def type(self) -> str: ...  # "numeric" | "categorical"
-    @property
-    def categories(self) -> Sequence[str] | None: ...
-    @property
-    def min(self) -> float | None: ...
-    @property
-    def max(self) -> float | None: ...
-
-
-class DataSpec(Protocol):
-    """The spec's ``data`` block: ``format``, ``preset``, ``target_column``, ``features``."""
-
-    @property
-    def format(self) -> str: ...
-    @property
-    def preset(self) -> str | None: ...
-    @property
-    def target_column(self) -> str | None: ...
-    @property
-    def features(self) -> Sequence[FeatureSpec] | None: ...
-
-
-@dataclass(frozen=True)
-class Feature:
-    """Plain :class:`FeatureSpec` implementation."""
-
-    name: str
-    type: str = "numeric"
-    categories: Sequence[str] | None = None
-    min: float | None = None
-    max: float | None = None
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Plain :class:`DataSpec` implementation."""
-
-    format: str = "csv"
-    preset: str | None = None
-    target_column: str | None = None
-    features: Sequence[Feature] | None = None
 
 
 @dataclass(frozen=True)

@@ -8,37 +8,20 @@ the same for every process that builds the same model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
 
-__all__ = ["ModelConfig", "ModelSpec", "build_model", "get_weights", "set_weights"]
+from fedrun_core.api import TrainingSpec
+
+__all__ = ["build_model", "get_weights", "set_weights"]
 
 Weights = list[npt.NDArray[np.float32]]
 
 
-class ModelSpec(Protocol):
-    """The model fields of the spec's ``training`` block."""
-
-    @property
-    def model(self) -> str: ...  # "logistic" | "mlp"
-    @property
-    def hidden_sizes(self) -> Sequence[int] | None: ...
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Plain :class:`ModelSpec` implementation."""
-
-    model: str = "logistic"
-    hidden_sizes: Sequence[int] | None = (32, 16)
-
-
-def build_model(spec: ModelSpec, n_features: int, seed: int = 0) -> nn.Module:
+def build_model(spec: TrainingSpec, n_features: int, seed: int = 0) -> nn.Module:
     """Build the model for ``n_features`` inputs, initialised deterministically from ``seed``.
 
     Logistic regression starts at zero (the problem is convex; zero is a neutral start);
