@@ -39,6 +39,7 @@ __all__ = [
     "epsilon_after",
     "fits_budget",
     "noise_multiplier_for_run",
+    "over_target",
     "planned_cost",
 ]
 
@@ -278,8 +279,16 @@ def fits_budget(
     hospitals' relative slack :data:`EPSILON_SLACK`, so the operator never stops a round
     that a hospital, computing the same figure with Opacus, accepts.
     """
-    spent = epsilon_after(history, extra_steps, delta)
-    return spent <= target_epsilon * (1.0 + EPSILON_SLACK)
+    return not over_target(epsilon_after(history, extra_steps, delta), target_epsilon)
+
+
+def over_target(eps: float, target_epsilon: float) -> bool:
+    """Whether ``eps`` is over the budget ``target_epsilon``, beyond :data:`EPSILON_SLACK`.
+
+    The one comparison every stop rule uses: the hospital before a round, the server before
+    it asks for one, and the operator on what it observes.
+    """
+    return eps > target_epsilon * (1.0 + EPSILON_SLACK)
 
 
 # --------------------------------------------------------------------- calibration

@@ -79,3 +79,18 @@ def namespace_name(value: str) -> str:
     if not _NAMESPACE_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a namespace name (lowercase RFC 1123 label)")
     return value
+
+
+# File names inside a run's Secrets, and so inside the pods' mounted directories: the
+# server's `<run>-server-tls` holds the CA, its certificate and key, and one public node key
+# per hospital; each hospital's `<run>-<hospital>-auth` holds the CA and its node key pair.
+CA_FILE: Final = "ca.crt"
+TLS_CERT_FILE: Final = "tls.crt"
+TLS_KEY_FILE: Final = "tls.key"
+NODE_KEY_FILE: Final = "node.key"
+NODE_PUB_FILE: Final = "node.pub"
+
+
+def hospital_pub_file(hospital: str) -> str:
+    """Key of a hospital's public node key in the server's Secret: `<hospital>.pub`."""
+    return f"{hospital}.pub"

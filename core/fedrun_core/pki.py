@@ -39,6 +39,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedrun_core import names as c
+from fedrun_core.times import rfc3339
 
 __all__ = [
     "CLOCK_SKEW",
@@ -332,7 +333,7 @@ def _subject(cert: x509.Certificate) -> str:
 
 
 def _when(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(moment.astimezone(UTC))
 
 
 def check_pair(cert: bytes | x509.Certificate, key: bytes) -> None:

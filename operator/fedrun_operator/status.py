@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from fedrun_core.accounting import PlannedCost
+from fedrun_core.accounting import PlannedCost, over_target
 from fedrun_core.api import FederatedRun
 from fedrun_core.states import (
     FINAL_PHASES,
@@ -50,14 +50,6 @@ Obj = dict[str, Any]
 # Relative difference in σ or q that counts as a disagreement (the two calibrations agree
 # to about 1e-12; a real mismatch is a different σ or another row count).
 _PLAN_TOLERANCE = 1e-6
-# Relative slack for float noise when comparing ε with the target, the same the hospitals
-# allow (the accountants agree to 1e-9 relative, so no real overrun passes).
-EPSILON_TOLERANCE = 1e-6
-
-
-def over(eps: float, target: float) -> bool:
-    """Whether `eps` is over the budget `target`."""
-    return eps > target * (1.0 + EPSILON_TOLERANCE)
 
 
 Accountant = Callable[[Sequence[tuple[float, float, int]], float], float]
@@ -446,8 +438,8 @@ def decide(
             f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed at round "
             f"{rnd['current']}/{spec.rounds}"
         )
-    elif spec.privacy.enabled and any(over(e, target) for e in spent.values()):
-        names = sorted(n for n, e in spent.items() if over(e, target))
+    elif spec.privacy.enabled and any(over_target(e, target) for e in spent.values()):
+        names = sorted(n for n, e in spent.items() if over_target(e, target))
         phase, reason = Phase.BUDGET_EXHAUSTED, Reason.BUDGET_EXCEEDED
         message = (
             f"ε of {', '.join(names)} is over targetEpsilon {target}: the operator stopped the run"
@@ -469,7 +461,7 @@ def decide(
             h["name"]
             for h in hospitals
             if h["state"] != HospitalState.FAILED
-            and not over(after_next.get(h["name"], 0.0), target)
+            and not over_target(after_next.get(h["name"], 0.0), target)
         ]
         if len(able) < spec.min_hospitals:
             phase, reason = Phase.BUDGET_EXHAUSTED, Reason.BUDGET_WOULD_BE_EXCEEDED

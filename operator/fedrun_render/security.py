@@ -37,19 +37,13 @@ from fedrun_render.workloads import (
 )
 
 __all__ = [
-    "CA_FILE",
     "DNS_PORT",
     "HTTPS_PORT",
     "INSECURE_MESSAGE",
     "KUBE_SYSTEM_NAMESPACE_LABELS",
     "NAMESPACE_NAME_LABEL",
-    "NODE_KEY_FILE",
-    "NODE_PUB_FILE",
     "OPERATOR_POD_LABELS",
-    "TLS_CERT_FILE",
-    "TLS_KEY_FILE",
     "hospital_auth_secret_name",
-    "hospital_pub_file",
     "insecure_condition",
     "is_insecure",
     "mlflow_egress_ports",
@@ -59,13 +53,6 @@ __all__ = [
 ]
 
 Manifest = dict[str, Any]
-
-# File names inside the Secrets (and so inside the pods' mounted directories).
-CA_FILE = "ca.crt"
-TLS_CERT_FILE = "tls.crt"
-TLS_KEY_FILE = "tls.key"
-NODE_KEY_FILE = "node.key"
-NODE_PUB_FILE = "node.pub"
 
 # Labels of the operator's pod that a run server's status port admits (with the operator's
 # namespace, see `network_policies`). The chart sets exactly these on the operator pod
@@ -87,14 +74,6 @@ INSECURE_MESSAGE = (
     "SuperNode authentication, so anyone who reaches the server can read model updates and "
     "join the run. For local debugging only."
 )
-
-
-# --------------------------------------------------------------------------- names
-
-
-def hospital_pub_file(hospital: str) -> str:
-    """Key of a hospital's public node key in the server's Secret: `<hospital>.pub`."""
-    return f"{hospital}.pub"
 
 
 # --------------------------------------------------------------------------- Secrets
@@ -119,12 +98,12 @@ def secret_manifests(run: FederatedRun, material: RunMaterial) -> list[Manifest]
         )
     expiry = {f"{c.GROUP}/not-after": rfc3339(material.not_after)}
     server_data = {
-        CA_FILE: _b64(material.ca_cert),
-        TLS_CERT_FILE: _b64(material.server_cert),
-        TLS_KEY_FILE: _b64(material.server_key),
+        c.CA_FILE: _b64(material.ca_cert),
+        c.TLS_CERT_FILE: _b64(material.server_cert),
+        c.TLS_KEY_FILE: _b64(material.server_key),
     }
     for hospital in hospitals:
-        server_data[hospital_pub_file(hospital)] = _b64(material.nodes[hospital].public_key)
+        server_data[c.hospital_pub_file(hospital)] = _b64(material.nodes[hospital].public_key)
     out: list[Manifest] = [
         {
             "apiVersion": "v1",
@@ -156,9 +135,9 @@ def secret_manifests(run: FederatedRun, material: RunMaterial) -> list[Manifest]
                 "type": "Opaque",
                 "immutable": True,
                 "data": {
-                    CA_FILE: _b64(material.ca_cert),
-                    NODE_KEY_FILE: _b64(node.private_key),
-                    NODE_PUB_FILE: _b64(node.public_key),
+                    c.CA_FILE: _b64(material.ca_cert),
+                    c.NODE_KEY_FILE: _b64(node.private_key),
+                    c.NODE_PUB_FILE: _b64(node.public_key),
                 },
             }
         )

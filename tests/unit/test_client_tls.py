@@ -25,7 +25,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedrun_core import pki
+from fedrun_core import names, pki
 from fedrun_core.api import parse_run
 from fedrun_render import security
 from fedrun_trainer.common import flwr_env
@@ -120,9 +120,9 @@ def refused(directory: Path) -> str:
 
 def test_the_hospital_s_secret_passes(auth: Path) -> None:
     assert {p.name for p in auth.iterdir()} == {
-        security.CA_FILE,
-        security.NODE_KEY_FILE,
-        security.NODE_PUB_FILE,
+        names.CA_FILE,
+        names.NODE_KEY_FILE,
+        names.NODE_PUB_FILE,
     }
     client.check_material(auth)
 

@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedrun_core import pki
+from fedrun_core import names, pki
 from fedrun_core.api import FederatedRun, parse_run
 from fedrun_render import security
 from fedrun_trainer.common import flwr_env
@@ -95,15 +95,15 @@ def test_server_tls_names_are_the_secret_s_keys(
     tmp_path: Path, demo: FederatedRun, material: pki.RunMaterial
 ) -> None:
     tls = mount(demo, material, tmp_path / "d")
-    expected = {security.CA_FILE, security.TLS_CERT_FILE, security.TLS_KEY_FILE}
-    expected |= {security.hospital_pub_file(h) for h in HOSPITALS}
+    expected = {names.CA_FILE, names.TLS_CERT_FILE, names.TLS_KEY_FILE}
+    expected |= {names.hospital_pub_file(h) for h in HOSPITALS}
     assert {p.name for p in tls.directory.iterdir()} == expected
     assert {tls.ca.name, tls.cert.name, tls.key.name} == {
-        security.CA_FILE,
-        security.TLS_CERT_FILE,
-        security.TLS_KEY_FILE,
+        names.CA_FILE,
+        names.TLS_CERT_FILE,
+        names.TLS_KEY_FILE,
     }
-    assert tls.public_key("hospital-b").name == security.hospital_pub_file("hospital-b")
+    assert tls.public_key("hospital-b").name == names.hospital_pub_file("hospital-b")
 
 
 def test_a_fresh_set_passes(tls: ServerTls) -> None:

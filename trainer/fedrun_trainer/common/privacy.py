@@ -41,6 +41,7 @@ from urllib.parse import urlparse
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedrun_core.accounting import over_target
 from fedrun_trainer.common.data import resolve_local_path
 
 __all__ = [
@@ -73,9 +74,6 @@ LEDGER_FORMAT = 2
 #: round at most, and a history longer than this is not one fedrun wrote.
 MAX_HISTORY = 10_000
 MAX_LEDGER_BYTES = 1024 * 1024
-# Relative slack when comparing ε with the target: the same history split into rounds
-# can differ from the whole-run figure in the last floating-point digits.
-_EPS_SLACK = 1e-6
 _ALPHA_WARNING = ".*Optimal order is the (largest|smallest) alpha.*"
 
 
@@ -396,7 +394,7 @@ class PrivacyLedger:
     def check_budget(self, steps: int, sample_rate: float | None = None) -> float:
         """ε after ``steps`` more steps; raises :class:`BudgetExceeded` if over the target."""
         after = self.epsilon_after(steps, sample_rate)
-        if after > self.target_epsilon * (1.0 + _EPS_SLACK):
+        if over_target(after, self.target_epsilon):
             raise BudgetExceeded(
                 f"hospital {self.hospital}: training {steps} more steps would spend "
                 f"ε={after:.4f} > target ε={self.target_epsilon} (δ={self.delta}); "

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedrun_core import names as c
 from fedrun_trainer.common import flwr_env
 from fedrun_trainer.common.settings import RunSettings
 from fedrun_trainer.hospital.handlers import DONE_MARKER, FAILED_MARKER
@@ -94,18 +95,20 @@ def check_material(tls_dir: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    for name in ("ca.crt", "node.key"):
+    for name in (c.CA_FILE, c.NODE_KEY_FILE):
         if not (tls_dir / name).is_file():
             raise ValueError(
                 f"{tls_dir / name} is missing: mount the hospital's <run>-<hospital>-auth "
                 "Secret there (the operator makes it when the run is created)"
             )
     try:
-        x509.load_pem_x509_certificates((tls_dir / "ca.crt").read_bytes())
+        x509.load_pem_x509_certificates((tls_dir / c.CA_FILE).read_bytes())
     except ValueError as err:
-        raise ValueError(f"{tls_dir / 'ca.crt'} is not a PEM certificate: {err}") from None
+        raise ValueError(f"{tls_dir / c.CA_FILE} is not a PEM certificate: {err}") from None
     try:
-        key = serialization.load_ssh_private_key((tls_dir / "node.key").read_bytes(), password=None)
+        key = serialization.load_ssh_private_key(
+            (tls_dir / c.NODE_KEY_FILE).read_bytes(), password=None
+        )
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise ValueError(
             f"{tls_dir / 'node.key'} is not an unencrypted OpenSSH private key: {err}"
@@ -272,9 +275,9 @@ def run_client(opts: ClientOptions) -> int:
             return _finish(opts, EXIT_CONFIG, f"hospital {opts.hospital}: {err}")
         transport = [
             "--root-certificates",
-            str(opts.tls_dir / "ca.crt"),
+            str(opts.tls_dir / c.CA_FILE),
             "--auth-supernode-private-key",
-            str(opts.tls_dir / "node.key"),
+            str(opts.tls_dir / c.NODE_KEY_FILE),
         ]
     else:
         transport = ["--insecure"]

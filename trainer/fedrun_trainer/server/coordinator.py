@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from fedrun_core.accounting import over_target
 from fedrun_core.states import HospitalState, Phase, Reason
 from fedrun_core.times import now_rfc3339
 from fedrun_trainer.common import protocol
@@ -41,8 +42,6 @@ TRAIN_TTL_S = 3600.0
 
 #: What one more round costs a hospital: (σ, q, steps), from the spec and its row count.
 RoundCost = tuple[float, float, int]
-# Relative slack when comparing ε with the target, the hospitals' own (float noise only).
-_EPS_SLACK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -339,8 +338,7 @@ class Coordinator:
         costs = self.round_costs(name)
         if not costs:
             return False
-        limit = target * (1.0 + _EPS_SLACK)
-        return all(self.epsilon_of([*h.history, cost]) <= limit for cost in costs)
+        return not any(over_target(self.epsilon_of([*h.history, cost]), target) for cost in costs)
 
     def _record_privacy(self, name: str, privacy: dict[str, float]) -> None:
         h = self.state.hospitals[name]

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedrun_core import names as c
 from fedrun_trainer.common import flwr_env
 from fedrun_trainer.server.fleet_proxy import (
     DEFAULT_MAX_BODY_BYTES,
@@ -58,19 +59,19 @@ class ServerTls:
 
     @property
     def ca(self) -> Path:
-        return self.directory / "ca.crt"
+        return self.directory / c.CA_FILE
 
     @property
     def cert(self) -> Path:
-        return self.directory / "tls.crt"
+        return self.directory / c.TLS_CERT_FILE
 
     @property
     def key(self) -> Path:
-        return self.directory / "tls.key"
+        return self.directory / c.TLS_KEY_FILE
 
     def public_key(self, hospital: str) -> Path:
         """The hospital's OpenSSH public node key, as the server registers it."""
-        return self.directory / f"{hospital}.pub"
+        return self.directory / c.hospital_pub_file(hospital)
 
 
 class MaterialError(ValueError):
