@@ -286,9 +286,10 @@ def over_target(eps: float, target_epsilon: float) -> bool:
     """Whether ``eps`` is over the budget ``target_epsilon``, beyond :data:`EPSILON_SLACK`.
 
     The one comparison every stop rule uses: the hospital before a round, the server before
-    it asks for one, and the operator on what it observes.
+    it asks for one, and the operator on what it observes. An ε that is not a number counts
+    as over: a stop rule never lets a round through on a figure it cannot compare.
     """
-    return eps > target_epsilon * (1.0 + EPSILON_SLACK)
+    return not eps <= target_epsilon * (1.0 + EPSILON_SLACK)
 
 
 # --------------------------------------------------------------------- calibration

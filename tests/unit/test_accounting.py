@@ -18,6 +18,7 @@ from fedrun_core.accounting import (
     epsilon,
     epsilon_after,
     fits_budget,
+    over_target,
 )
 from fedrun_trainer.common.privacy import epsilon_of
 
@@ -180,6 +181,12 @@ def test_fits_budget_is_the_stop_rule() -> None:
     assert fits_budget(history, 1e-5, after * (1 - EPSILON_SLACK / 10), extra_steps=13)
     assert not fits_budget(history, 1e-5, after * (1 - EPSILON_SLACK * 10), extra_steps=13)
     assert not fits_budget([(0.0, 0.1, 1)], 1e-5, 1000.0)
+
+
+@pytest.mark.parametrize("eps", [math.nan, math.inf, 1.0 + 2e-6])
+def test_a_figure_that_cannot_be_compared_is_over_the_target(eps: float) -> None:
+    assert over_target(eps, 1.0)
+    assert not over_target(1.0 + 1e-7, 1.0)  # within the slack
 
 
 def test_import_pulls_in_neither_torch_nor_numpy() -> None:
