@@ -17,6 +17,8 @@ from typing import Any
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter as _JsonLines
 
+from fedrun_core import names as c
+
 _FIELDS = ("run", "hospital", "round")
 # kopf's own record attributes: read below, never copied into the line as they are.
 _KOPF_ATTRS = ("k8s_ref", "k8s_skip", "settings", "taskName")
@@ -44,10 +46,10 @@ class JsonFormatter(_JsonLines):
         fields = {"time": time, **log_data}
         log_data.clear()
         log_data.update(fields)
-        env = {"run": os.environ.get("FEDRUN_RUN"), "hospital": os.environ.get("FEDRUN_HOSPITAL")}
+        env = {"run": os.environ.get(c.ENV_RUN), "hospital": os.environ.get(c.ENV_HOSPITAL)}
         # kopf's per-object loggers name the object they log about (the operator's lines).
         ref = getattr(record, "k8s_ref", None)
-        if isinstance(ref, dict) and ref.get("kind") == "FederatedRun":
+        if isinstance(ref, dict) and ref.get("kind") == c.KIND:
             env["run"] = ref.get("name")
             if ref.get("namespace"):
                 log_data["namespace"] = ref["namespace"]

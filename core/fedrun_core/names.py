@@ -46,7 +46,7 @@ CONFIG_PATH: Final = f"{CONFIG_DIR}/{CONFIG_FILE}"
 STATE_DIR: Final = "/var/lib/fedrun"
 TMP_DIR: Final = "/tmp"
 # A run's TLS and node-key Secret is mounted here: `<run>-server-tls` in the server pod,
-# `<run>-<hospital>-auth` in that hospital's pod (see security.py for the file names).
+# `<run>-<hospital>-auth` in that hospital's pod (file names: CA_FILE and the others below).
 SECRETS_DIR: Final = "/var/run/secrets/fedrun"
 SECRETS_VOLUME: Final = "tls"
 # A hospital's pvc://<claim>/<path> data is mounted at <PVC_MOUNT_ROOT>/<claim>.
@@ -94,3 +94,12 @@ NODE_PUB_FILE: Final = "node.pub"
 def hospital_pub_file(hospital: str) -> str:
     """Key of a hospital's public node key in the server's Secret: `<hospital>.pub`."""
     return f"{hospital}.pub"
+
+
+# Environment every pod's container gets: the run, and in a hospital's pod the hospital.
+# Log lines carry them (fedrun_core.logs).
+ENV_RUN: Final = "FEDRUN_RUN"
+ENV_HOSPITAL: Final = "FEDRUN_HOSPITAL"
+
+# Annotation on a run's Secrets: when their certificates expire (RFC 3339).
+ANNOTATION_NOT_AFTER: Final = f"{GROUP}/not-after"

@@ -104,8 +104,10 @@ class Reason(StrEnum):
     SPEC_CHANGE_REFUSED = "SpecChangeRefused"
     SERVER_UNREACHABLE = "ServerUnreachable"
     SERVER_STATUS_INVALID = "ServerStatusInvalid"
-    ACCOUNTING_MISMATCH = "AccountingMismatch"
     SERVER_DISAGREES_WITH_SPEC = "ServerDisagreesWithSpec"
+    CHILD_RECREATED = "ChildRecreated"
+    CHILD_REPLACED = "ChildReplaced"
+    CHILD_REPAIRED = "ChildRepaired"
     FORBIDDEN = "Forbidden"
     EXPIRED = "Expired"
     INSECURE_TRANSPORT = "InsecureTransport"
@@ -175,3 +177,26 @@ def phase_conditions(
         )
         for ctype in PHASE_CONDITIONS
     ]
+
+
+def failed_status(status: Mapping[str, Any], reason: str, message: str, now: str) -> dict[str, Any]:
+    """A copy of ``status`` moved to Failed for ``reason``: its phase, message,
+    ``completionTime`` (``now``) and phase conditions, the rest (rounds, hospitals, ε) kept.
+
+    For a writer that learns of a failure outside the round loop: the server pod when its
+    SuperLink or submission fails, ``fedrun local`` when the server process dies.
+    """
+    generation = status.get("observedGeneration")
+    return {
+        **status,
+        "phase": Phase.FAILED,
+        "message": message,
+        "completionTime": now,
+        "conditions": phase_conditions(
+            Phase.FAILED,
+            reason,
+            message,
+            now,
+            generation if isinstance(generation, int) else None,
+        ),
+    }

@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from fedrun_core import names as c
 from fedrun_core.logs import setup_logging
 
 
@@ -181,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("server", help="the server pod: Flower SuperLink + run driver")
     p.add_argument("--config", required=True, help="the run's config.json (from its ConfigMap)")
-    p.add_argument("--state-dir", default="/var/lib/fedrun")
-    p.add_argument("--fleet-port", type=int, default=9092)
-    p.add_argument("--status-port", type=int, default=9100)
+    p.add_argument("--state-dir", default=c.STATE_DIR)
+    p.add_argument("--fleet-port", type=int, default=c.FLEET_PORT)
+    p.add_argument("--status-port", type=int, default=c.STATUS_PORT)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument(
         "--max-request-bytes",
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--hospital", required=True)
     p.add_argument("--server", required=True, help="host:port of the server's fleet API")
-    p.add_argument("--state-dir", default="/var/lib/fedrun")
+    p.add_argument("--state-dir", default=c.STATE_DIR)
     p.add_argument(
         "--server-lost-timeout",
         type=float,

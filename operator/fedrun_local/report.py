@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrun_core.api import FederatedRun
+from fedrun_render.identity import server_name
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -146,7 +147,7 @@ def print_summary(
     if status.get("message"):
         console.print(f"message: {status['message']}")
     console.print(f"status: {status_path}   report: {out / 'report.png'}   logs: {out / 'logs'}")
-    store = out / "pods" / f"{run.metadata.name}-server" / "state" / "mlflow.db"
+    store = out / "pods" / server_name(run) / "state" / "mlflow.db"
     if store.exists():
         console.print(
             f"MLflow store: sqlite:///{store.resolve()} (run {status.get('mlflowRunId')}); "

@@ -38,30 +38,12 @@ from typing import Any
 
 from fedrun_core import names as c
 from fedrun_core.api import FederatedRun, load_run, pvc_claim
-from fedrun_core.states import FINAL_PHASES, HospitalState, Phase, Reason, phase_conditions
+from fedrun_core.states import FINAL_PHASES, HospitalState, Phase, Reason, failed_status
 from fedrun_core.times import now_rfc3339
-from fedrun_render.workloads import render_run, secure
+from fedrun_render.identity import secure
+from fedrun_render.workloads import render_run
 
 log = logging.getLogger("fedrun.local")
-
-
-def _failed(status: dict[str, Any], reason: str, message: str) -> dict[str, Any]:
-    """``status`` moved to Failed for ``reason``, with its conditions, as a server would."""
-    now = now_rfc3339()
-    generation = status.get("observedGeneration")
-    return {
-        **status,
-        "phase": Phase.FAILED,
-        "message": message,
-        "completionTime": now,
-        "conditions": phase_conditions(
-            Phase.FAILED,
-            reason,
-            message,
-            now,
-            generation if isinstance(generation, int) else None,
-        ),
-    }
 
 
 @dataclass(frozen=True)
@@ -322,7 +304,7 @@ class LocalCluster:
         env["HOME"] = str(pod_dir / "home")
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         if hospital is not None:
-            env["FEDRUN_HOSPITAL"] = hospital
+            env[c.ENV_HOSPITAL] = hospital
         return Pod(
             name=name,
             hospital=hospital,
@@ -401,10 +383,14 @@ class LocalCluster:
                     f"the server exited with status {self.server.exit_code}: "
                     f"{self.server.termination_message()}"
                 )
-                return self._merge_pods(_failed(last, Reason.SERVER_ERROR, message))
+                return self._merge_pods(
+                    failed_status(last, Reason.SERVER_ERROR, message, now_rfc3339())
+                )
             if time.monotonic() > deadline:
                 message = f"fedrun local gave up after {timeout_s:.0f}s"
-                return self._merge_pods(_failed(last, Reason.DEADLINE_EXCEEDED, message))
+                return self._merge_pods(
+                    failed_status(last, Reason.DEADLINE_EXCEEDED, message, now_rfc3339())
+                )
             time.sleep(poll_s)
 
     def _merge_pods(self, status: dict[str, Any], grace_s: float = 30.0) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
+from fedrun_core import names as c
 from fedrun_operator import metrics
 
 log = logging.getLogger("fedrun.operator.kube")
@@ -40,7 +41,7 @@ _PLURALS = {
     "Deployment": "deployments",
     "Job": "jobs",
     "NetworkPolicy": "networkpolicies",
-    "FederatedRun": "federatedruns",
+    c.KIND: c.PLURAL,
 }
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})

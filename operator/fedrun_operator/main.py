@@ -17,6 +17,7 @@ from typing import Any
 import kopf
 
 from fedrun_core import names as c
+from fedrun_core.states import Reason
 from fedrun_operator import metrics
 from fedrun_operator.config import OperatorConfig
 from fedrun_operator.handlers.reconcile_run import Outcome, Reconciler
@@ -84,7 +85,7 @@ async def _reconcile(handler: str, body: kopf.Body, memo: kopf.Memo) -> Outcome:
         outcome = await reconciler.reconcile(body)
     except ForbiddenError as err:
         metrics.RECONCILE_ERRORS.labels(handler).inc()
-        kopf.event(body, type="Warning", reason="Forbidden", message=clip(err.message))
+        kopf.event(body, type="Warning", reason=Reason.FORBIDDEN, message=clip(err.message))
         raise
     except Exception:
         metrics.RECONCILE_ERRORS.labels(handler).inc()

@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from fedrun_core.states import HospitalState, Phase
+from fedrun_core.times import parse_time
 
 __all__ = [
     "MAX_MESSAGE_CHARS",
@@ -174,9 +175,7 @@ class ServerReport(_Report):
     def _rfc3339(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        from datetime import datetime
-
-        datetime.fromisoformat(value.replace("Z", "+00:00"))  # ValueError when it is not
+        parse_time(value)  # ValueError when it is not
         return value
 
 

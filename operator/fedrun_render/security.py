@@ -28,9 +28,9 @@ from fedrun_core.api import FederatedRun
 from fedrun_core.pki import RunMaterial
 from fedrun_core.states import ConditionType, Reason, condition
 from fedrun_core.times import rfc3339
-from fedrun_render.workloads import (
-    _metadata,
+from fedrun_render.identity import (
     hospital_auth_secret_name,
+    metadata,
     secure,
     server_name,
     server_tls_secret_name,
@@ -96,7 +96,7 @@ def secret_manifests(run: FederatedRun, material: RunMaterial) -> list[Manifest]
             f"node keys for {sorted(material.nodes)} do not match the run's hospitals "
             f"{sorted(hospitals)}"
         )
-    expiry = {f"{c.GROUP}/not-after": rfc3339(material.not_after)}
+    expiry = {c.ANNOTATION_NOT_AFTER: rfc3339(material.not_after)}
     server_data = {
         c.CA_FILE: _b64(material.ca_cert),
         c.TLS_CERT_FILE: _b64(material.server_cert),
@@ -109,7 +109,7 @@ def secret_manifests(run: FederatedRun, material: RunMaterial) -> list[Manifest]
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {
-                **_metadata(run, server_tls_secret_name(run), c.COMPONENT_SERVER),
+                **metadata(run, server_tls_secret_name(run), c.COMPONENT_SERVER),
                 "annotations": dict(expiry),
             },
             "type": "kubernetes.io/tls",
@@ -124,7 +124,7 @@ def secret_manifests(run: FederatedRun, material: RunMaterial) -> list[Manifest]
                 "apiVersion": "v1",
                 "kind": "Secret",
                 "metadata": {
-                    **_metadata(
+                    **metadata(
                         run,
                         hospital_auth_secret_name(run, hospital),
                         c.COMPONENT_HOSPITAL,
@@ -212,7 +212,7 @@ def network_policies(
     mlflow = mlflow_egress_ports(run)
     if mlflow:
         server_egress.append({"ports": [_tcp(p) for p in mlflow]})
-    deny_metadata = _metadata(run, f"{run.name}-default-deny", c.COMPONENT_SERVER)
+    deny_metadata = metadata(run, f"{run.name}-default-deny", c.COMPONENT_SERVER)
     # Run-wide: no component label (it is neither the server's nor a hospital's).
     deny_metadata["labels"].pop(c.LABEL_COMPONENT)
     return [
@@ -228,7 +228,7 @@ def network_policies(
         {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
-            "metadata": _metadata(run, server_name(run), c.COMPONENT_SERVER),
+            "metadata": metadata(run, server_name(run), c.COMPONENT_SERVER),
             "spec": {
                 "podSelector": server_pods,
                 "policyTypes": ["Ingress", "Egress"],
@@ -252,7 +252,7 @@ def network_policies(
         {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
-            "metadata": _metadata(run, f"{run.name}-hospitals", c.COMPONENT_HOSPITAL),
+            "metadata": metadata(run, f"{run.name}-hospitals", c.COMPONENT_HOSPITAL),
             "spec": {
                 "podSelector": hospital_pods,
                 "policyTypes": ["Ingress", "Egress"],

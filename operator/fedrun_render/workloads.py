@@ -15,19 +15,24 @@ import yaml
 
 from fedrun_core import names as c
 from fedrun_core.api import FederatedRun, Hospital, Resources, pvc_claim, pvc_mount_path
+from fedrun_render.identity import (
+    config_name,
+    hospital_auth_secret_name,
+    hospital_name,
+    labels,
+    metadata,
+    secure,
+    selector,
+    server_address,
+    server_name,
+    server_tls_secret_name,
+)
+from fedrun_render.security import network_policies
 
 __all__ = [
     "config_hash",
     "config_json",
-    "config_name",
-    "hospital_auth_secret_name",
-    "hospital_name",
-    "labels",
     "render_run",
-    "secure",
-    "server_address",
-    "server_name",
-    "server_tls_secret_name",
     "to_yaml",
 ]
 
@@ -35,81 +40,6 @@ Manifest = dict[str, Any]
 
 # Mode of the files of a mounted run Secret (0440: read-only for root and the pod's fsGroup).
 SECRET_FILE_MODE = 0o440
-
-
-# --------------------------------------------------------------------------- names
-
-
-def config_name(run: FederatedRun) -> str:
-    """Name of the run's ConfigMap."""
-    return f"{run.name}{c.CONFIG_SUFFIX}"
-
-
-def server_name(run: FederatedRun) -> str:
-    """Name of the run's server Deployment and Service."""
-    return f"{run.name}{c.SERVER_SUFFIX}"
-
-
-def hospital_name(run: FederatedRun, hospital: Hospital | str) -> str:
-    """Name of a hospital's ServiceAccount and Job: `<run>-<hospital>`."""
-    name = hospital if isinstance(hospital, str) else hospital.name
-    return f"{run.name}-{name}"
-
-
-def server_tls_secret_name(run: FederatedRun) -> str:
-    """Name of the server's TLS Secret: `<run>-server-tls` (made by the operator)."""
-    return f"{server_name(run)}-tls"
-
-
-def hospital_auth_secret_name(run: FederatedRun, hospital: Hospital | str) -> str:
-    """Name of a hospital's node-key Secret: `<run>-<hospital>-auth` (made by the operator)."""
-    return f"{hospital_name(run, hospital)}-auth"
-
-
-def server_address(run: FederatedRun) -> str:
-    """Where hospitals reach the server's fleet port (a Service name inside the namespace)."""
-    return f"{server_name(run)}:{c.FLEET_PORT}"
-
-
-def labels(run: FederatedRun, component: str, hospital: str | None = None) -> dict[str, str]:
-    """Labels of every child of `run`; per-hospital children also name their hospital."""
-    out = {
-        c.LABEL_PART_OF: c.PART_OF,
-        c.LABEL_MANAGED_BY: c.MANAGED_BY,
-        c.LABEL_RUN: run.name,
-        c.LABEL_COMPONENT: component,
-    }
-    if hospital is not None:
-        out[c.LABEL_HOSPITAL] = hospital
-    return out
-
-
-def _selector(run: FederatedRun) -> dict[str, str]:
-    return {c.LABEL_RUN: run.name, c.LABEL_COMPONENT: c.COMPONENT_SERVER}
-
-
-def _owner_reference(run: FederatedRun) -> dict[str, Any]:
-    ref: dict[str, Any] = {
-        "apiVersion": c.API_VERSION,
-        "kind": c.KIND,
-        "name": run.name,
-    }
-    if run.metadata.uid:
-        ref["uid"] = run.metadata.uid
-    ref["controller"] = True
-    ref["blockOwnerDeletion"] = True
-    return ref
-
-
-def _metadata(
-    run: FederatedRun, name: str, component: str, hospital: str | None = None
-) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": run.namespace,
-        "labels": labels(run, component, hospital),
-        "ownerReferences": [_owner_reference(run)],
-    }
 
 
 # --------------------------------------------------------------------------- config
@@ -123,13 +53,13 @@ def config_json(run: FederatedRun) -> str:
     """
     spec = run.spec_dict()
     spec.pop("suspend", None)
-    metadata = {"name": run.name, "namespace": run.namespace}
+    meta = {"name": run.name, "namespace": run.namespace}
     if run.metadata.uid:
-        metadata["uid"] = run.metadata.uid  # the hospitals key their privacy ledgers by it
+        meta["uid"] = run.metadata.uid  # the hospitals key their privacy ledgers by it
     doc = {
         "apiVersion": c.API_VERSION,
         "kind": c.KIND,
-        "metadata": metadata,
+        "metadata": meta,
         "spec": spec,
     }
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
@@ -139,7 +69,7 @@ def _config_map(run: FederatedRun, config: str) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(run, config_name(run), c.COMPONENT_SERVER),
+        "metadata": metadata(run, config_name(run), c.COMPONENT_SERVER),
         "data": {c.CONFIG_FILE: config},
     }
 
@@ -149,11 +79,11 @@ def _config_map(run: FederatedRun, config: str) -> Manifest:
 
 def _env(run: FederatedRun, hospital: str | None) -> list[dict[str, str]]:
     env = {
-        "FEDRUN_RUN": run.name,
+        c.ENV_RUN: run.name,
         "FEDRUN_NAMESPACE": run.namespace,
     }
     if hospital is not None:
-        env["FEDRUN_HOSPITAL"] = hospital
+        env[c.ENV_HOSPITAL] = hospital
     env |= {
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -228,11 +158,6 @@ def _container(
     container["volumeMounts"] = [dict(m) for m in _VOLUME_MOUNTS]
     container["securityContext"] = _container_security_context()
     return container
-
-
-def secure(run: FederatedRun) -> bool:
-    """Whether the run's pods use TLS and node authentication (the default)."""
-    return not (run.spec.security is not None and run.spec.security.insecure)
 
 
 def _transport_args(run: FederatedRun) -> list[str]:
@@ -340,14 +265,14 @@ def _server_deployment(run: FederatedRun, config: str) -> Manifest:
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
-            **_metadata(run, server_name(run), c.COMPONENT_SERVER),
+            **metadata(run, server_name(run), c.COMPONENT_SERVER),
             "annotations": _checkov_skips(run, run.spec.server.resources, "spec.server.resources"),
         },
         "spec": {
             "replicas": 0 if run.spec.suspend else 1,
             "strategy": {"type": "Recreate"},
             "revisionHistoryLimit": 2,
-            "selector": {"matchLabels": _selector(run)},
+            "selector": {"matchLabels": selector(run)},
             "template": {
                 "metadata": {
                     "labels": labels(run, c.COMPONENT_SERVER),
@@ -363,10 +288,10 @@ def _server_service(run: FederatedRun) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(run, server_name(run), c.COMPONENT_SERVER),
+        "metadata": metadata(run, server_name(run), c.COMPONENT_SERVER),
         "spec": {
             "type": run.spec.server.service_type,
-            "selector": _selector(run),
+            "selector": selector(run),
             "ports": [
                 {
                     "name": c.FLEET_PORT_NAME,
@@ -389,13 +314,13 @@ def _server_service(run: FederatedRun) -> Manifest:
 
 
 def _service_account(run: FederatedRun, hospital: Hospital) -> Manifest:
-    metadata = _metadata(run, hospital_name(run, hospital), c.COMPONENT_HOSPITAL, hospital.name)
+    meta = metadata(run, hospital_name(run, hospital), c.COMPONENT_HOSPITAL, hospital.name)
     if hospital.role_arn is not None:
-        metadata["annotations"] = {c.ANNOTATION_IRSA_ROLE: hospital.role_arn}
+        meta["annotations"] = {c.ANNOTATION_IRSA_ROLE: hospital.role_arn}
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": metadata,
+        "metadata": meta,
         "automountServiceAccountToken": False,
     }
 
@@ -464,7 +389,7 @@ def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifes
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            **_metadata(run, name, c.COMPONENT_HOSPITAL, hospital.name),
+            **metadata(run, name, c.COMPONENT_HOSPITAL, hospital.name),
             "annotations": _checkov_skips(
                 run, hospital.resources, f"spec.hospitals[{hospital.name}].resources"
             ),
@@ -501,8 +426,6 @@ def render_run(
     own (`OperatorConfig.operator_namespace`); pass the release namespace of the chart when
     rendering for a cluster by hand.
     """
-    from fedrun_render.security import network_policies  # it builds on this module
-
     config = config_json(run)
     manifests = [
         _config_map(run, config),

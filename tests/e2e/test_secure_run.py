@@ -48,8 +48,8 @@ from fedrun_core import names as c
 from fedrun_core import pki
 from fedrun_core.api import FederatedRun, parse_run
 from fedrun_local.runner import LocalCluster, Pod
+from fedrun_render.identity import server_name
 from fedrun_render.security import server_tls_secret_name
-from fedrun_render.workloads import server_name
 from fedrun_trainer.common import flwr_env
 
 from .conftest import example_run, wait_for

@@ -25,7 +25,7 @@ import yaml
 
 from fedrun_cli.terraform_hospitals import hospitals_block
 from fedrun_core.api import ledger_uri, parse_run
-from fedrun_render.workloads import hospital_name
+from fedrun_render.identity import hospital_name
 
 from .terraform_config import Config, EvalError, Instance, role_policies
 

@@ -24,7 +24,7 @@ from fedrun_trainer.server.run_state import (
     to_status,
 )
 
-from .apiserver import prune_nulls, to_jsonschema
+from ..apiserver import prune_nulls, to_jsonschema
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((ROOT / "crds" / "federatedrun.yaml").read_text(encoding="utf-8"))

@@ -55,7 +55,8 @@ from fedrun_operator.status import (
     decide,
 )
 from fedrun_render import security
-from fedrun_render.workloads import config_hash, config_name, render_run, server_name
+from fedrun_render.identity import config_name, server_name
+from fedrun_render.workloads import config_hash, render_run
 
 log = logging.getLogger("fedrun.operator")
 
@@ -441,7 +442,7 @@ class Reconciler:
             await self.kube.delete(c.API_VERSION, c.KIND, ns, name)
             outcome.deleted = True
             outcome.events.append(
-                Event("Normal", "Expired", "ttlSecondsAfterFinished passed; deleting the run")
+                Event("Normal", Reason.EXPIRED, "ttlSecondsAfterFinished passed; deleting the run")
             )
             return outcome
         phase = decision.status.get("phase", "")
@@ -527,19 +528,19 @@ class Reconciler:
                 outcome.created.append(f"{key[0]}/{key[1]}")
                 if not first:
                     outcome.events.append(
-                        Event("Warning", "ChildRecreated", f"{key[0]} {key[1]} was missing")
+                        Event("Warning", Reason.CHILD_RECREATED, f"{key[0]} {key[1]} was missing")
                     )
                 return
             what = f"{key[0]} {key[1]} ({', '.join(plan.drift)})"
             if plan.action == Action.REPLACE:
                 await self.kube.delete(desired["apiVersion"], desired["kind"], ns, key[1])
-                outcome.events.append(Event("Warning", "ChildReplaced", f"{what} drifted"))
+                outcome.events.append(Event("Warning", Reason.CHILD_REPLACED, f"{what} drifted"))
             else:
                 assert plan.patch is not None
                 await self.kube.patch(
                     desired["apiVersion"], desired["kind"], ns, key[1], plan.patch
                 )
-                outcome.events.append(Event("Warning", "ChildRepaired", f"{what} set back"))
+                outcome.events.append(Event("Warning", Reason.CHILD_REPAIRED, f"{what} set back"))
             outcome.repaired.append(f"{key[0]}/{key[1]}")
 
         # ConfigMap, Service, ServiceAccounts and Secrets first: the pods mount and use them.

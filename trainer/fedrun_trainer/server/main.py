@@ -22,7 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fedrun_core.states import FINAL_PHASES, Phase, phase_conditions
+from fedrun_core import names as c
+from fedrun_core.states import FINAL_PHASES, Phase, Reason, failed_status
 from fedrun_core.times import now_rfc3339
 from fedrun_trainer.common import files
 from fedrun_trainer.common.settings import RunSettings
@@ -56,8 +57,8 @@ class ServerOptions:
 
     config: str
     state_dir: Path
-    fleet_port: int = 9092
-    status_port: int = 9100
+    fleet_port: int = c.FLEET_PORT
+    status_port: int = c.STATUS_PORT
     host: str = "0.0.0.0"
     tls_dir: Path | None = None  # the mounted <run>-server-tls Secret; None: insecure
     max_request_bytes: int = DEFAULT_MAX_BODY_BYTES  # the fleet proxy's cap on one body
@@ -73,7 +74,7 @@ class StatusServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
-                if path == "/healthz":
+                if path == c.HEALTH_PATH:
                     self._send(200, "text/plain", b"ok\n")
                 elif path == "/status":
                     status = files.read_json(state_dir_ref / STATUS_FILE) or {}
@@ -115,18 +116,8 @@ def _publish_failure(state_dir: Path, reason: str, message: str) -> None:
     status: dict[str, Any] = files.read_json(state_dir / STATUS_FILE) or {}
     if status.get("phase") in FINAL_PHASES:
         return
-    status["phase"] = Phase.FAILED
-    status["message"] = message
-    status["completionTime"] = now_rfc3339()
-    generation = status.get("observedGeneration")
-    status["conditions"] = phase_conditions(
-        Phase.FAILED,
-        reason,
-        message,
-        status["completionTime"],
-        generation if isinstance(generation, int) else None,
-    )
-    files.write_json_atomic(state_dir / STATUS_FILE, status)
+    failed = failed_status(status, reason, message, now_rfc3339())
+    files.write_json_atomic(state_dir / STATUS_FILE, failed)
     log.error("run failed: %s", message)
 
 
@@ -164,7 +155,7 @@ def run_server(opts: ServerOptions) -> int:
             check_material(tls, settings.hospital_names, utc_now())
     except MaterialError as err:
         # Flower would start with these files and only its clients would fail: refuse here.
-        _publish_failure(state_dir, "CertificateInvalid", str(err))
+        _publish_failure(state_dir, Reason.CERTIFICATE_INVALID, str(err))
         code = 1
     else:
         flower = FlowerServer(
@@ -191,13 +182,15 @@ def _start_and_follow(
     flower.start()
     if not flower.wait_ready(60):
         why = flower.failure() or "it did not answer /health within 60 s"
-        _publish_failure(state_dir, "ServerError", f"the Flower SuperLink did not start: {why}")
+        _publish_failure(
+            state_dir, Reason.SERVER_ERROR, f"the Flower SuperLink did not start: {why}"
+        )
         return 1
     try:
         write_registered_nodes(state_dir, flower.register(settings.hospital_names))
         flower.serve_fleet()
     except (RuntimeError, OSError) as err:
-        _publish_failure(state_dir, "ServerError", str(err))
+        _publish_failure(state_dir, Reason.SERVER_ERROR, str(err))
         return 1
     return _submit_and_follow(settings, opts, state_dir, app_dir, flower, stop)
 
@@ -221,7 +214,7 @@ def _submit_and_follow(
     submitted = flower.flwr_json(["run", str(app_dir), "local", "--run-config", run_config])
     if not submitted.get("success"):
         _publish_failure(
-            state_dir, "ServerError", f"could not submit the run to Flower: {submitted}"
+            state_dir, Reason.SERVER_ERROR, f"could not submit the run to Flower: {submitted}"
         )
         return 1
     run_id = str(submitted["run-id"])
@@ -241,13 +234,13 @@ def _submit_and_follow(
             return 0 if status["phase"] == Phase.SUCCEEDED else 1
         failure = flower.failure()
         if failure:
-            _publish_failure(state_dir, "ServerError", failure)
+            _publish_failure(state_dir, Reason.SERVER_ERROR, failure)
             return 1
         if time.monotonic() >= deadline:
             flower.flwr_json(["stop", run_id, "local"])
             _publish_failure(
                 state_dir,
-                "DeadlineExceeded",
+                Reason.DEADLINE_EXCEEDED,
                 f"the run did not finish within {run_deadline_s(settings):.0f}s",
             )
             return 1
@@ -260,7 +253,7 @@ def _submit_and_follow(
                 # The ServerApp process is gone without a final status: it crashed.
                 _publish_failure(
                     state_dir,
-                    "ServerError",
+                    Reason.SERVER_ERROR,
                     "the ServerApp ended before the run finished (see the server log)",
                 )
                 return 1
