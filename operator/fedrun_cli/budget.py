@@ -16,7 +16,7 @@ from fedrun_core.api import load_run
 def print_budget(file: Path, rows: int | None = None) -> int:
     """Print the per-hospital privacy plan of the run in ``file``; 1 if a hospital's data fails."""
     from fedrun_trainer.common.data import DataError, load_hospital_data
-    from fedrun_trainer.common.privacy import epsilon_of, new_ledger
+    from fedrun_trainer.common.privacy import epsilon_of, new_ledger, plan_terms
 
     run = load_run(file)
     spec = run.spec
@@ -42,13 +42,7 @@ def print_budget(file: Path, rows: int | None = None) -> int:
         ledger = new_ledger(
             hospital=h.name,
             n_train=n,
-            batch_size=t.batch_size,
-            local_epochs=t.local_epochs,
-            rounds=spec.rounds,
-            target_epsilon=p.target_epsilon,
-            delta=p.delta,
-            accountant=p.accountant,
-            noise_multiplier=p.noise_multiplier,
+            **plan_terms(spec),
         )
         per_round = [
             epsilon_of(

@@ -14,14 +14,19 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from fedrun_core.api import FederatedRun
 from fedrun_trainer.common.data import Table, load_hospital_data
 from fedrun_trainer.common.model import Weights, build_model, get_weights
-from fedrun_trainer.common.privacy import PrivacyLedger, new_ledger, open_ledger, save_ledger
+from fedrun_trainer.common.privacy import (
+    PrivacyLedger,
+    new_ledger,
+    open_ledger,
+    plan_terms,
+    save_ledger,
+)
 from fedrun_trainer.hospital.train import evaluate, train_round
 from fedrun_trainer.server.strategy import aggregate_fedavg
 
@@ -70,18 +75,10 @@ def _ledger(run: FederatedRun, h: _Hospital, fresh: bool = False) -> PrivacyLedg
     spec = run.spec
     if not spec.privacy.enabled:
         return None
-    args: dict[str, Any] = {
-        "hospital": h.name,
-        "n_train": len(h.train),
-        "batch_size": spec.training.batch_size,
-        "local_epochs": spec.training.local_epochs,
-        "rounds": spec.rounds,
-        "target_epsilon": spec.privacy.target_epsilon,
-        "delta": spec.privacy.delta,
-        "accountant": spec.privacy.accountant,
-        "noise_multiplier": spec.privacy.noise_multiplier,
-    }
-    return new_ledger(**args) if fresh else open_ledger(h.ledger_uri, **args)
+    terms = plan_terms(spec)
+    if fresh:
+        return new_ledger(hospital=h.name, n_train=len(h.train), **terms)
+    return open_ledger(h.ledger_uri, hospital=h.name, n_train=len(h.train), **terms)
 
 
 def _hospital_round(

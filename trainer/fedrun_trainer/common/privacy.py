@@ -35,13 +35,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlparse
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedrun_core.accounting import over_target
+from fedrun_core.api import FederatedRunSpec
 from fedrun_trainer.common.data import resolve_local_path
 
 __all__ = [
@@ -202,6 +203,32 @@ class PrivacyPlan:
     def cost_of_round(self) -> HistoryEntry:
         """The history entry one more round adds."""
         return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+
+class PlanTerms(TypedDict):
+    """The spec's settings a privacy plan is made of (all but the hospital's row count)."""
+
+    batch_size: int
+    local_epochs: int
+    rounds: int
+    target_epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: float | None
+
+
+def plan_terms(spec: FederatedRunSpec) -> PlanTerms:
+    """The plan's settings from a run's spec, as keywords for :func:`plan_privacy`,
+    :func:`new_ledger` and :func:`open_ledger`."""
+    return PlanTerms(
+        batch_size=spec.training.batch_size,
+        local_epochs=spec.training.local_epochs,
+        rounds=spec.rounds,
+        target_epsilon=spec.privacy.target_epsilon,
+        delta=spec.privacy.delta,
+        accountant=spec.privacy.accountant,
+        noise_multiplier=spec.privacy.noise_multiplier,
+    )
 
 
 def plan_privacy(

@@ -24,6 +24,7 @@ from fedrun_trainer.common.privacy import (
     PrivacyLedger,
     checked_history,
     open_ledger,
+    plan_terms,
     save_ledger,
 )
 from fedrun_trainer.common.protocol import Outcome
@@ -147,14 +148,8 @@ class HospitalSession:
             self.ledger_uri(),
             hospital=self.name,
             n_train=len(self.train_table),
-            batch_size=spec.training.batch_size,
-            local_epochs=spec.training.local_epochs,
-            rounds=spec.rounds,
-            target_epsilon=spec.privacy.target_epsilon,
-            delta=spec.privacy.delta,
-            accountant=spec.privacy.accountant,
-            noise_multiplier=spec.privacy.noise_multiplier,
             run_uid=self.settings.run_uid,
+            **plan_terms(spec),
         )
 
     def train(

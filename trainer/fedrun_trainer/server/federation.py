@@ -65,22 +65,12 @@ def read_registered_nodes(state_dir: Path, settings: RunSettings) -> dict[int, s
 
 def round_cost_of(settings: RunSettings) -> Callable[[int], RoundCost]:
     """What a round costs a hospital with ``n`` training rows under the spec (its plan)."""
-    from fedrun_trainer.common.privacy import plan_privacy
+    from fedrun_trainer.common.privacy import plan_privacy, plan_terms
 
     spec = settings.run.spec
 
     def cost(n_train: int) -> RoundCost:
-        plan = plan_privacy(
-            n_train=n_train,
-            batch_size=spec.training.batch_size,
-            local_epochs=spec.training.local_epochs,
-            rounds=spec.rounds,
-            target_epsilon=spec.privacy.target_epsilon,
-            delta=spec.privacy.delta,
-            accountant=spec.privacy.accountant,
-            noise_multiplier=spec.privacy.noise_multiplier,
-        )
-        return plan.cost_of_round
+        return plan_privacy(n_train=n_train, **plan_terms(spec)).cost_of_round
 
     return cost
 
