@@ -446,6 +446,19 @@ def test_hospital_with_bad_data_fails_and_the_run_goes_on_without_it() -> None:
     assert_published_statuses_are_valid(h)
 
 
+def test_the_join_grace_counts_from_when_enough_hospitals_joined() -> None:
+    """Hospitals that all start slowly (imports, image pulls) still all train round 1: the
+    grace is how long the first ``minHospitals`` wait for the rest, not a start deadline."""
+    h = harness(three(), min_hospitals=2, round_timeout_s=8.0, join_grace_s=1.0)
+    late = {"hospital-a": 8, "hospital-b": 8, "hospital-c": 11}  # listings, 0.2 s apart
+    for name, listings in late.items():
+        node = h.grid.node_of(name)
+        h.grid.returning[node] = (listings, h.grid.nodes.pop(node))
+    assert h.run() is not None
+    assert {h.grid.nodes[m.metadata.dst_node_id].name for m in h.grid.trains(1)} == set(late)
+    assert_published_statuses_are_valid(h)
+
+
 def test_too_few_hospitals_fails_fast_naming_the_failed_ones() -> None:
     hospitals = three(
         **{

@@ -288,22 +288,33 @@ class Coordinator:
         return [n for n, h in self.state.hospitals.items() if h.node_id is not None and h.active]
 
     def wait_for_hospitals(self) -> bool:
-        """Wait until every hospital joined, or ``minHospitals`` did and the grace ran out."""
+        """Wait until every hospital joined, or ``minHospitals`` did and the grace ran out.
+
+        The grace (``join_grace_s``) counts from the moment ``minHospitals`` had joined: it
+        is how long the first ones wait for the rest, however long the first took to start.
+        """
         start = time.monotonic()
         hard = start + self.settings.round_timeout_s
+        enough_since: float | None = None
         while True:
             self.refresh_nodes(force=True)
             ready = self.connected()
             alive = [h for h in self.state.hospitals.values() if h.state != HospitalState.FAILED]
-            elapsed = time.monotonic() - start
-            if len(ready) == len(alive) and len(ready) >= self.settings.min_hospitals:
+            enough = len(ready) >= self.settings.min_hospitals
+            if not enough:
+                enough_since = None
+            elif enough_since is None:
+                enough_since = time.monotonic()
+            if len(ready) == len(alive) and enough:
                 return True
-            if len(ready) >= self.settings.min_hospitals and elapsed >= self.settings.join_grace_s:
+            if enough_since is not None and (
+                time.monotonic() - enough_since >= self.settings.join_grace_s
+            ):
                 return True
             if len(alive) < self.settings.min_hospitals:
                 return False
             if time.monotonic() >= hard:
-                return False
+                return enough
             self.state.message = (
                 f"waiting for hospitals: {len(ready)}/{len(self.state.hospitals)} connected, "
                 f"{self.settings.min_hospitals} needed"
