@@ -9,9 +9,9 @@ final status until it is terminated: a Deployment's pod must not exit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import shutil
 import signal
 import sys
 import threading
@@ -27,6 +27,7 @@ from fedrun_core.states import FINAL_PHASES, Phase, Reason, failed_status
 from fedrun_core.times import now_rfc3339
 from fedrun_trainer.common import files
 from fedrun_trainer.common.settings import RunSettings
+from fedrun_trainer.server.control import ControlClient, ControlError, build_fab
 from fedrun_trainer.server.federation import (
     HISTORY_FILE,
     NODES_FILE,
@@ -47,7 +48,8 @@ from fedrun_trainer.server.superlink import (
 
 log = logging.getLogger("fedrun.server")
 
-FLOWER_CHECK_S = 15.0  # how often a running run's Flower state is checked (crash detection)
+FLOWER_CHECK_S = 5.0  # how often a running run's Flower state is checked (crash detection)
+FINAL_CHECK_S = 0.1  # how often, once the status is final, until Flower says the run ended
 FINAL_GRACE_S = 60.0  # how long the ServerApp may take to exit after its final status
 
 
@@ -121,13 +123,10 @@ def _publish_failure(state_dir: Path, reason: str, message: str) -> None:
     log.error("run failed: %s", message)
 
 
-def _prepare_app(state_dir: Path) -> Path:
-    """Copy the code-free Flower App (one pyproject.toml) into the state directory."""
-    app_dir = state_dir / "app"
-    app_dir.mkdir(parents=True, exist_ok=True)
+def app_fab() -> tuple[bytes, str]:
+    """The FAB of fedrun's code-free Flower App (one pyproject.toml) and its sha256."""
     source = resources.files("fedrun_trainer").joinpath("flower_app/pyproject.toml")
-    (app_dir / "pyproject.toml").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
-    return app_dir
+    return build_fab(source.read_bytes())
 
 
 def run_server(opts: ServerOptions) -> int:
@@ -148,7 +147,6 @@ def run_server(opts: ServerOptions) -> int:
     http.start()
     log.info("status on :%d (/status, /metrics, /healthz)", opts.status_port)
 
-    app_dir = _prepare_app(state_dir)
     tls = None if opts.tls_dir is None else ServerTls(opts.tls_dir)
     try:
         if tls is not None:
@@ -162,7 +160,7 @@ def run_server(opts: ServerOptions) -> int:
             state_dir, opts.host, opts.fleet_port, tls, proxy_max_body_bytes=opts.max_request_bytes
         )
         try:
-            code = _start_and_follow(settings, opts, state_dir, app_dir, flower, stop)
+            code = _start_and_follow(settings, opts, state_dir, flower, stop)
         finally:
             flower.stop()
     log.info("run over; serving the final status until terminated")
@@ -175,24 +173,28 @@ def _start_and_follow(
     settings: RunSettings,
     opts: ServerOptions,
     state_dir: Path,
-    app_dir: Path,
     flower: FlowerServer,
     stop: threading.Event,
 ) -> int:
     flower.start()
+    # Built while the SuperLink starts (importing Flower's builder takes a second or two).
+    fab = app_fab()
     if not flower.wait_ready(60):
         why = flower.failure() or "it did not answer /health within 60 s"
         _publish_failure(
             state_dir, Reason.SERVER_ERROR, f"the Flower SuperLink did not start: {why}"
         )
         return 1
+    control = flower.control()
     try:
-        write_registered_nodes(state_dir, flower.register(settings.hospital_names))
+        write_registered_nodes(state_dir, flower.register(control, settings.hospital_names))
         flower.serve_fleet()
-    except (RuntimeError, OSError) as err:
+        return _submit_and_follow(settings, opts, state_dir, fab, flower, control, stop)
+    except (ControlError, OSError) as err:
         _publish_failure(state_dir, Reason.SERVER_ERROR, str(err))
         return 1
-    return _submit_and_follow(settings, opts, state_dir, app_dir, flower, stop)
+    finally:
+        control.close()
 
 
 def run_deadline_s(settings: RunSettings) -> float:
@@ -206,29 +208,22 @@ def _submit_and_follow(
     settings: RunSettings,
     opts: ServerOptions,
     state_dir: Path,
-    app_dir: Path,
+    fab: tuple[bytes, str],
     flower: FlowerServer,
+    control: ControlClient,
     stop: threading.Event,
 ) -> int:
-    run_config = f'fedrun-config="{Path(opts.config).resolve()}" state-dir="{state_dir}"'
-    submitted = flower.flwr_json(["run", str(app_dir), "local", "--run-config", run_config])
-    if not submitted.get("success"):
-        _publish_failure(
-            state_dir, Reason.SERVER_ERROR, f"could not submit the run to Flower: {submitted}"
-        )
-        return 1
-    run_id = str(submitted["run-id"])
+    config = {"fedrun-config": str(Path(opts.config).resolve()), "state-dir": str(state_dir)}
+    run_id = control.start_run(*fab, config)
     log.info("submitted Flower run %s", run_id)
     deadline = time.monotonic() + run_deadline_s(settings)
-    # Asking Flower costs a `flwr` process (1-2 s of CPU on a small node), so it is asked
-    # rarely while the run goes on, and a little more often once our status is final.
     next_check = time.monotonic() + FLOWER_CHECK_S
     final_since: float | None = None
     while not stop.is_set():
         status = files.read_json(state_dir / STATUS_FILE) or {}
         final = status.get("phase") in FINAL_PHASES
         if final and final_since is None:
-            final_since, next_check = time.monotonic(), time.monotonic() + 1.0
+            final_since, next_check = time.monotonic(), time.monotonic()
         if final_since is not None and time.monotonic() - final_since > FINAL_GRACE_S:
             log.warning("the ServerApp has not exited %ss after its final status", FINAL_GRACE_S)
             return 0 if status["phase"] == Phase.SUCCEEDED else 1
@@ -237,7 +232,8 @@ def _submit_and_follow(
             _publish_failure(state_dir, Reason.SERVER_ERROR, failure)
             return 1
         if time.monotonic() >= deadline:
-            flower.flwr_json(["stop", run_id, "local"])
+            with contextlib.suppress(ControlError):
+                control.stop_run(run_id)
             _publish_failure(
                 state_dir,
                 Reason.DEADLINE_EXCEEDED,
@@ -245,8 +241,8 @@ def _submit_and_follow(
             )
             return 1
         if time.monotonic() >= next_check:
-            next_check = time.monotonic() + (2.0 if final else FLOWER_CHECK_S)
-            if _flower_status(run_id, flower).startswith("finished"):
+            next_check = time.monotonic() + (FINAL_CHECK_S if final else FLOWER_CHECK_S)
+            if _flower_finished(control, run_id):
                 status = files.read_json(state_dir / STATUS_FILE) or {}
                 if status.get("phase") in FINAL_PHASES:
                     return 0 if status["phase"] == Phase.SUCCEEDED else 1
@@ -257,19 +253,22 @@ def _submit_and_follow(
                     "the ServerApp ended before the run finished (see the server log)",
                 )
                 return 1
-        stop.wait(0.5)
+        stop.wait(FINAL_CHECK_S if final else 0.5)
     return 143
 
 
-def _flower_status(run_id: str, flower: FlowerServer) -> str:
-    listed = flower.flwr_json(["list", "--run-id", run_id, "local"])
-    runs = listed.get("runs") or []
-    return str(runs[0].get("status", "")) if runs else ""
+def _flower_finished(control: ControlClient, run_id: int) -> bool:
+    """Whether Flower says the run is over; a failed question counts as not yet."""
+    try:
+        status = control.run_status(run_id)
+    except ControlError as err:
+        log.warning("could not ask the SuperLink about run %s: %s", run_id, err)
+        return False
+    return status is not None and status.finished
 
 
 def main_server(opts: ServerOptions) -> int:
     """CLI entry: logs to stderr, returns the exit status."""
     code = run_server(opts)
     sys.stderr.flush()
-    shutil.rmtree(opts.state_dir / "app", ignore_errors=True)
     return code

@@ -6,16 +6,19 @@ With the run's TLS material (the mounted ``<run>-server-tls`` Secret, see
 1. ``flower-superlink`` on **127.0.0.1** and a private port, with TLS, SuperNode
    authentication (``--enable-supernode-auth``) and ``--isolation process`` plus a fresh
    executor secret, so nothing outside the pod reaches its Control or Runtime API;
-2. ``flower-superexec``, started here with that secret: the only executor that can take
-   the ServerApp's task token (the SuperLink's own would ignore the secret);
+2. a SuperExec, started here with that secret: the only executor that can take the
+   ServerApp's task token (the SuperLink's own would ignore the secret). It is fedrun's
+   warm executor (:mod:`fedrun_trainer.warm_executor`, role ``server``), which imports the
+   ServerApp's modules while the SuperLink starts and forks the ServerApp from there;
 3. the fleet-only proxy (:mod:`fedrun_trainer.server.fleet_proxy`) on the pod's fleet port,
    presenting the run's server certificate and forwarding only ``POST /v1/fleet/<rpc>``
    and ``GET /health`` to the SuperLink;
 
 and registers exactly the run's hospital keys (``<hospital>.pub``) through the loopback
-Control API. Before any of that, :func:`check_material` refuses files that do not fit
-(expired, from another run, key and certificate mixed up, a hospital key missing): Flower
-itself would start with them and only its clients would fail (docs/security.md, T6).
+Control API (:mod:`fedrun_trainer.server.control`, in this process). Before any of
+that, :func:`check_material` refuses files that do not fit (expired, from another run,
+key and certificate mixed up, a hospital key missing): Flower itself would start with
+them and only its clients would fail (docs/security.md, T6).
 
 Without material (``spec.security.insecure: true``) it runs the stock insecure SuperLink on
 the fleet port, as Flower's own quickstarts do.
@@ -23,21 +26,20 @@ the fleet port, as Flower's own quickstarts do.
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from fedrun_core import names as c
 from fedrun_trainer.common import flwr_env
+from fedrun_trainer.server.control import ControlClient, ControlError
 from fedrun_trainer.server.fleet_proxy import (
     DEFAULT_MAX_BODY_BYTES,
     ProxyConfig,
@@ -198,9 +200,15 @@ class FlowerServer:
             ],
             env=self.env,
         )
+        # fedrun's warm executor in place of `flower-superexec`: it imports the ServerApp's
+        # modules while the SuperLink starts and forks the ServerApp from there.
         self.processes["executor"] = subprocess.Popen(
             [
-                flwr_env.executable("flower-superexec"),
+                sys.executable,
+                "-m",
+                "fedrun_trainer.warm_executor",
+                "--fedrun-role",
+                "server",
                 "--runtime-api-address",
                 self.address,
                 "--root-certificates",
@@ -227,53 +235,27 @@ class FlowerServer:
             time.sleep(0.2)
         return False
 
-    def register(self, hospitals: Sequence[str]) -> dict[str, int]:
-        """Register each hospital's public key; returns node ids. Raises RuntimeError.
+    def control(self) -> ControlClient:
+        """A Control API client for this SuperLink (after :meth:`start`); close it after use."""
+        return ControlClient(self.address, None if self.tls is None else self.tls.ca)
 
-        Only with TLS (node authentication is off without it). Flower's CLI exits 0 on
-        failure, so its JSON answer is what is checked.
+    def register(self, control: ControlClient, hospitals: Sequence[str]) -> dict[str, int]:
+        """Register each hospital's public key; returns node ids. Raises ControlError.
+
+        Only with TLS (node authentication is off without it).
         """
         if self.tls is None:
             return {}
-        tls = self.tls
-
-        def one(hospital: str) -> tuple[str, dict[str, Any]]:
-            args = ["supernode", "register", str(tls.public_key(hospital)), "local"]
-            return hospital, self.flwr_json(args)
-
-        # Each `flwr` call is a Python start-up (seconds on a small node): run them side by side.
-        with ThreadPoolExecutor(max_workers=min(4, max(1, len(hospitals)))) as pool:
-            answers = dict(pool.map(one, hospitals))
         nodes: dict[str, int] = {}
         for hospital in hospitals:
-            answer = answers[hospital]
-            if not answer.get("success"):
-                raise RuntimeError(
-                    f"could not register hospital {hospital}'s node key: "
-                    f"{answer.get('error-message') or answer}"
-                )
-            nodes[hospital] = int(answer["node-id"])
+            try:
+                nodes[hospital] = control.register_node(self.tls.public_key(hospital).read_bytes())
+            except ControlError as err:
+                raise ControlError(
+                    f"could not register hospital {hospital}'s node key: {err}"
+                ) from None
         log.info("registered node keys: %s", ", ".join(f"{h}={n}" for h, n in nodes.items()))
         return nodes
-
-    def flwr_json(self, args: list[str], timeout_s: float = 60) -> dict[str, Any]:
-        """Run ``flwr ARGS --format json`` against this SuperLink; its JSON answer."""
-        out = subprocess.run(
-            [flwr_env.executable("flwr"), *args, "--format", "json"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-        try:
-            parsed: dict[str, Any] = json.loads(out.stdout)
-        except json.JSONDecodeError:
-            parsed = {
-                "success": False,
-                "error-message": (out.stderr or out.stdout).strip()[-2000:],
-            }
-        return parsed
 
     def serve_fleet(self) -> None:
         """Open the fleet port to hospitals: the proxy (secure), after :meth:`register`.
