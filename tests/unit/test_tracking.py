@@ -66,6 +66,18 @@ def test_run_is_recorded_and_readable(store: Path) -> None:
     assert experiment.artifact_location == (store / "mlartifacts").resolve().as_uri()
 
 
+def test_a_background_start_is_waited_for_by_every_later_call(store: Path) -> None:
+    tracker = Tracker(default_tracking_uri(store), "fedrun-background", store / "mlartifacts")
+    tracker.start_in_background("bg", PARAMS, {})
+    tracker.log_metrics(1, {"eval_auroc": 0.5})  # waits for the start: nothing is lost
+    tracker.finish("Succeeded")
+    run_id = tracker.started()
+    assert run_id is not None and tracker.error is None
+    run = mlflow.MlflowClient(default_tracking_uri(store)).get_run(run_id)
+    assert run.data.metrics == {"eval_auroc": 0.5}
+    assert run.info.status == "FINISHED"
+
+
 def test_failed_run_reuses_the_experiment_and_ends_failed(store: Path) -> None:
     uri = default_tracking_uri(store)
     first = Tracker(uri, "fedrun-reuse", store / "mlartifacts")

@@ -1,11 +1,16 @@
-"""A Flower SuperExec that forks each ClientApp task from a warm, pre-imported parent.
+"""A Flower SuperExec that forks each app task from a warm, pre-imported parent.
 
 Stock Flower starts a fresh ``flwr-clientapp`` process for every message, and each one
-re-imports torch and Opacus (about 5 s on this project's 2-core machines). This
-executor imports them once, warms Opacus up, and then ``fork()``s a child per task that
-runs Flower's own ``run_clientapp`` with the task's one-time token. Every child reseeds
-Python, NumPy and torch from ``os.urandom``: a forked child inherits its parent's random
-state, and without the reseed every hospital and round would draw the same DP noise.
+re-imports torch and Opacus (about 5 s on this project's 2-core machines); the server's
+``flwr-serverapp`` process likewise imports Flower's SuperLink (SQLAlchemy and all),
+and fedrun's ServerApp before the run can wait for its first hospital. This executor
+imports what its role needs once (``--fedrun-role client``, the default: torch and
+Opacus, warmed up; ``server``: Flower's ServerApp runtime and fedrun's ServerApp), and
+then ``fork()``s a child
+per task that runs Flower's own ``run_clientapp`` or ``run_serverapp`` with the task's
+one-time token. Every child reseeds Python, NumPy and torch from ``os.urandom``: a forked
+child inherits its parent's random state, and without the reseed every hospital and
+round would draw the same DP noise.
 
 It plugs into Flower through ``flwr.supercore.superexec.run_superexec.get_executor``, an
 internal hook. That is why flwr is pinned exactly and :func:`check_hook` (run at start
@@ -33,6 +38,7 @@ def check_hook() -> None:
     import flwr
     from flwr.supercore.superexec import run_superexec as rs
     from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
+    from flwr.superlink.runtime import run_serverapp
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     version = getattr(flwr, "__version__", "")
@@ -48,6 +54,11 @@ def check_hook() -> None:
     params = set(inspect.signature(run_clientapp).parameters)
     if not {"runtime_api_address", "token", "insecure", "certificates"} <= params:
         problems.append(f"run_clientapp's parameters changed: {sorted(params)}")
+    server_params = set(inspect.signature(run_serverapp).parameters)
+    if not {"runtime_api_address", "log_queue", "token", "insecure", "certificates"} <= (
+        server_params
+    ):
+        problems.append(f"run_serverapp's parameters changed: {sorted(server_params)}")
     if not hasattr(LaunchResult, "accepted"):
         problems.append("LaunchResult.accepted is gone")
     if problems:
@@ -55,15 +66,37 @@ def check_hook() -> None:
 
 
 def reseed() -> int:
-    """Seed Python, NumPy and torch from fresh OS entropy; returns the seed used."""
+    """Seed Python, NumPy and torch from fresh OS entropy; returns the seed used.
+
+    torch is seeded only when the parent imported it (the client role): a child that
+    imports it later starts from torch's own seed like any new process, and importing it
+    here would cost the server's child seconds before it can take its task.
+    """
     import numpy as np
-    import torch
 
     seed = int.from_bytes(os.urandom(8), "little")
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
     return seed
+
+
+ROLES = ("client", "server")
+
+
+def warm_up_server() -> None:
+    """Import what the ServerApp needs to start waiting for hospitals, once, in the parent.
+
+    Only that: the parent must be ready by the time the run is submitted (its imports run
+    beside the SuperLink's). torch, Opacus and MLflow are imported by the ServerApp itself,
+    on background threads, while it waits for the hospitals (see ``federation``).
+    """
+    from flwr.superlink.runtime import run_serverapp  # noqa: F401
+
+    import fedrun_trainer.apps
+    import fedrun_trainer.server.federation  # noqa: F401 - coordinator, strategy, state
 
 
 def warm_up() -> None:
@@ -121,15 +154,16 @@ class ForkExecutor:
         """No capacity gate."""
 
     def launch(self, spec: Any) -> Any:
-        """Fork a child that runs the task with Flower's own ``run_clientapp``."""
+        """Fork a child that runs the task with Flower's own ``run_clientapp`` or
+        ``run_serverapp``; other task types start as Flower would start them."""
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor.types import LaunchResult
 
-        if spec.task_type != TaskType.CLIENT_APP:
+        if spec.task_type not in (TaskType.CLIENT_APP, TaskType.SERVER_APP):
             return self.fallback.launch(spec)
         pid = os.fork()
         if pid == 0:  # child: never returns
-            _run_task(spec)
+            _run_task(spec, server=spec.task_type == TaskType.SERVER_APP)
         self.children.add(pid)
         return LaunchResult.accepted()
 
@@ -149,25 +183,30 @@ class ForkExecutor:
                 os.kill(pid, signal.SIGTERM)
 
 
-def _run_task(spec: Any) -> None:
+def _run_task(spec: Any, server: bool) -> None:
     code = 1
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         reseed()
         from flwr.supercore.tls import validate_and_resolve_root_certificates
-        from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-        run_clientapp(
-            runtime_api_address=spec.runtime_api_address,
-            token=spec.token,
-            insecure=spec.insecure,
-            certificates=validate_and_resolve_root_certificates(
-                spec.root_certificates_path, spec.insecure
-            ),
-            parent_pid=None,
-            runtime_dependency_install=False,
+        certificates = validate_and_resolve_root_certificates(
+            spec.root_certificates_path, spec.insecure
         )
+        if server:
+            _run_serverapp(spec, certificates)
+        else:
+            from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+            run_clientapp(
+                runtime_api_address=spec.runtime_api_address,
+                token=spec.token,
+                insecure=spec.insecure,
+                certificates=certificates,
+                parent_pid=None,
+                runtime_dependency_install=False,
+            )
         code = 0
     except SystemExit as exc:  # flwr_exit() ends every task this way
         code = exc.code if isinstance(exc.code, int) else 0
@@ -179,15 +218,52 @@ def _run_task(spec: Any) -> None:
         os._exit(code)
 
 
+def _run_serverapp(spec: Any, certificates: bytes | None) -> None:
+    """What ``flwr-serverapp`` does: mirror the output to the SuperLink, run the app."""
+    from queue import Queue
+
+    from flwr.supercore.logger import mirror_output_to_queue, restore_output
+    from flwr.superlink.runtime import run_serverapp
+
+    log_queue: Queue[str | None] = Queue()
+    mirror_output_to_queue(log_queue)
+    try:
+        run_serverapp(
+            runtime_api_address=spec.runtime_api_address,
+            log_queue=log_queue,
+            token=spec.token,
+            insecure=spec.insecure,
+            certificates=certificates,
+            parent_pid=None,
+            runtime_dependency_install=False,
+        )
+    finally:
+        restore_output()
+
+
+def split_role(argv: list[str]) -> tuple[str, list[str]]:
+    """``--fedrun-role ROLE`` taken out of ``argv``; the rest is ``flower-superexec``'s."""
+    rest, role = list(argv), "client"
+    if "--fedrun-role" in rest:
+        at = rest.index("--fedrun-role")
+        if at + 1 >= len(rest) or rest[at + 1] not in ROLES:
+            raise SystemExit(f"--fedrun-role takes one of {', '.join(ROLES)}")
+        role = rest[at + 1]
+        del rest[at : at + 2]
+    return role, rest
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m fedrun_trainer.warm_executor`` takes ``flower-superexec``'s arguments."""
+    """``python -m fedrun_trainer.warm_executor [--fedrun-role client|server] ARGS``, ARGS
+    being ``flower-superexec``'s."""
+    role, rest = split_role(sys.argv[1:] if argv is None else argv)
     check_hook()
-    warm_up()
+    warm_up_server() if role == "server" else warm_up()
     from flwr.supercore.cli.flower_superexec import flower_superexec
     from flwr.supercore.superexec import run_superexec as rs
 
     rs.get_executor = lambda *args, **kwargs: ForkExecutor()  # type: ignore[attr-defined]
-    sys.argv = ["flower-superexec", *(sys.argv[1:] if argv is None else argv)]
+    sys.argv = ["flower-superexec", *rest]
     flower_superexec()
 
 

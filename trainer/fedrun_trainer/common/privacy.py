@@ -35,15 +35,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import urlparse
-
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from fedrun_core.accounting import over_target
 from fedrun_core.api import FederatedRunSpec
 from fedrun_trainer.common.data import resolve_local_path
+
+if TYPE_CHECKING:
+    from opacus.accountants import PRVAccountant, RDPAccountant
 
 __all__ = [
     "MAX_HISTORY",
@@ -87,6 +87,10 @@ class LedgerRefused(ValueError):  # noqa: N818 - the domain's name for it
 
 
 def _accountant(name: str) -> RDPAccountant | PRVAccountant:
+    # Opacus (and torch under it) is imported on first use, not with this module: the
+    # ServerApp reads its plan only once hospitals have joined, and waits for them sooner.
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     if name == "rdp":
         return RDPAccountant()
     if name == "prv":
@@ -121,6 +125,8 @@ def noise_multiplier_for_run(
     if target_epsilon <= 0 or not 0 < delta < 1 or not 0 < sample_rate <= 1 or total_steps < 1:
         raise ValueError("need target_epsilon > 0, 0 < delta < 1, 0 < q <= 1, total_steps >= 1")
     _accountant(accountant)
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():
         # The binary search visits tiny σ whose best RDP order is the largest one tried.
         warnings.filterwarnings("ignore", message=_ALPHA_WARNING)

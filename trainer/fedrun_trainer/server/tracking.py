@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ class Tracker:
         self.artifact_dir = artifact_dir
         self.run_id: str | None = None
         self.error: str | None = None
+        self._starting: threading.Thread | None = None
 
     def _guard(self, what: str, fn: Any, *args: Any, always: bool = False) -> Any:
         if self.error is not None and not always:
@@ -76,9 +78,28 @@ class Tracker:
         self.run_id = self._guard("start", _start)
         return self.run_id
 
+    def start_in_background(
+        self, run_name: str, params: dict[str, Any], tags: dict[str, str]
+    ) -> None:
+        """:meth:`start` on a thread of its own; every later call waits for it.
+
+        Importing MLflow and creating a SQLite store's schema take seconds that the
+        run spends waiting for its hospitals anyway.
+        """
+        self._starting = threading.Thread(
+            target=self.start, args=(run_name, params, tags), name="mlflow-start", daemon=True
+        )
+        self._starting.start()
+
+    def started(self) -> str | None:
+        """The MLflow run id once the run is started (waits for a background start)."""
+        if self._starting is not None:
+            self._starting.join()
+        return self.run_id
+
     def log_metrics(self, step: int, metrics: dict[str, float | None]) -> None:
         """Log one round's metrics (None values are skipped)."""
-        run_id = self.run_id
+        run_id = self.started()
         if run_id is None:
             return
 
@@ -94,7 +115,7 @@ class Tracker:
 
     def log_artifact(self, path: Path) -> None:
         """Upload a file (the final model, the report) to the run's artifacts."""
-        if self.run_id is None:
+        if self.started() is None:
             return
 
         def _log() -> None:
@@ -106,7 +127,7 @@ class Tracker:
 
     def finish(self, phase: str) -> None:
         """Close the MLflow run with a status that matches the FederatedRun's phase."""
-        run_id = self.run_id
+        run_id = self.started()
         if run_id is None:
             return
 
