@@ -303,19 +303,14 @@ def listening() -> Iterator[str]:
 def fake_supernode(
     monkeypatch: pytest.MonkeyPatch, directory: Path, lines: list[str], code: int
 ) -> None:
-    """Make ``flwr_env.executable('flower-supernode')`` a script printing ``lines``."""
+    """Make ``flwr_env.supernode_command()`` a script printing ``lines``."""
     script = directory / "flower-supernode"
     script.write_text(
         f"#!{sys.executable}\nimport sys\nsys.stdout.write({''.join(lines)!r})\nsys.exit({code})\n",
         encoding="utf-8",
     )
     script.chmod(0o755)
-    real = flwr_env.executable
-    monkeypatch.setattr(
-        flwr_env,
-        "executable",
-        lambda name: str(script) if name == "flower-supernode" else real(name),
-    )
+    monkeypatch.setattr(flwr_env, "supernode_command", lambda: [str(script)])
 
 
 def options(config: str, tmp_path: Path, server: str, tls_dir: Path | None) -> ClientOptions:
@@ -421,12 +416,7 @@ signal.pause()
         encoding="utf-8",
     )
     script.chmod(0o755)
-    real = flwr_env.executable
-    monkeypatch.setattr(
-        flwr_env,
-        "executable",
-        lambda name: str(script) if name == "flower-supernode" else real(name),
-    )
+    monkeypatch.setattr(flwr_env, "supernode_command", lambda: [str(script)])
     return starts
 
 

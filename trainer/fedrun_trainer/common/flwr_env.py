@@ -39,6 +39,12 @@ def executable(name: str) -> str:
     return str(beside) if beside.exists() else name
 
 
+def supernode_command() -> list[str]:
+    """How a hospital starts Flower's SuperNode: ``flower-supernode`` through fedrun's
+    wrapper (``python -m fedrun_trainer.supernode``: a shorter idle poll and heartbeat)."""
+    return [sys.executable, "-m", "fedrun_trainer.supernode"]
+
+
 def write_connection(flwr_home: Path, address: str, root_certificates: Path | None = None) -> Path:
     """Write the ``flwr`` CLI's connection file naming the local SuperLink ``local``.
 

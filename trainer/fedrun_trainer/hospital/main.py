@@ -46,9 +46,10 @@ EXIT_SERVER_LOST = 3
 FAILED_ACK_GRACE_S = 30.0
 # Written into the state dir at the first start: a container that finds it was restarted.
 STARTED_MARKER = "supernode.started"
-# Flower keeps a node online for 2 heartbeat intervals (2 x 30 s) after its last heartbeat
-# and refuses to activate it again before; a restarted hospital retries that long, and more.
-REJOIN_WAIT_S = 90.0
+# Flower keeps a node online for 2 heartbeat intervals (2 x 10 s with fedrun's SuperNode,
+# fedrun_trainer.supernode) after its last heartbeat and refuses to activate it again before;
+# a restarted hospital retries that long, and more.
+REJOIN_WAIT_S = 60.0
 REJOIN_RETRY_S = 5.0
 
 
@@ -217,7 +218,7 @@ def _start_flower(
     """Start the SuperNode (and, with warm isolation, its executor)."""
     runtime_port = flwr_env.free_port()
     argv = [
-        flwr_env.executable("flower-supernode"),
+        *flwr_env.supernode_command(),
         *transport,
         "--superlink",
         opts.server,

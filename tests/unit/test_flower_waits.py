@@ -1,0 +1,103 @@
+"""What fedrun changes around Flower's processes to shorten the waits of a run.
+
+The SuperNode wrapper's clock, the warm executor's roles, the in-process Control API
+client (against a real SuperLink in tests/e2e) and the imports the ServerApp leaves for
+later. Each test fails if the change is undone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+import tomllib
+import zipfile
+from importlib import resources
+
+import flwr
+import pytest
+
+from fedrun_trainer import supernode, warm_executor
+from fedrun_trainer.server.control import RunStatus, build_fab
+
+
+class RecordingClock:
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+    def monotonic(self) -> float:
+        return 42.0
+
+
+def test_the_supernode_clock_shortens_only_flower_s_two_waits() -> None:
+    real = RecordingClock()
+    clock = supernode.PollClock(real)  # type: ignore[arg-type]
+    for seconds in (3, 0.5, 1.0, 0.1):
+        clock.sleep(seconds)
+    assert real.slept == [supernode.IDLE_POLL_S, supernode.REPLY_POLL_S, 1.0, 0.1]
+    assert supernode.IDLE_POLL_S < 3 and supernode.REPLY_POLL_S < 0.5
+    assert clock.monotonic() == 42.0  # everything else is the real module's
+
+
+def test_the_supernode_hook_check_passes_with_the_installed_flwr() -> None:
+    supernode.check_hook()
+
+
+def test_the_supernode_hook_check_refuses_another_flwr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    with pytest.raises(RuntimeError, match=r"flwr is 1\.42\.0"):
+        supernode.check_hook()
+
+
+def test_the_supernode_declares_a_heartbeat_flower_s_superlink_accepts() -> None:
+    from flwr.common import constant
+
+    assert constant.HEARTBEAT_MIN_INTERVAL <= supernode.HEARTBEAT_S
+    assert supernode.HEARTBEAT_S < constant.HEARTBEAT_DEFAULT_INTERVAL
+
+
+def test_the_warm_executor_takes_its_role_out_of_flower_s_arguments() -> None:
+    args = ["--runtime-api-address", "127.0.0.1:1", "--insecure"]
+    assert warm_executor.split_role(args) == ("client", args)
+    assert warm_executor.split_role(["--fedrun-role", "server", *args]) == ("server", args)
+    with pytest.raises(SystemExit, match="--fedrun-role takes one of"):
+        warm_executor.split_role(["--fedrun-role", "superlink"])
+    with pytest.raises(SystemExit):
+        warm_executor.split_role(["--fedrun-role"])
+
+
+def test_the_fab_is_flower_s_bundle_of_the_app_s_pyproject() -> None:
+    pyproject = resources.files("fedrun_trainer").joinpath("flower_app/pyproject.toml").read_bytes()
+    fab, digest = build_fab(pyproject)
+    assert digest == hashlib.sha256(fab).hexdigest()
+    with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
+        # Flower rewrites the file (comments go); what it says is kept.
+        assert tomllib.loads(bundle.read("pyproject.toml").decode()) == tomllib.loads(
+            pyproject.decode()
+        )
+
+
+def test_run_status_reads_as_flower_s_cli_prints_it() -> None:
+    assert str(RunStatus("finished", "completed")) == "finished:completed"
+    assert RunStatus("finished", "failed").finished
+    assert not RunStatus("running", "").finished
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["fedrun_trainer.server.federation", "fedrun_trainer.common.privacy"],
+)
+def test_the_serverapp_waits_for_hospitals_without_torch_or_opacus(module: str) -> None:
+    """Seconds of imports on a small node: the ServerApp takes them while hospitals join."""
+    code = (
+        f"import sys, {module}\n"
+        "print(sorted(m for m in ('torch', 'opacus', 'mlflow') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"
