@@ -60,14 +60,17 @@ def test_the_supernode_declares_a_heartbeat_flower_s_superlink_accepts() -> None
     assert supernode.HEARTBEAT_S < constant.HEARTBEAT_DEFAULT_INTERVAL
 
 
-def test_the_warm_executor_takes_its_role_out_of_flower_s_arguments() -> None:
+def test_the_warm_executor_takes_its_options_out_of_flower_s_arguments() -> None:
     args = ["--runtime-api-address", "127.0.0.1:1", "--insecure"]
-    assert warm_executor.split_role(args) == ("client", args)
-    assert warm_executor.split_role(["--fedrun-role", "server", *args]) == ("server", args)
-    with pytest.raises(SystemExit, match="--fedrun-role takes one of"):
-        warm_executor.split_role(["--fedrun-role", "superlink"])
+    assert warm_executor.split_options(args) == (warm_executor.WarmOptions(), args)
+    options, rest = warm_executor.split_options(
+        ["--fedrun-role", "client", "--fedrun-preload", "run.json", "hospital-a", "/s", *args]
+    )
+    assert rest == args
+    assert options == warm_executor.WarmOptions("client", ("run.json", "hospital-a", "/s"))
+    assert warm_executor.split_options(["--fedrun-role", "server", *args])[0].role == "server"
     with pytest.raises(SystemExit):
-        warm_executor.split_role(["--fedrun-role"])
+        warm_executor.split_options(["--fedrun-role", "superlink"])
 
 
 def test_the_fab_is_flower_s_bundle_of_the_app_s_pyproject() -> None:

@@ -32,6 +32,8 @@ import time
 from types import ModuleType
 from typing import Any
 
+from fedrun_trainer.common import flwr_env
+
 PINNED_FLWR = "1.41.0"
 #: Seconds between two requests of an idle SuperNode (Flower's own: 3).
 IDLE_POLL_S = 0.25
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     loop.time = PollClock()  # type: ignore[attr-defined,assignment]
+    flwr_env.shorten_object_pull_backoff()
     fleet.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S  # type: ignore[attr-defined,misc]
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S  # type: ignore[attr-defined,misc]
     sys.argv = ["flower-supernode", *(sys.argv[1:] if argv is None else argv)]

@@ -19,6 +19,7 @@ and by the tests) refuses any other flwr version or a changed hook.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import inspect
 import logging
@@ -26,6 +27,8 @@ import os
 import random
 import signal
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("fedrun.warm_executor")
@@ -241,24 +244,53 @@ def _run_serverapp(spec: Any, certificates: bytes | None) -> None:
         restore_output()
 
 
-def split_role(argv: list[str]) -> tuple[str, list[str]]:
-    """``--fedrun-role ROLE`` taken out of ``argv``; the rest is ``flower-superexec``'s."""
-    rest, role = list(argv), "client"
-    if "--fedrun-role" in rest:
-        at = rest.index("--fedrun-role")
-        if at + 1 >= len(rest) or rest[at + 1] not in ROLES:
-            raise SystemExit(f"--fedrun-role takes one of {', '.join(ROLES)}")
-        role = rest[at + 1]
-        del rest[at : at + 2]
-    return role, rest
+@dataclass(frozen=True)
+class WarmOptions:
+    """fedrun's own options of the warm executor (the rest are ``flower-superexec``'s).
+
+    ``--fedrun-role client|server``; ``--fedrun-preload CONFIG HOSPITAL STATE_DIR`` (client
+    role): the hospital whose session and privacy plan the parent prepares for its children.
+    """
+
+    role: str = "client"
+    preload: tuple[str, str, str] | None = None
+
+
+def split_options(argv: list[str]) -> tuple[WarmOptions, list[str]]:
+    """fedrun's options taken out of ``argv``; the rest is ``flower-superexec``'s."""
+    parser = argparse.ArgumentParser(prog="fedrun_trainer.warm_executor", allow_abbrev=False)
+    parser.add_argument("--fedrun-role", choices=ROLES, default="client")
+    parser.add_argument("--fedrun-preload", nargs=3, metavar=("CONFIG", "HOSPITAL", "STATE_DIR"))
+    known, rest = parser.parse_known_args(argv)
+    preload = tuple(known.fedrun_preload) if known.fedrun_preload else None
+    return WarmOptions(known.fedrun_role, preload), rest  # type: ignore[arg-type]
+
+
+def preload(config: str, hospital: str, state_dir: str) -> None:
+    """Prepare the hospital's session in the parent (see ``session.prepare``); a failure is
+    left for the child that needs the session to report."""
+    from fedrun_trainer.hospital import session
+
+    try:
+        session.prepare(config, hospital, Path(state_dir))
+    except Exception as err:  # bad data, a bad spec: the task's own child reports it
+        log.info("could not prepare hospital %s's session ahead: %s", hospital, type(err).__name__)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m fedrun_trainer.warm_executor [--fedrun-role client|server] ARGS``, ARGS
-    being ``flower-superexec``'s."""
-    role, rest = split_role(sys.argv[1:] if argv is None else argv)
+    """``python -m fedrun_trainer.warm_executor [fedrun's options] ARGS``, ARGS being
+    ``flower-superexec``'s (see :class:`WarmOptions`)."""
+    options, rest = split_options(sys.argv[1:] if argv is None else argv)
     check_hook()
-    warm_up_server() if role == "server" else warm_up()
+    from fedrun_trainer.common import flwr_env
+
+    flwr_env.shorten_object_pull_backoff()  # inherited by every forked task
+    if options.role == "server":
+        warm_up_server()
+    else:
+        warm_up()
+        if options.preload is not None:
+            preload(*options.preload)
     from flwr.supercore.cli.flower_superexec import flower_superexec
     from flwr.supercore.superexec import run_superexec as rs
 

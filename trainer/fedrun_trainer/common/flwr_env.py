@@ -82,6 +82,19 @@ def write_secret(path: Path) -> Path:
     return path
 
 
+def terminate_all(procs: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
+    """SIGTERM every process at once, then wait for each (SIGKILL after ``grace_s``).
+
+    Flower's processes each take up to a second or two to shut down: one after the other,
+    a pod's stop was their sum.
+    """
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        terminate(proc, grace_s)
+
+
 def terminate(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> int | None:
     """SIGTERM, wait up to ``grace_s``, then SIGKILL; returns the exit status."""
     if proc.poll() is None:
@@ -92,3 +105,28 @@ def terminate(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> int | Non
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+#: First wait (seconds) before asking again for a message object that is not there yet;
+#: Flower's own is 1 s, doubling up to 10 s.
+OBJECT_PULL_BACKOFF_S = 0.05
+
+
+def shorten_object_pull_backoff(backoff_s: float = OBJECT_PULL_BACKOFF_S) -> None:
+    """Make this process's Flower retry a missing message object after ``backoff_s``.
+
+    A SuperNode hands a message to its executor before it has fetched the message's
+    objects, so the ClientApp's first request for them usually finds nothing and Flower
+    waits a full second before the next (``PULL_INITIAL_BACKOFF``, bound as a keyword
+    default of ``pull_objects`` and ``pull_and_inflate_object_from_tree``): a second of
+    every round at every hospital. This sets those defaults; the doubling, the 10 s cap and
+    the tries and time limits stay Flower's. Call it in the process (or the parent of the
+    forked processes) that pulls. Raises ``RuntimeError`` if Flower's functions changed.
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = fn.__kwdefaults__ or {}
+        if "initial_backoff" not in defaults:
+            raise RuntimeError(f"flwr's {fn.__name__} no longer takes initial_backoff")
+        defaults["initial_backoff"] = backoff_s

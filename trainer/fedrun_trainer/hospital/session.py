@@ -24,6 +24,7 @@ from fedrun_trainer.common.privacy import (
     PrivacyLedger,
     checked_history,
     open_ledger,
+    plan_privacy,
     plan_terms,
     save_ledger,
 )
@@ -92,6 +93,10 @@ def resume_from_server(
     return ledger.with_history(server_history)
 
 
+#: Sessions opened by :func:`prepare` in this process, by (config, hospital, state dir).
+_PREPARED: dict[tuple[str, str, Path], HospitalSession] = {}
+
+
 @dataclass
 class HospitalSession:
     """The run settings, this hospital's spec and its train/test split."""
@@ -104,7 +109,14 @@ class HospitalSession:
 
     @classmethod
     def open(cls, config_path: str, hospital: str, state_dir: Path) -> HospitalSession:
-        """Load the run and this hospital's data; raises ``DataError`` on bad data."""
+        """Load the run and this hospital's data; raises ``DataError`` on bad data.
+
+        A session :func:`prepare` opened in this process (or, through ``fork()``, in its
+        parent) is returned as it is: the data is then read once per executor start.
+        """
+        prepared = _PREPARED.get((config_path, hospital, state_dir))
+        if prepared is not None:
+            return prepared
         settings = RunSettings.load(config_path)
         spec = settings.hospital(hospital)
         run = settings.run.spec
@@ -214,3 +226,20 @@ class HospitalSession:
             "steps_per_round": float(ledger.steps_per_round),
             "total_steps": float(ledger.steps),
         }
+
+
+def prepare(config_path: str, hospital: str, state_dir: Path) -> HospitalSession:
+    """Open the session and compute its privacy plan once, for the children of this process.
+
+    The warm executor calls it before it forks a child per Flower message: each child then
+    finds the hospital's tables already read and the plan's σ already calibrated (Opacus'
+    search takes about a second of CPU; its result is cached per process by
+    ``noise_multiplier_for_run``). Raises what :meth:`HospitalSession.open` raises; nothing
+    is kept then, and the child that opens the session reports the problem.
+    """
+    session = HospitalSession.open(config_path, hospital, state_dir)
+    spec = session.settings.run.spec
+    if spec.privacy.enabled:
+        plan_privacy(n_train=len(session.train_table), **plan_terms(spec))
+    _PREPARED[(config_path, hospital, state_dir)] = session
+    return session

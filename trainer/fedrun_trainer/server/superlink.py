@@ -289,11 +289,10 @@ class FlowerServer:
         return ""
 
     def stop(self) -> None:
-        """Stop the proxy, then every process (executor first)."""
+        """Stop the proxy, then every process (all signalled at once, executor first)."""
         if self.proxy is not None:
             self.proxy.stop()
-        for proc in reversed(list(self.processes.values())):
-            flwr_env.terminate(proc)
+        flwr_env.terminate_all(list(reversed(self.processes.values())))
 
 
 def utc_now() -> datetime:
