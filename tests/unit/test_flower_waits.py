@@ -11,15 +11,25 @@ import hashlib
 import io
 import subprocess
 import sys
+import time
 import tomllib
 import zipfile
 from importlib import resources
+from pathlib import Path
+from typing import Any
 
 import flwr
 import pytest
+import yaml
 
+from fedrun_cli.demo_data import synthetic_stroke
 from fedrun_trainer import supernode, warm_executor
+from fedrun_trainer.common import flwr_env, privacy
+from fedrun_trainer.common.data import DataError
+from fedrun_trainer.hospital import session
 from fedrun_trainer.server.control import RunStatus, build_fab
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class RecordingClock:
@@ -104,3 +114,67 @@ def test_the_serverapp_waits_for_hospitals_without_torch_or_opacus(module: str) 
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]"
+
+
+def run_file(tmp_path: Path, rows: int) -> Path:
+    """The demo spec with hospital-a reading a synthetic file of ``rows`` rows."""
+    data = tmp_path / "a.csv"
+    synthetic_stroke(rows, seed=3).to_csv(data, index=False)
+    doc: dict[str, Any] = yaml.safe_load(
+        (REPO / "examples" / "federatedrun-local.yaml").read_text()
+    )
+    doc["metadata"]["uid"] = "uid-1"
+    doc["spec"]["hospitals"][0]["dataUri"] = data.as_uri()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return config
+
+
+def test_a_prepared_session_is_what_forked_tasks_open_and_its_sigma_is_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session, "_PREPARED", {})
+    config = str(run_file(tmp_path, 300))
+    privacy.noise_multiplier_for_run.cache_clear()
+    prepared = session.prepare(config, "hospital-a", tmp_path / "state")
+    assert privacy.noise_multiplier_for_run.cache_info().currsize == 1  # σ was calibrated
+    assert session.HospitalSession.open(config, "hospital-a", tmp_path / "state") is prepared
+    misses = privacy.noise_multiplier_for_run.cache_info().misses
+    prepared.open_ledger()  # what every train task does: no second σ search
+    assert privacy.noise_multiplier_for_run.cache_info().misses == misses
+    # Another hospital, or another state dir, is opened afresh.
+    other = session.HospitalSession.open(config, "hospital-a", tmp_path / "other")
+    assert other is not prepared
+
+
+def test_a_session_that_cannot_be_prepared_is_left_for_the_task_to_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session, "_PREPARED", {})
+    config = run_file(tmp_path, 300)
+    (tmp_path / "a.csv").write_text("age,gender\n", encoding="utf-8")  # no target column
+    warm_executor.preload(str(config), "hospital-a", str(tmp_path / "state"))  # no raise
+    assert session._PREPARED == {}
+    with pytest.raises(DataError):
+        session.HospitalSession.open(str(config), "hospital-a", tmp_path / "state")
+
+
+def test_flower_retries_a_missing_object_after_the_short_back_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.supercore.inflatable import inflatable_utils as objects
+
+    for fn in (objects.pull_objects, objects.pull_and_inflate_object_from_tree):
+        assert fn.__kwdefaults__ is not None
+        monkeypatch.setitem(fn.__kwdefaults__, "initial_backoff", 1)  # Flower's own
+    flwr_env.shorten_object_pull_backoff()
+    tries: list[float] = []
+
+    def pull(object_id: str) -> bytes:
+        tries.append(time.monotonic())
+        if len(tries) == 1:
+            raise objects.ObjectUnavailableError(object_id)
+        return b"content"
+
+    assert objects.pull_objects(["o"], pull) == {"o": b"content"}
+    assert tries[1] - tries[0] < 0.5  # Flower's own back-off waits about 1 s
