@@ -41,6 +41,39 @@ def cluster(tmp_path: Path) -> Iterator[EmulatedCluster]:
         yield running
 
 
+#: Test folders whose tests start federations of real processes or the real control plane
+#: (every test that uses the ``control_plane`` fixture is in one of them).
+HEAVY_FOLDERS = frozenset({"e2e", "cluster", "integration", "rbac"})
+
+
+def heavy_scope(nodeid: str) -> str:
+    """The pytest-xdist work unit of a test: "heavy" for the heavy folders, else itself."""
+    parts = nodeid.split("/")
+    return (
+        "heavy" if len(parts) > 2 and parts[0] == "tests" and parts[1] in HEAVY_FOLDERS else nodeid
+    )
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist (``make test`` runs ``-n 2``), the heavy tests run one after the
+    other in one worker, in collection order, while the other worker takes the rest.
+
+    A federation of real processes keeps both cores busy: two at once on a 2-core machine
+    slow each other past their join and round deadlines. The control plane is started once
+    per worker process, and the RBAC proof (tests/rbac, collected last) reads the audit log
+    of the plane the other tests in its process used. (xdist's own ``--dist loadgroup``
+    cannot do this with pytest 9: it renames items through an attribute pytest 9 no longer
+    reads.)
+    """
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    class HeavyApart(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return heavy_scope(nodeid)
+
+    return HeavyApart(config, log)
+
+
 #: The session's control plane once a test has started it: the RBAC proof (tests/rbac) reads
 #: its audit log, and must not start one of its own.
 STARTED_PLANES: list[ControlPlane] = []

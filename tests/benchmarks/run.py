@@ -1,9 +1,10 @@
 """``python -m tests.benchmarks.run``: measure, then write the markdown report.
 
-Parts: ``overhead`` (round overhead of ``fedrun local`` against the compute floor),
-``dp`` (Opacus step time against plain SGD), ``auroc`` (quality on the real stroke data;
-skipped, with the reason in the report, when the data is absent). ``--only PART`` runs one
-part and replaces only its section of an existing report; ``--quick`` is a smoke test.
+Parts: ``start`` (the server's start and stop), ``overhead`` (round overhead of
+``fedrun local`` against the compute floor), ``dp`` (Opacus step time against plain SGD),
+``auroc`` (quality on the real stroke data; skipped, with the reason in the report, when
+the data is absent), ``operator`` (the operator under load). ``--only PART`` runs one part
+and replaces only its section of an existing report; ``--quick`` is a smoke test.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def _parts() -> dict[str, Part]:
     from tests.benchmarks.dpstep import measure_dp_step
     from tests.benchmarks.operator_scale import measure_operator
     from tests.benchmarks.overhead import measure_overhead
+    from tests.benchmarks.startstop import measure_start_stop
 
     return {
+        "start": measure_start_stop,
         "overhead": measure_overhead,
         "dp": measure_dp_step,
         "auroc": measure_auroc,
