@@ -9,7 +9,9 @@ polling ``/status`` every 20 ms:
 - **to waiting for hospitals**: the SuperLink started, the keys registered, the run
   submitted and the ServerApp waiting (``status.startTime`` set, reason
   ``WaitingForHospitals``), from the server process's launch;
-- **stop**: from SIGTERM to the pod's process group until every process of it is gone.
+- **stop**: from SIGTERM to the pod's process group, sent while the server waits for
+  hospitals (a pod deleted or evicted mid-run), until every process of it is gone. The
+  stop at the end of a run is in the ``overhead`` part.
 """
 
 from __future__ import annotations
@@ -113,8 +115,10 @@ def measure_start_stop(settings: BenchSettings) -> PartResult:
         "- To waiting for hospitals: the server's imports and status port, then the SuperLink "
         "and the warm executor starting side by side, the keys registered and the run "
         "submitted in-process, the ServerApp forked and waiting.",
-        "- Stop: SIGTERM to the pod's process group (as a container runtime stops a "
-        "container) until every process in it has exited.",
+        "- Stop: SIGTERM to the pod's process group while the server waits for hospitals "
+        "(as a container runtime stops a container of a deleted or evicted pod) until every "
+        "process in it has exited; the stop after a finished run is the last figure of the "
+        "overhead part's \"outside rounds\" column.",
     ]
     return PartResult(
         "Server start and stop: the demo spec, no hospitals, one machine", "\n".join(body)
