@@ -118,7 +118,7 @@ def measure_start_stop(settings: BenchSettings) -> PartResult:
         "- Stop: SIGTERM to the pod's process group while the server waits for hospitals "
         "(as a container runtime stops a container of a deleted or evicted pod) until every "
         "process in it has exited; the stop after a finished run is the last figure of the "
-        "overhead part's \"outside rounds\" column.",
+        'overhead part\'s "outside rounds" column.',
     ]
     return PartResult(
         "Server start and stop: the demo spec, no hospitals, one machine", "\n".join(body)
