@@ -6,11 +6,10 @@ re-imports torch and Opacus (about 5 s on this project's 2-core machines); the s
 and fedrun's ServerApp before the run can wait for its first hospital. This executor
 imports what its role needs once (``--fedrun-role client``, the default: torch and
 Opacus, warmed up; ``server``: Flower's ServerApp runtime and fedrun's ServerApp), and
-then ``fork()``s a child
-per task that runs Flower's own ``run_clientapp`` or ``run_serverapp`` with the task's
-one-time token. Every child reseeds Python, NumPy and torch from ``os.urandom``: a forked
-child inherits its parent's random state, and without the reseed every hospital and
-round would draw the same DP noise.
+then ``fork()``s a child per task that runs Flower's own ``run_clientapp`` or
+``run_serverapp`` with the task's one-time token. Every child reseeds Python, NumPy and
+torch from ``os.urandom``: a forked child inherits its parent's random state, and without
+the reseed every hospital and round would draw the same DP noise.
 
 It plugs into Flower through ``flwr.supercore.superexec.run_superexec.get_executor``, an
 internal hook. That is why flwr is pinned exactly and :func:`check_hook` (run at start

@@ -291,6 +291,8 @@ class Reconciler:
         self._http: aiohttp.ClientSession | None = None
         self.progress: dict[str, tuple[int, float]] = {}  # uid -> (round, unix time)
         self.phases: dict[str, str] = {}  # uid -> phase, for fedrun_operator_runs
+        # uid -> (the status a reconcile found, the status it wrote): see reconcile().
+        self._written: dict[str, tuple[Obj, Obj]] = {}
 
     async def http(self) -> aiohttp.ClientSession:
         """The session for reading run servers' /status."""
@@ -314,6 +316,7 @@ class Reconciler:
     def forget(self, uid: str) -> None:
         """Drop what is kept about a deleted run."""
         self._locks.pop(uid, None)
+        self._written.pop(uid, None)
         self.progress.pop(uid, None)
         self.phases.pop(uid, None)
         metrics.count_phases(list(self.phases.values()))
@@ -323,11 +326,21 @@ class Reconciler:
         uid = str(body.get("metadata", {}).get("uid") or body["metadata"]["name"])
         lock = self._locks.setdefault(uid, asyncio.Lock())
         async with lock:
+            found = dict(body.get("status") or {})
+            written = self._written.get(uid)
+            if written is not None and found == written[0]:
+                # kopf handed this reconcile a body read before the previous one's status
+                # write (an update handler and the timer fire together): start from what was
+                # written, or the same transition (and its Event) would be made twice.
+                body = {**body, "status": written[1]}
             try:
-                return await self._reconcile(body, now or datetime.now(UTC))
+                outcome = await self._reconcile(body, now or datetime.now(UTC))
             except ForbiddenError as err:
                 await self._report_forbidden(body, err)
                 raise
+            if outcome.status and outcome.status != dict(body.get("status") or {}):
+                self._written[uid] = (found, outcome.status)
+            return outcome
 
     async def _report_forbidden(self, body: Mapping[str, Any], err: ForbiddenError) -> None:
         """Say in the run's status that the operator's RBAC refused a call (it retries).
