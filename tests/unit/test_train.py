@@ -1,4 +1,4 @@
-"""A hospital's round: DP-SGD, budget check, reseeding, FedProx; and evaluation."""
+"""A hospital's round: DP-SGD, budget check, reseeding, FedProx; batches; evaluation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ from fedrun_core.api import PrivacySpec, TrainingSpec
 from fedrun_trainer.common.data import Table
 from fedrun_trainer.common.model import build_model, get_weights, set_weights
 from fedrun_trainer.common.privacy import BudgetExceeded, PrivacyLedger, new_ledger
-from fedrun_trainer.hospital.train import evaluate, train_round
+from fedrun_trainer.hospital.train import (
+    Rows,
+    batch_loader,
+    evaluate,
+    start_training,
+    train_round,
+)
 
 N_FEATURES = 4
 TRAINING = TrainingSpec(learning_rate=0.5, batch_size=32)
@@ -207,3 +213,63 @@ def test_model_weights_round_trip_and_shape_check() -> None:
         set_weights(logistic, [np.ones((1, 3)), np.zeros(1)])
     with pytest.raises(ValueError, match="unknown model"):
         build_model(TrainingSpec.model_construct(model="forest"), N_FEATURES)
+
+
+def test_batches_cover_every_row_once_per_epoch() -> None:
+    data = table(70)
+    loader = batch_loader(data, 32)
+    batches = list(loader)
+    assert len(loader) == 3 and [len(y) for _, y in batches] == [32, 32, 6]
+    x = torch.cat([b[0] for b in batches]).numpy()
+    y = torch.cat([b[1] for b in batches]).numpy()
+    order = np.lexsort(x.T[::-1])
+    expected = np.lexsort(data.x.T[::-1])
+    np.testing.assert_array_equal(x[order], data.x[expected])
+    np.testing.assert_array_equal(y[order], data.y[expected])
+    empty_x, empty_y = Rows(data).__getitems__([])
+    assert empty_x.shape == (0, N_FEATURES) and empty_y.shape == (0,)
+
+
+@pytest.mark.parametrize("spec", [TRAINING, TrainingSpec(model="mlp", hidden_sizes=[5, 3])])
+def test_dp_step_clips_each_row_s_gradient(spec: TrainingSpec) -> None:
+    """Without noise, a DP step is SGD on the sum of per-row gradients each clipped to C,
+    divided by the expected batch size: computed here one row at a time with autograd."""
+    data = table(96, seed=3)
+    privacy = PrivacySpec(enabled=True, max_grad_norm=0.05)
+    model = build_model(spec, N_FEATURES, seed=1)
+    start = [p.detach().clone() for p in model.parameters()]
+    reference = build_model(spec, N_FEATURES, seed=1)
+    run = start_training(model, data, spec, privacy, noise_multiplier=0.0)
+    x, y = torch.from_numpy(data.x[:40]), torch.from_numpy(data.y[:40])
+    assert run.step(x, y) is not None
+
+    clipped_sum = [torch.zeros_like(p) for p in start]
+    norms = []
+    for i in range(len(y)):
+        reference.zero_grad()
+        logit = reference(x[i : i + 1]).reshape(-1)
+        torch.nn.functional.binary_cross_entropy_with_logits(logit, y[i : i + 1]).backward()
+        grads = [p.grad.detach().clone() for p in reference.parameters() if p.grad is not None]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        norms.append(float(norm))
+        factor = min(1.0, privacy.max_grad_norm / (float(norm) + 1e-6))
+        for acc, g in zip(clipped_sum, grads, strict=True):
+            acc += factor * g
+    assert max(norms) > privacy.max_grad_norm  # clipping did something
+    expected_batch = len(data) / len(batch_loader(data, spec.batch_size))
+    for p, p0, acc in zip(model.parameters(), start, clipped_sum, strict=True):
+        want = p0 - spec.learning_rate * acc / int(expected_batch)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_empty_poisson_batch_is_a_counted_noise_only_step() -> None:
+    data = table(64)
+    model = build_model(TRAINING, N_FEATURES)
+    run = start_training(model, data, TRAINING, DP, noise_multiplier=1.0)
+    assert run.engine is not None
+    before = [p.detach().clone() for p in model.parameters()]
+    empty = Rows(data).__getitems__([])
+    assert run.step(*empty) is None
+    moved = [not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before, strict=True)]
+    assert all(moved)  # noise was added to every parameter
+    assert run.engine.accountant.history == [(1.0, 0.5, 1)]

@@ -108,29 +108,28 @@ def warm_up() -> None:
     # One intra-op thread: the models are small, the hospitals share the cores, and an
     # OpenMP pool started before fork() can deadlock the children.
     torch.set_num_threads(1)
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
+    import numpy as np
 
     import fedrun_trainer.apps
     import fedrun_trainer.hospital.session  # noqa: F401 - data, model, privacy, training
+    from fedrun_core.api import PrivacySpec, TrainingSpec
+    from fedrun_trainer.common.data import Table
+    from fedrun_trainer.hospital.train import start_training
 
-    model = torch.nn.Linear(3, 1)
-    data = TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)).float())
-    engine = PrivacyEngine(accountant="rdp")
-    model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=DataLoader(data, batch_size=8),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
+    rng = np.random.default_rng(0)
+    table = Table(
+        rng.standard_normal((32, 3)).astype(np.float32),
+        (rng.random(32) < 0.5).astype(np.float32),
+        ["a", "b", "c"],
     )
-    for x, y in loader:
-        if len(x) == 0:
-            continue
-        optimizer.zero_grad()
-        torch.nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(-1), y).backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-    engine.accountant.get_epsilon(delta=1e-5)
+    spec = TrainingSpec(batch_size=8)
+    run = start_training(
+        torch.nn.Linear(3, 1), table, spec, PrivacySpec(enabled=True), noise_multiplier=1.0
+    )
+    for x, y in run.loader:
+        run.step(x, y)
+    assert run.engine is not None
+    run.engine.accountant.get_epsilon(delta=1e-5)
 
 
 class ForkExecutor:

@@ -1,8 +1,9 @@
 """The models hospitals train: logistic regression or a small MLP, one logit output.
 
-Only ``nn.Linear`` and ``nn.ReLU`` are used, so Opacus computes per-sample gradients with its
-standard hooks. Weights travel as a list of numpy arrays in ``state_dict`` order, which is
-the same for every process that builds the same model.
+Only ``nn.Linear`` and ``nn.ReLU`` are used, so Opacus computes per-sample gradients in any
+of its modes (the hospital uses torch's ExpandedWeights: ``hospital.train.GRAD_SAMPLE_MODE``).
+Weights travel as a list of numpy arrays in ``state_dict`` order, which is the same for every
+process that builds the same model.
 """
 
 from __future__ import annotations

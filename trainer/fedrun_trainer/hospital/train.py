@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -30,21 +31,32 @@ import torch
 from opacus import PrivacyEngine
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from fedrun_core.api import PrivacySpec, TrainingSpec
 from fedrun_trainer.common.data import Table
 from fedrun_trainer.common.model import Weights, get_weights, set_weights
-from fedrun_trainer.common.privacy import PrivacyLedger
+from fedrun_trainer.common.privacy import HistoryEntry, PrivacyLedger
 
 __all__ = [
+    "GRAD_SAMPLE_MODE",
     "EvalResult",
     "RoundResult",
+    "Rows",
+    "Training",
+    "batch_loader",
     "evaluate",
     "fresh_seed",
     "predict_logits",
+    "start_training",
     "train_round",
 ]
+
+#: How Opacus computes per-sample gradients: torch's ExpandedWeights. For fedrun's models
+#: (``nn.Linear`` and ``nn.ReLU`` only) it was the fastest of Opacus's modes (hooks, ew,
+#: functorch, ghost; docs/benchmarks.md). Clipping is per sample in every mode and the
+#: accountant sees the same steps, so ε does not depend on it.
+GRAD_SAMPLE_MODE = "ew"
 
 
 @dataclass(frozen=True)
@@ -90,8 +102,37 @@ def _reseed(seed: int) -> None:
     random.seed(seed)
 
 
-def _dataset(table: Table) -> TensorDataset:
-    return TensorDataset(torch.from_numpy(table.x), torch.from_numpy(table.y))
+class Rows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A table's features and labels as tensors, fetched a whole batch at a time.
+
+    ``DataLoader`` calls :meth:`__getitems__` with a batch's indices, so a batch costs one
+    indexing operation instead of one per row and a stack; with :func:`batch_loader`'s
+    pass-through collate this made a training step about 30 % faster (docs/benchmarks.md).
+    """
+
+    def __init__(self, table: Table) -> None:
+        self.x = torch.from_numpy(table.x)
+        self.y = torch.from_numpy(table.y)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[index], self.y[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        return self.x[rows], self.y[rows]
+
+
+def _whole_batch(batch: Any) -> Any:
+    """The collate function for :class:`Rows`: its batches are already ``(x, y)`` tensors."""
+    return batch
+
+
+def batch_loader(table: Table, batch_size: int) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled ``(x, y)`` batches of ``table``; ``len()`` is ``ceil(rows / batch_size)``."""
+    return DataLoader(Rows(table), batch_size=batch_size, shuffle=True, collate_fn=_whole_batch)
 
 
 def _pull_towards(
@@ -105,6 +146,86 @@ def _pull_towards(
     with torch.no_grad():
         for p, a in zip(params, anchor, strict=True):
             p.sub_(factor * (p - a))
+
+
+def _quiet_opacus() -> None:
+    """Silence Opacus's expected warnings (call inside ``warnings.catch_warnings()``)."""
+    warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+    # Opacus's hooks on a first layer whose input needs no gradient: expected, harmless.
+    warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+
+
+@dataclass
+class Training:
+    """A model set up for local training: its loader, and one optimizer step per batch.
+
+    With privacy on, ``module``, ``optimizer`` and ``loader`` are Opacus's (Poisson batches,
+    per-sample clipping, noise) and ``engine`` holds the accountant, which counts every step.
+    """
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader[tuple[torch.Tensor, torch.Tensor]]
+    engine: PrivacyEngine | None
+    params: list[nn.Parameter]
+    criterion: nn.Module
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        """One optimizer step on the batch ``(x, y)``; its mean loss, or None if it was empty.
+
+        Poisson sampling can draw an empty batch: the step is still taken (noise only),
+        as the accountant counts it and the DP analysis assumes. Its per-sample gradients
+        are set to an empty batch directly, since ExpandedWeights refuses a batch of 0.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        if len(y) == 0:
+            for p in self.params:
+                p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]
+            self.optimizer.step()
+            return None
+        loss = self.criterion(self.module(x).reshape(-1), y)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+def start_training(
+    model: nn.Module,
+    train: Table,
+    training: TrainingSpec,
+    privacy: PrivacySpec,
+    *,
+    noise_multiplier: float = 0.0,
+    history: Sequence[HistoryEntry] = (),
+    accountant: str | None = None,
+) -> Training:
+    """Set ``model`` (trained in place) up to train on ``train``: SGD, plus DP-SGD if enabled.
+
+    With privacy on, the accountant (``accountant``, else the spec's) starts from ``history``
+    (the ledger's) and Opacus's
+    ``make_private`` wraps model, optimizer and loader with ``noise_multiplier`` and the
+    spec's clipping norm. Checking the budget first is the caller's job.
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=training.learning_rate)
+    loader = batch_loader(train, training.batch_size)
+    if not privacy.enabled:
+        return Training(model, optimizer, loader, None, params, nn.BCEWithLogitsLoss())
+    with warnings.catch_warnings():
+        _quiet_opacus()
+        engine = PrivacyEngine(accountant=accountant or privacy.accountant)
+        engine.accountant.history = list(history)
+        module, dp_optimizer, dp_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=GRAD_SAMPLE_MODE,
+        )
+    return Training(module, dp_optimizer, dp_loader, engine, params, nn.BCEWithLogitsLoss())
 
 
 def train_round(
@@ -149,61 +270,41 @@ def train_round(
     _reseed(fresh_seed(name, server_round) if seed is None else seed)
     base = copy.deepcopy(model)
     set_weights(base, global_weights)
-    base.train()
-    module: nn.Module = base
     params = [p for p in base.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params]
-    optimizer = torch.optim.SGD(params, lr=training.learning_rate)
-    loader: DataLoader[tuple[torch.Tensor, ...]] = DataLoader(
-        _dataset(train), batch_size=training.batch_size, shuffle=True
-    )
-    steps = len(loader) * training.local_epochs
-    criterion = nn.BCEWithLogitsLoss()
+    per_epoch = len(batch_loader(train, training.batch_size))
+    steps = per_epoch * training.local_epochs
 
-    engine: PrivacyEngine | None = None
-    sigma = 0.0
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        # Opacus's hooks on a first layer whose input needs no gradient: expected, harmless.
-        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+        _quiet_opacus()
+        sigma = 0.0
         if privacy.enabled:
             assert ledger is not None
-            sample_rate = 1.0 / len(loader)
-            ledger.check_budget(steps, sample_rate)  # raises BudgetExceeded before training
+            ledger.check_budget(steps, 1.0 / per_epoch)  # raises BudgetExceeded before training
             sigma = ledger.noise_multiplier
-            engine = PrivacyEngine(accountant=ledger.accountant)
-            engine.accountant.history = list(ledger.history)
-            module, optimizer, loader = engine.make_private(
-                module=module,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=sigma,
-                max_grad_norm=privacy.max_grad_norm,
-                poisson_sampling=True,
-            )
-
+        run = start_training(
+            base,
+            train,
+            training,
+            privacy,
+            noise_multiplier=sigma,
+            history=ledger.history if ledger is not None else (),
+            accountant=ledger.accountant if ledger is not None else None,
+        )
         loss_sum, seen = 0.0, 0
         for _ in range(training.local_epochs):
-            for x, y in loader:
-                optimizer.zero_grad(set_to_none=True)
-                logits = module(x).reshape(-1)
-                if len(y) == 0:
-                    # Poisson sampling drew an empty batch: still take the (noise-only)
-                    # step, which the accountant counts and the DP analysis assumes.
-                    loss = logits.sum() * 0.0
-                else:
-                    loss = criterion(logits, y)
-                    loss_sum += float(loss.detach()) * len(y)
+            for x, y in run.loader:
+                loss = run.step(x, y)
+                if loss is not None:
+                    loss_sum += loss * len(y)
                     seen += len(y)
-                loss.backward()
-                optimizer.step()
                 if proximal_mu > 0:
                     _pull_towards(params, anchor, training.learning_rate * proximal_mu)
 
     new_ledger = ledger
     epsilon = 0.0
-    if engine is not None and ledger is not None:
-        new_ledger = ledger.with_round(server_round, engine.accountant.history)
+    if run.engine is not None and ledger is not None:
+        new_ledger = ledger.with_round(server_round, run.engine.accountant.history)
         epsilon = new_ledger.epsilon
     return RoundResult(
         weights=get_weights(base),  # Opacus wraps ``base`` in place; its tensors are trained
