@@ -270,6 +270,7 @@ def test_an_empty_poisson_batch_is_a_counted_noise_only_step() -> None:
     before = [p.detach().clone() for p in model.parameters()]
     empty = Rows(data).__getitems__([])
     assert run.step(*empty) is None
-    moved = [not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before, strict=True)]
+    params = list(model.parameters())
+    moved = [not torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True)]
     assert all(moved)  # noise was added to every parameter
     assert run.engine.accountant.history == [(1.0, 0.5, 1)]
