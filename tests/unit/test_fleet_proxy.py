@@ -20,9 +20,11 @@ from typing import Any, ClassVar
 import pytest
 
 from fedrun_trainer.server.fleet_proxy import (
+    MAX_ROUTES,
     ProxyConfig,
     ProxyThread,
     RefusedError,
+    Traffic,
     allowed,
     parse_head,
 )
@@ -456,3 +458,45 @@ def test_a_content_length_that_is_not_1_to_19_digits_is_400_and_the_proxy_still_
     assert _raw(proxy_port, request)[0] == 400
     assert _raw(proxy_port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
     assert _Echo.seen == ["GET /health"]
+
+
+def test_traffic_counts_forwarded_bodies_and_answers_per_route(
+    upstream: ThreadingHTTPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = ProxyThread(
+        ProxyConfig(
+            listen_host="127.0.0.1",
+            listen_port=0,
+            upstream_host="127.0.0.1",
+            upstream_port=upstream.server_address[1],
+        )
+    )
+    proxy.start()
+    answers: list[bytes] = []
+    try:
+        for body in (b"a" * 1000, b"b" * 10):
+            request = _post("/v1/fleet/push-messages", body)
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+                sock.sendall(request)
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+            answers.append(data)
+        assert _raw(proxy.port, b"GET /v1/control/start-run HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 404
+    finally:
+        with caplog.at_level("INFO", logger="fedrun.fleet_proxy"):
+            proxy.stop()
+    traffic = proxy.proxy.traffic
+    assert list(traffic.routes) == ["/v1/fleet/push-messages"]  # refused requests are not counted
+    route = traffic.routes["/v1/fleet/push-messages"]
+    assert (route.requests, route.bytes_in) == (2, 1010)
+    assert route.bytes_out == sum(len(a) for a in answers)
+    assert "fleet proxy forwarded 2 requests, 1010 bytes in" in caplog.text
+
+
+def test_traffic_keeps_a_bounded_number_of_routes() -> None:
+    traffic = Traffic()
+    for i in range(MAX_ROUTES + 10):
+        traffic.add(f"/v1/fleet/rpc-{i}", 1, 2)
+    assert len(traffic.routes) == MAX_ROUTES + 1 and traffic.routes["other"].requests == 10
+    assert traffic.total().requests == MAX_ROUTES + 10

@@ -27,6 +27,9 @@ in time between reads (:attr:`ProxyConfig.idle_timeout_s`) and in total time
 (:attr:`ProxyConfig.request_timeout_s`). Every refusal is a short fixed-text answer and
 one log line with the request line and the peer, never header values or bodies.
 
+The proxy counts what it forwards per request target (:class:`Traffic`: requests, body
+bytes in, answer bytes out); a :class:`ProxyThread` logs the totals when it stops.
+
 Run it standalone (``python -m fedrun_trainer.server.fleet_proxy --help``) or in a thread
 (:class:`ProxyThread`).
 """
@@ -42,7 +45,7 @@ import signal
 import ssl
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("fedrun.fleet_proxy")
@@ -244,6 +247,62 @@ def _printable(line: bytes) -> str:
     return "".join(chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in line[:200])
 
 
+@dataclass
+class RouteTraffic:
+    """Forwarded requests to one target: how many, body bytes in, answer bytes out."""
+
+    requests: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def add(self, other: RouteTraffic) -> None:
+        self.requests += other.requests
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+
+
+#: Distinct request targets counted apart; further ones are summed under ``other``
+#: (Flower's Fleet API has about ten; a client cannot grow the table without bound).
+MAX_ROUTES = 32
+
+
+@dataclass
+class Traffic:
+    """What the proxy forwarded, per request target (``/v1/fleet/push-messages``, ...).
+
+    Bytes in are request bodies sent to the SuperLink; bytes out are the SuperLink's
+    answers (head and body) sent back to the client, as counted before TLS.
+    """
+
+    routes: dict[str, RouteTraffic] = field(default_factory=dict)
+
+    def add(self, target: str, bytes_in: int, bytes_out: int) -> None:
+        """Count one forwarded request."""
+        key = target if target in self.routes or len(self.routes) < MAX_ROUTES else "other"
+        route = self.routes.setdefault(key, RouteTraffic())
+        route.add(RouteTraffic(1, bytes_in, bytes_out))
+
+    def total(self) -> RouteTraffic:
+        """Every route summed."""
+        out = RouteTraffic()
+        for route in self.routes.values():
+            out.add(route)
+        return out
+
+    def summary(self) -> str:
+        """One line: totals, then each route (largest first)."""
+        total = self.total()
+        routes = sorted(self.routes.items(), key=lambda kv: -(kv[1].bytes_in + kv[1].bytes_out))
+        parts = [
+            f"{target.rsplit('/', 1)[-1]} {r.requests} ({r.bytes_in} in, {r.bytes_out} out)"
+            for target, r in routes
+        ]
+        return (
+            f"fleet proxy forwarded {total.requests} requests, {total.bytes_in} bytes in, "
+            f"{total.bytes_out} bytes out" + (f": {'; '.join(parts)}" if parts else "")
+        )
+
+
 class _Exchange:
     """What one connection has got to: for the log line and the answer on a timeout."""
 
@@ -260,6 +319,7 @@ class FleetProxy:
         self._server: asyncio.Server | None = None
         self._open = 0
         self._tasks: set[asyncio.Task[Any]] = set()  # one per open client connection
+        self.traffic = Traffic()
 
     @property
     def port(self) -> int:
@@ -404,6 +464,7 @@ class FleetProxy:
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             raise RefusedError(502, "Bad Gateway") from exc
+        sent_up = answered = 0
         try:
             exchange.phase = "body"
             up_writer.write(_upstream_head(head))
@@ -418,6 +479,7 @@ class FleetProxy:
                 if not chunk:
                     return  # client gave up mid-body: the SuperLink sees a short body
                 remaining -= len(chunk)
+                sent_up += len(chunk)
                 up_writer.write(chunk)
                 await up_writer.drain()
             await up_writer.drain()
@@ -432,9 +494,11 @@ class FleetProxy:
                 if not chunk:
                     break
                 exchange.phase = "answer"
+                answered += len(chunk)
                 writer.write(chunk)
                 await writer.drain()
         finally:
+            self.traffic.add(head.target, sent_up, answered)
             up_writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(up_writer.wait_closed(), cfg.idle_timeout_s)
@@ -495,10 +559,11 @@ class ProxyThread:
             raise self._error
 
     def stop(self) -> None:
-        """Stop the proxy and join its thread."""
+        """Stop the proxy, join its thread and log what it forwarded (:class:`Traffic`)."""
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+            log.info("%s", self.proxy.traffic.summary())
 
 
 def _address(value: str) -> tuple[str, int]:
@@ -539,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await proxy.close()
+        print(proxy.traffic.summary(), flush=True)
 
     asyncio.run(serve())
     return 0
