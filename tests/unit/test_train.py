@@ -11,6 +11,7 @@ from fedrun_trainer.common.data import Table
 from fedrun_trainer.common.model import build_model, get_weights, set_weights
 from fedrun_trainer.common.privacy import BudgetExceeded, PrivacyLedger, new_ledger
 from fedrun_trainer.hospital.train import (
+    PoissonBatches,
     Rows,
     batch_loader,
     evaluate,
@@ -274,3 +275,43 @@ def test_an_empty_poisson_batch_is_a_counted_noise_only_step() -> None:
     moved = [not torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True)]
     assert all(moved)  # noise was added to every parameter
     assert run.engine.accountant.history == [(1.0, 0.5, 1)]
+
+
+def test_poisson_batches_include_each_row_independently_with_probability_q() -> None:
+    n, steps, draws = 200, 10, 6000
+    sampler = PoissonBatches(n, steps, np.random.default_rng(7))
+    q = 1 / steps
+    counts = np.zeros(n)
+    both = np.zeros(3)
+    sizes = []
+    batches = 0
+    while batches < draws:
+        for batch in sampler:
+            assert len(set(batch)) == len(batch) and all(0 <= i < n for i in batch)
+            chosen = np.zeros(n, dtype=bool)
+            chosen[batch] = True
+            counts += chosen
+            both += [chosen[0] & chosen[1], chosen[5] & chosen[199], chosen[42] & chosen[43]]
+            sizes.append(len(batch))
+            batches += 1
+    sigma = np.sqrt(q * (1 - q) / batches)
+    assert np.abs(counts / batches - q).max() < 5 * sigma  # every row, probability q
+    assert np.abs(both / batches - q * q).max() < 5 * np.sqrt(q * q / batches)  # independent
+    assert abs(np.mean(sizes) - n * q) < 0.5
+    assert abs(np.var(sizes) / (n * q * (1 - q)) - 1) < 0.15  # Binomial(n, q) sizes
+    assert len(sampler) == steps
+
+
+def test_poisson_batches_can_be_empty_and_the_accountant_gets_q() -> None:
+    sampler = PoissonBatches(10, 10, np.random.default_rng(1))
+    sizes = [len(b) for _ in range(200) for b in sampler]
+    assert 0 in sizes  # P(empty) = 0.9^10 ≈ 0.35
+    data = table(100)
+    model = build_model(TRAINING, N_FEATURES)
+    run = start_training(model, data, TRAINING, DP, noise_multiplier=1.3)
+    batches = list(run.loader)
+    assert len(batches) == len(run.loader) == 4  # ceil(100 / 32)
+    for x, y in batches:
+        run.step(x, y)
+    assert run.engine is not None
+    assert run.engine.accountant.history == [(1.3, 0.25, 4)]
