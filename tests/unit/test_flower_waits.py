@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import subprocess
 import sys
 import time
@@ -43,7 +44,7 @@ class RecordingClock:
         return 42.0
 
 
-def test_the_supernode_clock_shortens_only_flower_s_two_waits() -> None:
+def test_the_supernode_clock_maps_only_flower_s_two_waits() -> None:
     real = RecordingClock()
     clock = supernode.PollClock(real)  # type: ignore[arg-type]
     for seconds in (3, 0.5, 1.0, 0.1):
@@ -51,6 +52,27 @@ def test_the_supernode_clock_shortens_only_flower_s_two_waits() -> None:
     assert real.slept == [supernode.IDLE_POLL_S, supernode.REPLY_POLL_S, 1.0, 0.1]
     assert supernode.IDLE_POLL_S < 3 and supernode.REPLY_POLL_S < 0.5
     assert clock.monotonic() == 42.0  # everything else is the real module's
+
+
+def test_idle_polls_back_off_to_flower_s_wait_and_a_message_starts_them_over() -> None:
+    real = RecordingClock()
+    clock = supernode.PollClock(real)  # type: ignore[arg-type]
+    for _ in range(40):
+        clock.sleep(3)  # a long wait for other hospitals to join
+    idle = real.slept
+    assert idle[0] == supernode.IDLE_POLL_S
+    assert all(b >= a for a, b in itertools.pairwise(idle))
+    assert idle[-1] == 3.0 and max(idle) == 3.0
+    # In a minute of waiting a hospital asks about 30 times (stock Flower: 20), not 240.
+    in_a_minute = sum(1 for t in itertools.accumulate(idle) if t <= 60)
+    assert in_a_minute < 35
+    # Just after a reply the next round comes quickly: the first second is polled closely.
+    real.slept = []
+    clock.sleep(0.5)  # a message was handled
+    for _ in range(4):
+        clock.sleep(3)
+    assert real.slept[0] == supernode.REPLY_POLL_S
+    assert sum(real.slept[1:]) < 1.0 and real.slept[1] == supernode.IDLE_POLL_S
 
 
 def test_the_supernode_hook_check_passes_with_the_installed_flwr() -> None:
