@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -213,11 +213,12 @@ def fedrun_local(
     data_dir: Path,
     env: Mapping[str, str] | None = None,
     timeout_s: float = 900.0,
+    on_start: Callable[[int], None] | None = None,
 ) -> LocalRun:
     """Run ``fedrun local RUN_FILE --out OUT --data-dir DATA_DIR --no-progress`` and time it.
 
     ``env`` holds extra variables (shown in the recorded command). Output goes to
-    ``OUT.log`` beside ``OUT``.
+    ``OUT.log`` beside ``OUT``. ``on_start`` is called with the command's pid once it runs.
     """
     argv = [
         str(_bin("fedrun")),
@@ -236,6 +237,8 @@ def fedrun_local(
         proc = subprocess.Popen(
             argv, env=quiet_env(env), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT
         )
+        if on_start is not None:
+            on_start(proc.pid)
         _wait_or_interrupt(proc, timeout_s)
     wall = time.perf_counter() - started
     return LocalRun(

@@ -3,7 +3,8 @@
 Parts: ``start`` (the server's start and stop), ``overhead`` (round overhead of
 ``fedrun local`` against the compute floor), ``dp`` (Opacus step time against plain SGD),
 ``auroc`` (quality on the real stroke data; skipped, with the reason in the report, when
-the data is absent), ``operator`` (the operator under load). ``--only PART`` runs one part
+the data is absent), ``operator`` (the operator under load), ``scale`` (how cost grows
+with hospitals, rows and model size). ``--only PART`` runs one part
 and replaces only its section of an existing report; ``--quick`` is a smoke test.
 """
 
@@ -36,6 +37,7 @@ def _parts() -> dict[str, Part]:
     from tests.benchmarks.dpstep import measure_dp_step
     from tests.benchmarks.operator_scale import measure_operator
     from tests.benchmarks.overhead import measure_overhead
+    from tests.benchmarks.scaling import measure_scaling
     from tests.benchmarks.startstop import measure_start_stop
 
     return {
@@ -44,6 +46,7 @@ def _parts() -> dict[str, Part]:
         "dp": measure_dp_step,
         "auroc": measure_auroc,
         "operator": measure_operator,
+        "scale": measure_scaling,
     }
 
 
