@@ -29,7 +29,7 @@ from tests.benchmarks.settings import BenchSettings, PartResult
 __all__ = ["ISOLATIONS", "TARGET_OVERHEAD_S", "measure_overhead"]
 
 #: The target: fedrun adds at most this many seconds per round to the compute floor.
-TARGET_OVERHEAD_S = 10.0
+TARGET_OVERHEAD_S = 3.0
 #: The values of FEDRUN_ISOLATION compared, and what each means.
 ISOLATIONS = {
     "warm": "fedrun's warm executor (the default): one pre-imported process forks a child per task",
