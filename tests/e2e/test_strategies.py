@@ -8,6 +8,8 @@ from fedrun_cli.demo_data import write_demo_hospitals
 
 from .conftest import example_run
 
+EPSILON = 3.0
+
 
 @pytest.mark.parametrize(
     ("strategy", "training"),
@@ -28,13 +30,17 @@ def test_strategy_runs_end_to_end_within_budget(tmp_path, cluster_factory, strat
         hospitals=[{"name": n, "dataUri": p.as_uri()} for n, p in sorted(data.items())],
     )
     doc["spec"]["training"].update(training)
+    # ε = 3, not the example's 1: the learning bar below must hold for every draw of the DP
+    # noise. At ε = 1 the MLP's final AUROC fell under 0.6 in about 1 run in 10 (70 runs of
+    # these rounds in one process); at ε = 3 the lowest of 40 was 0.66.
+    doc["spec"]["privacy"]["targetEpsilon"] = EPSILON
     cluster = cluster_factory(doc)
     cluster.start()
     status = cluster.wait(timeout_s=400)
 
     assert status["phase"] == "Succeeded", status.get("message")
     assert status["round"]["current"] == 4
-    assert status["privacy"]["epsilonSpent"] <= 1.0
+    assert 0 < status["privacy"]["epsilonSpent"] <= EPSILON
     # The model learned: better than chance, and better than after the first round (an
     # MLP's random start can score below 0.5).
     history = cluster.history() or {}

@@ -243,10 +243,10 @@ def start_training(
     """Set ``model`` (trained in place) up to train on ``train``: SGD, plus DP-SGD if enabled.
 
     With privacy on, the accountant (``accountant``, else the spec's) starts from ``history``
-    (the ledger's) and Opacus's
-    ``make_private`` wraps model and optimizer with ``noise_multiplier`` and the spec's
-    clipping norm; batches are :class:`PoissonBatches` drawn with ``rng`` (default: fresh
-    OS entropy). Checking the budget first is the caller's job.
+    (the ledger's), Opacus's ``make_private`` wraps model and optimizer with
+    ``noise_multiplier`` and the spec's clipping norm, and batches are
+    :class:`PoissonBatches` drawn with ``rng`` (default: fresh OS entropy). Checking the
+    budget first is the caller's job.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
