@@ -75,8 +75,8 @@ def upstream() -> Iterator[ThreadingHTTPServer]:
 
 
 @contextlib.contextmanager
-def _proxy(upstream: ThreadingHTTPServer, **limits: Any) -> Iterator[int]:
-    """A proxy in front of ``upstream`` with these ProxyConfig limits; yields its port."""
+def _proxy_thread(upstream: ThreadingHTTPServer, **limits: Any) -> Iterator[ProxyThread]:
+    """A started proxy in front of ``upstream`` with these ProxyConfig limits."""
     proxy = ProxyThread(
         ProxyConfig(
             listen_host="127.0.0.1",
@@ -88,9 +88,16 @@ def _proxy(upstream: ThreadingHTTPServer, **limits: Any) -> Iterator[int]:
     )
     proxy.start()
     try:
-        yield proxy.port
+        yield proxy
     finally:
         proxy.stop()
+
+
+@contextlib.contextmanager
+def _proxy(upstream: ThreadingHTTPServer, **limits: Any) -> Iterator[int]:
+    """A proxy in front of ``upstream`` with these ProxyConfig limits; yields its port."""
+    with _proxy_thread(upstream, **limits) as proxy:
+        yield proxy.port
 
 
 @pytest.fixture
@@ -463,17 +470,8 @@ def test_a_content_length_that_is_not_1_to_19_digits_is_400_and_the_proxy_still_
 def test_traffic_counts_forwarded_bodies_and_answers_per_route(
     upstream: ThreadingHTTPServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proxy = ProxyThread(
-        ProxyConfig(
-            listen_host="127.0.0.1",
-            listen_port=0,
-            upstream_host="127.0.0.1",
-            upstream_port=upstream.server_address[1],
-        )
-    )
-    proxy.start()
     answers: list[bytes] = []
-    try:
+    with caplog.at_level("INFO", logger="fedrun.fleet_proxy"), _proxy_thread(upstream) as proxy:
         for body in (b"a" * 1000, b"b" * 10):
             request = _post("/v1/fleet/push-messages", body)
             with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
@@ -483,9 +481,6 @@ def test_traffic_counts_forwarded_bodies_and_answers_per_route(
                     data += chunk
             answers.append(data)
         assert _raw(proxy.port, b"GET /v1/control/start-run HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 404
-    finally:
-        with caplog.at_level("INFO", logger="fedrun.fleet_proxy"):
-            proxy.stop()
     traffic = proxy.proxy.traffic
     assert list(traffic.routes) == ["/v1/fleet/push-messages"]  # refused requests are not counted
     route = traffic.routes["/v1/fleet/push-messages"]
