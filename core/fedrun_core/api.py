@@ -39,6 +39,7 @@ from pydantic.alias_generators import to_camel
 
 from fedrun_core import names as c
 from fedrun_core.states import ConditionStatus, HospitalState, Phase
+from fedrun_core.values import DEFAULT_MISSING_VALUES, category_key
 
 __all__ = [
     "Condition",
@@ -343,7 +344,12 @@ class TrainingSpec(_Spec):
 
 
 class Feature(_Spec):
-    """One input column of the hospitals' tables."""
+    """One input column of the hospitals' tables, and how every hospital reads it.
+
+    What a cell means (missing markers, category matching, booleans) is defined in
+    :mod:`fedrun_core.values`; what a hospital does with a missing or unknown cell is this
+    feature's declared, agreed policy, never something learnt from any hospital's data.
+    """
 
     RULES = (
         Rule(
@@ -390,21 +396,149 @@ class Feature(_Spec):
             refuses={"name": "age", "type": "numeric", "min": 1.0, "max": 1.0},
             field="min",
         ),
+        Rule(
+            "self.type == 'categorical' || !has(self.aliases)",
+            "aliases are only meaningful for categorical features",
+            lambda f: f.type == "categorical" or f.aliases is None,
+            accepts={"name": "sex", "type": "categorical", "categories": ["F"], "aliases": {}},
+            refuses={"name": "sex", "type": "boolean", "aliases": {"W": "F"}},
+            field="aliases",
+        ),
+        Rule(
+            "self.type == 'categorical' || !has(self.unknown) || self.unknown == 'error'",
+            "unknown: other is only meaningful for categorical features",
+            lambda f: f.type == "categorical" or f.unknown == "error",
+            accepts={"name": "sex", "type": "categorical", "categories": ["F"], "unknown": "other"},
+            refuses={"name": "age", "type": "numeric", "unknown": "other"},
+            field="unknown",
+        ),
+        Rule(
+            "(!has(self.fill) && !has(self.fillCategory)) || "
+            "(has(self.missing) && self.missing == 'impute')",
+            "fill and fillCategory are only used with missing: impute",
+            lambda f: (f.fill is None and f.fill_category is None) or f.missing == "impute",
+            accepts={"name": "age", "type": "numeric", "missing": "impute", "fill": 50.0},
+            refuses={"name": "age", "type": "numeric", "missing": "dropRow", "fill": 50.0},
+            field="missing",
+        ),
+        Rule(
+            "!has(self.missing) || self.missing != 'impute' || "
+            "(self.type == 'categorical' ? has(self.fillCategory) : has(self.fill))",
+            "missing: impute needs the agreed value: fill (numeric, boolean) or fillCategory "
+            "(categorical)",
+            lambda f: (
+                f.missing != "impute"
+                or (f.fill_category is not None if f.type == "categorical" else f.fill is not None)
+            ),
+            accepts={
+                "name": "sex",
+                "type": "categorical",
+                "categories": ["F"],
+                "missing": "impute",
+                "fillCategory": "F",
+            },
+            refuses={
+                "name": "sex",
+                "type": "categorical",
+                "categories": ["F"],
+                "missing": "impute",
+                "fill": 1.0,
+            },
+            field="missing",
+        ),
+        Rule(
+            "self.type != 'categorical' || !has(self.fill)",
+            "a categorical feature imputes with fillCategory, not fill",
+            lambda f: f.type != "categorical" or f.fill is None,
+            accepts={"name": "sex", "type": "categorical", "categories": ["F"]},
+            refuses={
+                "name": "sex",
+                "type": "categorical",
+                "categories": ["F"],
+                "missing": "impute",
+                "fillCategory": "F",
+                "fill": 1.0,
+            },
+            field="fill",
+        ),
+        Rule(
+            "self.type == 'categorical' || !has(self.fillCategory)",
+            "fillCategory is only meaningful for categorical features (numeric and boolean "
+            "features impute with fill)",
+            lambda f: f.type == "categorical" or f.fill_category is None,
+            accepts={"name": "age", "type": "numeric", "missing": "impute", "fill": 1.0},
+            refuses={
+                "name": "age",
+                "type": "numeric",
+                "missing": "impute",
+                "fill": 1.0,
+                "fillCategory": "1",
+            },
+            field="fillCategory",
+        ),
+        Rule(
+            "self.type != 'boolean' || !has(self.fill) || self.fill == 0.0 || self.fill == 1.0",
+            "a boolean feature's fill is 0 or 1",
+            lambda f: f.type != "boolean" or f.fill in (None, 0.0, 1.0),
+            accepts={"name": "smoker", "type": "boolean", "missing": "impute", "fill": 0.0},
+            refuses={"name": "smoker", "type": "boolean", "missing": "impute", "fill": 0.5},
+            field="fill",
+        ),
+        Rule(
+            "!has(self.fillCategory) || "
+            "(has(self.categories) && self.categories.exists(c, c == self.fillCategory))",
+            "fillCategory must be one of the categories",
+            lambda f: f.fill_category is None or f.fill_category in (f.categories or []),
+            accepts={
+                "name": "sex",
+                "type": "categorical",
+                "categories": ["F"],
+                "missing": "impute",
+                "fillCategory": "F",
+            },
+            refuses={
+                "name": "sex",
+                "type": "categorical",
+                "categories": ["F"],
+                "missing": "impute",
+                "fillCategory": "M",
+            },
+            field="fillCategory",
+        ),
+        Rule(
+            "!has(self.indicator) || !self.indicator || "
+            "(has(self.missing) && self.missing == 'impute')",
+            "indicator is only used with missing: impute",
+            lambda f: not f.indicator or f.missing == "impute",
+            accepts={
+                "name": "age",
+                "type": "numeric",
+                "missing": "impute",
+                "fill": 1.0,
+                "indicator": True,
+            },
+            refuses={"name": "age", "type": "numeric", "indicator": True},
+            field="indicator",
+        ),
     )
     model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
 
     name: str = Field(
         min_length=1, max_length=256, description="Column name, exactly as in the tables."
     )
-    type: Literal["numeric", "categorical"] = Field(
-        description="numeric: a number, scaled by min/max. categorical: one-hot encoded."
+    type: Literal["numeric", "categorical", "boolean"] = Field(
+        description=(
+            "numeric: a number, scaled by min/max. categorical: one-hot encoded against "
+            "categories. boolean: yes/no, true/false, y/n, t/f or 1/0 (any case)."
+        )
     )
     min: float | None = Field(
         None,
         description=(
             "numeric only: lower end of the scaling range all hospitals agree on (values are "
-            "mapped to (x - min) / (max - min)). Give min and max together; without them the "
-            "value is used unscaled."
+            "clipped to [min, max] and mapped onto [-1, 1]). Give min and max together; "
+            "without them each hospital standardises the column with its own mean and "
+            "spread, which is weaker: give ranges whenever you can."
         ),
     )
     max: float | None = Field(
@@ -416,17 +550,91 @@ class Feature(_Spec):
         max_length=200,
         description=(
             "categorical only: every category, once each, in a fixed order shared by all "
-            "hospitals. A value outside the list is an error."
+            "hospitals. Cells match a category trimmed and case-insensitively, and numbers "
+            "by value (1 = 1.0). A value outside the list (and aliases) follows unknown."
         ),
         # A set: the API server refuses duplicates, as the model does.
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
+    aliases: dict[str, Annotated[str, Field(max_length=128)]] | None = Field(
+        None,
+        max_length=64,
+        description=(
+            "categorical only: other written forms of a category, e.g. {M: Male, F: Female}; "
+            "each value must be one of the categories. Matched like categories."
+        ),
+    )
+    unknown: Literal["error", "other"] = Field(
+        "error",
+        description=(
+            "categorical only: what a value outside categories and aliases does. error: the "
+            "hospital fails, naming the row and column. other: it is counted and encoded "
+            "in one extra column, <name>=(other)."
+        ),
+    )
+    missing: Literal["error", "impute", "dropRow"] = Field(
+        "error",
+        description=(
+            "What a missing cell (see data.missingValues) does. error: the hospital fails, "
+            "naming the row and column. impute: it takes the agreed fill (or fillCategory), "
+            "optionally flagged by an indicator column. dropRow: the row is not used. Each "
+            "hospital reports how many rows it used, dropped and imputed per column."
+        ),
+    )
+    fill: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description=(
+            "numeric and boolean, with missing: impute: the agreed value a missing cell "
+            "takes (boolean: 0 or 1). A constant, never a statistic of anyone's data."
+        ),
+    )
+    fill_category: str | None = Field(
+        None,
+        max_length=128,
+        description=(
+            "categorical, with missing: impute: the category a missing cell takes (one of "
+            "categories)."
+        ),
+    )
+    indicator: bool = Field(
+        False,
+        description=(
+            "With missing: impute, add a column <name>_missing that flags imputed cells "
+            "(missingness itself often carries signal)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _categories_unique(self) -> Feature:
-        # The CRD says the same with x-kubernetes-list-type: set.
-        if self.categories is not None and len(set(self.categories)) != len(self.categories):
-            raise RuleError(("categories",), "categories must be unique")
+        # Compared as cells are (trimmed, case-insensitive, numbers by value): two categories
+        # that a cell could match both would make the encoding ambiguous. The CRD says the
+        # exact-duplicate part with x-kubernetes-list-type: set.
+        if self.categories is not None:
+            seen: dict[str, str] = {}
+            for category in self.categories:
+                key = category_key(category)
+                if key in seen:
+                    raise RuleError(
+                        ("categories",),
+                        f"categories must be unique: {seen[key]!r} and {category!r} are the "
+                        "same category once trimmed, case-folded and numbers compared by value",
+                    )
+                seen[key] = category
+            for alias, target in (self.aliases or {}).items():
+                if len(alias) > 128:
+                    raise RuleError(("aliases",), "an alias is at most 128 characters")
+                if target not in self.categories:
+                    raise RuleError(
+                        ("aliases",),
+                        f"alias {alias!r} names {target!r}, which is not one of the categories",
+                    )
+                other = seen.get(category_key(alias))
+                if other is not None and other != target:
+                    raise RuleError(
+                        ("aliases",),
+                        f"alias {alias!r} for {target!r} is written like the category {other!r}",
+                    )
         return self
 
 
@@ -494,6 +702,33 @@ class DataSpec(_Spec):
         max_length=200,
         description="Input columns, when no preset is set. Names are unique.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    missing_values: list[Annotated[str, Field(max_length=32)]] | None = Field(
+        None,
+        max_length=32,
+        description=(
+            "What counts as a missing cell, compared trimmed and case-insensitively; an "
+            "empty cell always does. Default: "
+            + ", ".join(DEFAULT_MISSING_VALUES)
+            + ". A value that is one of a feature's categories or aliases is never missing."
+        ),
+    )
+    target_missing: Literal["error", "dropRow"] = Field(
+        "error",
+        description=(
+            "What a row whose target is missing does: error (the hospital fails, naming the "
+            "row) or dropRow (the row is not used, and counted)."
+        ),
+    )
+    min_rows_per_class: int = Field(
+        1,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "The fewest rows of each class (target 0 and 1) a hospital must have left after "
+            "its missing-value policies; a hospital with fewer fails with a message saying "
+            "so. 0 lets a hospital with one class only take part."
+        ),
     )
 
     @model_validator(mode="after")
@@ -1011,6 +1246,31 @@ class MetricsStatus(_Status):
     accuracy: float | None = Field(None, description="Accuracy at threshold 0.5.")
 
 
+class ColumnDataStatus(_Status):
+    """What one column's missing-value and unknown-category policies did at a hospital."""
+
+    name: str = Field(description="The column (the target or a feature of the spec).")
+    missing: int = Field(0, ge=0, description="Missing cells.")
+    imputed: int = Field(0, ge=0, description="Missing cells filled (missing: impute).")
+    dropped: int = Field(
+        0, ge=0, description="Rows not used because this column was missing (dropRow)."
+    )
+    other: int = Field(0, ge=0, description="Cells outside the categories (unknown: other).")
+
+
+class HospitalDataStatus(_Status):
+    """What a hospital's table gave, as the hospital reported it: counts only."""
+
+    rows: int = Field(ge=0, description="Data rows read.")
+    used: int = Field(ge=0, description="Rows used (training and test split together).")
+    dropped: int = Field(ge=0, description="Rows dropped by dropRow policies.")
+    columns: list[ColumnDataStatus] = Field(
+        default_factory=list,
+        max_length=201,
+        description="Columns with a missing or unknown cell, and what was done.",
+    )
+
+
 class HospitalStatus(_Status):
     """One hospital's client."""
 
@@ -1029,6 +1289,9 @@ class HospitalStatus(_Status):
             "The termination message of the hospital's container the last time it failed "
             "(kept after the Job controller deleted the Pod)."
         ),
+    )
+    data: HospitalDataStatus | None = Field(
+        None, description="Rows read, used and dropped, and cells imputed, per column."
     )
 
 

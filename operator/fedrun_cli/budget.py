@@ -33,7 +33,7 @@ def print_budget(file: Path, rows: int | None = None) -> int:
         n = rows
         if n is None:
             try:
-                train, _ = load_hospital_data(h.data_uri, spec.data, t.test_fraction, t.seed)
+                train = load_hospital_data(h.data_uri, spec.data, t.test_fraction, t.seed).train
             except DataError as err:  # a local command: the value found may be shown
                 sys.stdout.write(f"  {h.name}: cannot read data: {err.detail}\n")
                 code = 1

@@ -27,7 +27,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from fedrun_trainer.common.data import STROKE_COLUMNS, DataError, load_table
+from fedrun_core.schema import STROKE_COLUMNS
+from fedrun_trainer.common.data import DataError, load_table
 
 __all__ = [
     "DEMO_HOSPITALS",

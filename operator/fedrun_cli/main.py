@@ -6,6 +6,8 @@
 - ``fedrun server`` / ``fedrun client``: what the server and hospital pods run
 - ``fedrun budget FILE``: the noise multiplier and ε per round each hospital will get
 - ``fedrun demo-data DIR``: synthetic (or real, split) hospital files for the demo
+- ``fedrun check FILE [--hospital H] [--data F]``: a hospital's preflight of its own file
+- ``fedrun schema infer FILE [--target COL]``: a suggested ``data:`` block from one file
 
 Heavy imports (torch, Flower) happen inside the subcommands that need them, so the
 operator image and ``fedrun render`` work without the trainer extra.
@@ -132,6 +134,18 @@ def _budget(args: argparse.Namespace) -> int:
     from fedrun_cli.budget import print_budget
 
     return print_budget(Path(args.file), rows=args.rows)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from fedrun_cli.tables import check_files
+
+    return check_files(Path(args.file), args.hospital, args.data)
+
+
+def _schema_infer(args: argparse.Namespace) -> int:
+    from fedrun_cli.tables import print_schema
+
+    return print_schema(args.file, args.target, args.format)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,13 +290,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="training rows per hospital (default: read each hospital's data)",
     )
     p.set_defaults(func=_budget)
+
+    p = sub.add_parser(
+        "check",
+        help="preflight a hospital's own data file against a run's schema (rows, columns, "
+        "what is used, dropped and imputed)",
+    )
+    p.add_argument("file", help="FederatedRun YAML")
+    p.add_argument("--hospital", default=None, help="check this hospital's dataUri (default: all)")
+    p.add_argument("--data", default=None, help="check this file instead of the dataUri")
+    p.set_defaults(func=_check)
+
+    p = sub.add_parser("schema", help="work with a run's table schema")
+    schema = p.add_subparsers(dest="schema_command", required=True)
+    p = schema.add_parser(
+        "infer", help="suggest a data: block from one hospital's file, read on this machine"
+    )
+    p.add_argument("file", help="a CSV or Parquet table")
+    p.add_argument(
+        "--target", default=None, help="the 0/1 label column (default: the last such column)"
+    )
+    p.add_argument(
+        "--format", choices=["csv", "parquet"], default=None, help="(default: by suffix)"
+    )
+    p.set_defaults(func=_schema_infer)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedrun`` console script."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_format or ("text" if args.command in ("local", "budget") else "json"))
+    interactive = ("local", "budget", "check", "schema")
+    setup_logging(args.log_format or ("text" if args.command in interactive else "json"))
     from fedrun_core.api import SpecError
 
     try:

@@ -97,6 +97,46 @@ def write_outputs(out: Path, status: dict[str, Any], history: dict[str, Any]) ->
     return path
 
 
+def data_counts_rows(status: dict[str, Any]) -> list[list[str]]:
+    """One row per hospital that reported its data: rows read, used, dropped, and per
+    column what was missing and what its policy did (counts only)."""
+    rows: list[list[str]] = []
+    for h in status.get("hospitals", []):
+        data = h.get("data")
+        if not isinstance(data, dict):
+            continue
+        notes = []
+        for column in data.get("columns", []):
+            done = [f"{column[k]} {k}" for k in ("imputed", "dropped", "other") if column.get(k)]
+            missing = f"{column.get('missing', 0)} missing" if column.get("missing") else ""
+            notes.append(f"{column['name']}: " + ", ".join(filter(None, [missing, *done])))
+        rows.append(
+            [
+                h["name"],
+                str(data.get("rows")),
+                str(data.get("used")),
+                str(data.get("dropped")),
+                "; ".join(notes) or "-",
+            ]
+        )
+    return rows
+
+
+def data_table(status: dict[str, Any]) -> Any:
+    """The hospitals' data counts as a rich table, or None when no hospital reported any."""
+    from rich.table import Table
+
+    rows = data_counts_rows(status)
+    if not rows:
+        return None
+    table = Table(title="data: rows read, used and dropped; per column, what was done")
+    for col in ("hospital", "rows", "used", "dropped", "columns"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def print_summary(
     run: FederatedRun,
     status: dict[str, Any],
@@ -130,6 +170,9 @@ def print_summary(
             str(h.get("message") or ""),
         )
     console.print(table)
+    data = data_table(status)
+    if data is not None:
+        console.print(data)
     metrics = status.get("metrics") or {}
     rnd = status.get("round") or {}
     console.print(

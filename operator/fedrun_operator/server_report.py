@@ -104,6 +104,28 @@ class ReportedRound(_Report):
     total: Annotated[int, Field(ge=0, le=100_000)] = 0
 
 
+Count = Annotated[int, Field(ge=0, le=_MAX_ROWS)]
+
+
+class ReportedColumn(_Report):
+    """One column's data counts at a hospital."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    missing: Count = 0
+    imputed: Count = 0
+    dropped: Count = 0
+    other: Count = 0
+
+
+class ReportedData(_Report):
+    """What a hospital's table gave (counts only)."""
+
+    rows: Count
+    used: Count
+    dropped: Count
+    columns: Annotated[list[ReportedColumn], Field(max_length=201)] = Field(default_factory=list)
+
+
 class ReportedHospital(_Report):
     """One hospital as the server sees it."""
 
@@ -112,6 +134,7 @@ class ReportedHospital(_Report):
     restarts: Annotated[int, Field(ge=0, le=1_000_000)] = 0
     epsilon: Epsilon | None = None
     message: Message | None = None
+    data: ReportedData | None = None
 
 
 class ReportedPrivacy(_Report):

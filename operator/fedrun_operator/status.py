@@ -274,7 +274,7 @@ def hospital_rows(
             "restarts": 0,
         }
         src = reported.get(h.name, {})
-        for key in ("state", "restarts", "epsilon", "message"):
+        for key in ("state", "restarts", "epsilon", "message", "data"):
             if src.get(key) is not None:
                 row[key] = src[key]
         if isinstance(row.get("message"), str):

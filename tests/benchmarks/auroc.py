@@ -97,12 +97,12 @@ class _Hospitals:
 
 def _load(run: FederatedRun, data_dir: Path) -> _Hospitals:
     spec = run.spec
-    train, test = {}, {}
+    train: dict[str, Table] = {}
+    test: dict[str, Table] = {}
     for h in spec.hospitals:
         uri = (data_dir / f"{h.name}.{spec.data.format}").resolve().as_uri()
-        train[h.name], test[h.name] = load_hospital_data(
-            uri, spec.data, spec.training.test_fraction, spec.training.seed
-        )
+        data = load_hospital_data(uri, spec.data, spec.training.test_fraction, spec.training.seed)
+        train[h.name], test[h.name] = data.train, data.test
     return _Hospitals(run, train, test)
 
 

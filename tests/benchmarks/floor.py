@@ -63,10 +63,10 @@ def _hospitals(run: FederatedRun, data_dir: Path, ledger_dir: Path) -> list[_Hos
     out = []
     for h in spec.hospitals:
         uri = (data_dir / f"{h.name}.{spec.data.format}").resolve().as_uri()
-        train, test = load_hospital_data(
-            uri, spec.data, spec.training.test_fraction, spec.training.seed
+        data = load_hospital_data(uri, spec.data, spec.training.test_fraction, spec.training.seed)
+        out.append(
+            _Hospital(h.name, data.train, data.test, (ledger_dir / f"{h.name}.json").as_uri())
         )
-        out.append(_Hospital(h.name, train, test, (ledger_dir / f"{h.name}.json").as_uri()))
     return out
 
 

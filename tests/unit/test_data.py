@@ -10,9 +10,9 @@ import pytest
 
 from fedrun_cli.demo_data import synthetic_stroke, write_demo_hospitals
 from fedrun_core.api import DataSpec, Feature
+from fedrun_core.schema import STROKE_BMI_IMPUTE
 from fedrun_trainer.common.data import (
     INDICATOR_VALUE,
-    STROKE_BMI_IMPUTE,
     DataError,
     Table,
     load_hospital_data,
@@ -189,5 +189,6 @@ def test_split_is_stratified_and_seeded() -> None:
 def test_load_hospital_data_from_demo_files(tmp_path: Path) -> None:
     paths = write_demo_hospitals(tmp_path, n_per_hospital=(300, 200, 100), seed=5)
     assert sorted(paths) == ["hospital-a", "hospital-b", "hospital-c"]
-    train, test = load_hospital_data(f"file://{paths['hospital-a']}", STROKE, 0.3, seed=42)
+    data = load_hospital_data(f"file://{paths['hospital-a']}", STROKE, 0.3, seed=42)
+    train, test = data.train, data.test
     assert len(train) == 210 and len(test) == 90

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from fedrun_core.schema import ColumnCounts, DataCounts
 from fedrun_local.plot import plot_report
+from fedrun_local.report import data_counts_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -60,3 +62,22 @@ def test_plot_report_of_a_run_without_rounds(tmp_path: Path) -> None:
     path = plot_report({"run": "r", "rounds": []}, {}, tmp_path / "empty.png")
     assert path.read_bytes().startswith(PNG_MAGIC)
     assert coloured_pixels(path) < 100  # axes only: the check above can tell the difference
+
+
+def test_data_counts_table_rows() -> None:
+    status = {
+        "hospitals": [
+            {"name": "a", "state": "Done"},  # reported nothing: no row
+            {
+                "name": "b",
+                "data": DataCounts(
+                    100, 90, 10, (ColumnCounts("bmi", 12, imputed=2, dropped=10),)
+                ).to_status(),
+            },
+            {"name": "c", "data": DataCounts(50, 50, 0).to_status()},
+        ]
+    }
+    assert data_counts_rows(status) == [
+        ["b", "100", "90", "10", "bmi: 12 missing, 2 imputed, 10 dropped"],
+        ["c", "50", "50", "0", "-"],
+    ]

@@ -16,6 +16,7 @@ import pytest
 
 from fedrun_core.accounting import epsilon, noise_multiplier_for_run, planned_cost
 from fedrun_core.api import FederatedRunStatus, load_run
+from fedrun_core.schema import ColumnCounts, DataCounts
 from fedrun_core.states import ConditionType
 from fedrun_operator.handlers.reconcile_run import _pod_facts
 from fedrun_operator.server_report import (
@@ -43,6 +44,7 @@ def real_status() -> dict[str, Any]:
     a.noise_multiplier, a.sample_rate, a.steps_per_round = 2.38, 1 / 19, 19
     a.history = [(2.38, 1 / 19, 19), (2.38, 1 / 19, 19)]
     a.epsilon_accounted = 0.5
+    a.data = DataCounts(1500, 1488, 12, (ColumnCounts("bmi", 40, imputed=30, dropped=10),))
     return to_status(state)
 
 
@@ -70,6 +72,23 @@ def test_what_the_server_writes_is_accepted_unchanged() -> None:
     rows = {h["name"]: h for h in parsed["privacy"]["hospitals"]}
     assert rows["hospital-a"]["history"] == [[2.38, 1 / 19, 38]]
     assert rows["hospital-a"]["numTrain"] == 1190
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"used": -1}, "hospitals.0.data.used"),
+        ({"rows": "1500"}, "hospitals.0.data.rows"),
+        ({"columns": [{"name": "bmi", "imputed": 1.5}]}, "hospitals.0.data.columns.0.imputed"),
+        ({"columns": [{"name": "x"}] * 202}, "hospitals.0.data.columns"),
+    ],
+)
+def test_a_hospitals_data_counts_are_bounded_and_typed(change: dict[str, Any], where: str) -> None:
+    status = real_status()
+    assert parse_report(body(status))["hospitals"][0]["data"]["columns"][0]["imputed"] == 30
+    status["hospitals"][0]["data"].update(change)
+    with pytest.raises(ReportError, match=rf"^{where}:"):
+        parse_report(body(status))
 
 
 def _privacy_row(**fields: Any) -> bytes:

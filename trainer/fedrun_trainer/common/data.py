@@ -1,43 +1,45 @@
 """Load a hospital's table, check it, and turn it into model inputs.
 
 Every hospital must produce the *same* feature vector layout from its own file without
-telling anyone anything about its data. Two rules follow, and this module enforces them:
+telling anyone anything about its data. The schema (the spec's features, or a preset's:
+:mod:`fedrun_core.schema`) says how; cells are read per :mod:`fedrun_core.values` (missing
+markers, categories matched trimmed, case-insensitively and numbers by value, booleans),
+column by column in :mod:`fedrun_trainer.common.columns`. The rules this module enforces:
 
 * **Fixed categories.** Categorical columns are one-hot encoded against a category list
-  that is agreed up front (the ``stroke`` preset's lists, or the spec's ``categories``), never
-  against the values a hospital happens to have. A hospital without any ``Never_worked``
-  patient still gets that column (all zeros), so weights line up across hospitals. A value
-  outside the list is an error that names the file, the line and the column.
+  that is agreed up front, never against the values a hospital happens to have. A
+  hospital without any ``Never_worked`` patient still gets that column (all zeros), so
+  weights line up across hospitals. A value outside the list is an error that names the
+  file, the line and the column, or, with ``unknown: other``, goes to one extra column.
 * **Fixed scaling ranges.** Numeric columns are clipped to an agreed ``[min, max]`` and mapped
   linearly onto ``[-1, 1]``. Fitting a scaler to local data would use the hospital's own
   mean and spread, which differ between hospitals (so the shared weights would mean
   different things at each site) and which are statistics of patients that are not covered
   by the differential-privacy guarantee of the training. Fixed ranges use no data at all.
-  The stroke preset's ranges are clinically plausible bounds (age 0-100 years, glucose
-  50-300 mg/dL, BMI 10-60 kg/m²); the rare value beyond them is clipped, which also bounds
-  each patient's influence on the gradient. Centring on ``[-1, 1]`` rather than ``[0, 1]``
-  keeps the intercept and the feature weights from fighting each other early in training,
-  which matters when DP-SGD gives only a few dozen noisy steps.
+  The rare value beyond them is clipped, which also bounds each patient's influence on the
+  gradient. Centring on ``[-1, 1]`` rather than ``[0, 1]`` keeps the intercept and the
+  feature weights from fighting each other early in training, which matters when DP-SGD
+  gives only a few dozen noisy steps.
+* **Declared missing-value policies.** A missing cell fails the hospital (``missing:
+  error``), takes the feature's agreed constant (``impute``, with an optional
+  ``<name>_missing`` indicator column) or removes its row (``dropRow``). Nothing is
+  computed from any hospital's data to fill a gap. :class:`DataCounts` says how many rows
+  were used and dropped and how many cells were imputed per column: counts only.
 * **Indicator columns are 0 or** :data:`INDICATOR_VALUE` **(0.25), not 0 or 1.** One-hot
-  categories and binary flags are many columns with weak signal each. Under DP-SGD every
-  column's weight receives the same Gaussian noise, and its effect on the logit scales with
-  the column's value, while its share of the per-patient clipping budget scales with the
-  value squared. A smaller fixed value is a data-independent prior that these columns matter
-  less than age or glucose: it shrinks the noise they add to predictions more than their
-  signal. Without DP it changes nothing but the weights' units (logistic regression is
-  invariant to rescaling a column). Measured on the real stroke data split into 3 hospitals,
-  logistic model, ε=1 over 5 rounds: pooled AUROC 0.78 with 0/1 columns, 0.82-0.83 with 0/0.25.
+  categories, booleans and missing flags are many columns with weak signal each. Under
+  DP-SGD every column's weight receives the same Gaussian noise, and its effect on the logit
+  scales with the column's value, while its share of the per-patient clipping budget scales
+  with the value squared. A smaller fixed value is a data-independent prior that these
+  columns matter less than age or glucose: it shrinks the noise they add to predictions
+  more than their signal. Without DP it changes nothing but the weights' units (logistic
+  regression is invariant to rescaling a column). Measured on the real stroke data split
+  into 3 hospitals, logistic model, ε=1 over 5 rounds: pooled AUROC 0.78 with 0/1 columns,
+  0.82-0.83 with 0/0.25.
 
-  In generic mode a numeric feature without ``min``/``max`` is standardised with the
-  hospital's *own* mean and standard deviation. That is a weaker choice (feature meaning
-  drifts between hospitals; the statistics are not under the DP guarantee) and exists only
-  for data where no range can be agreed; give ranges whenever you can.
-
-The stroke preset (Kaggle "healthcare-dataset-stroke-data" schema): ``id`` is dropped;
-``bmi`` written as ``N/A`` is imputed with the agreed value :data:`STROKE_BMI_IMPUTE`
-(28.1 kg/m², close to the adult median) and flagged by a ``bmi_missing`` indicator, because
-missing BMI is itself strongly associated with stroke in that data; ``hypertension`` and
-``heart_disease`` must be 0/1; the target is ``stroke`` (0/1).
+  A numeric feature without ``min``/``max`` is standardised with the hospital's *own* mean
+  and standard deviation. That is a weaker choice (feature meaning drifts between
+  hospitals; the statistics are not under the DP guarantee) and exists only for data where
+  no range can be agreed; give ranges whenever you can.
 
 Errors are :class:`DataError` and name the file, the line (the header is line 1, so the
 first data row is line 2; Parquet files report the 1-based row instead), the column and
@@ -49,9 +51,8 @@ name of the file; the value is only in :attr:`DataError.detail`, for the hospita
 from __future__ import annotations
 
 import io
-import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,15 +62,18 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from fedrun_core.api import DataSpec, pvc_pod_path
+from fedrun_core.api import DataSpec, Feature, pvc_pod_path
+from fedrun_core.schema import ColumnCounts, DataCounts, TableSchema, table_schema
+from fedrun_trainer.common.columns import Column, read_feature, read_target
 
 __all__ = [
     "INDICATOR_VALUE",
-    "STROKE_BMI_IMPUTE",
-    "STROKE_CATEGORIES",
-    "STROKE_RANGES",
     "DataError",
+    "HospitalData",
+    "Inspection",
+    "Problem",
     "Table",
+    "inspect",
     "load_hospital_data",
     "load_table",
     "prepare",
@@ -81,39 +85,6 @@ FloatArray = npt.NDArray[np.float32]
 
 #: Value of a set indicator (one-hot category, binary flag, missing-BMI flag); unset is 0.
 INDICATOR_VALUE = 0.25
-#: Agreed BMI for ``N/A`` values in the stroke preset (kg/m²).
-STROKE_BMI_IMPUTE = 28.1
-#: Agreed scaling ranges of the stroke preset's numeric columns (clipped, then mapped to [-1, 1]).
-STROKE_RANGES: dict[str, tuple[float, float]] = {
-    "age": (0.0, 100.0),
-    "avg_glucose_level": (50.0, 300.0),
-    "bmi": (10.0, 60.0),
-}
-#: Fixed category lists of the stroke preset, in one-hot column order.
-STROKE_CATEGORIES: dict[str, tuple[str, ...]] = {
-    "gender": ("Female", "Male", "Other"),
-    "ever_married": ("No", "Yes"),
-    "work_type": ("Govt_job", "Never_worked", "Private", "Self-employed", "children"),
-    "Residence_type": ("Rural", "Urban"),
-    "smoking_status": ("Unknown", "formerly smoked", "never smoked", "smokes"),
-}
-STROKE_BINARY = ("hypertension", "heart_disease")
-STROKE_TARGET = "stroke"
-STROKE_COLUMNS = (
-    "id",
-    "gender",
-    "age",
-    "hypertension",
-    "heart_disease",
-    "ever_married",
-    "work_type",
-    "Residence_type",
-    "avg_glucose_level",
-    "bmi",
-    "smoking_status",
-    "stroke",
-)
-_MISSING = {"", "N/A", "NA", "NaN", "nan", "None", "null"}
 
 
 class DataError(ValueError):
@@ -328,97 +299,78 @@ def _parse_error(uri: str, fmt: str, source: Any, exc: Exception) -> DataError:
 # --------------------------------------------------------------------------- checking
 
 
+@dataclass(frozen=True)
+class Problem:
+    """One kind of problem in one column, with every row it affects.
+
+    ``public`` may leave the hospital (file, first row, column, kind, row count, what the
+    spec expects); ``detail`` adds up to five of the values found, for the hospital's own
+    log and ``fedrun check``.
+    """
+
+    column: str | None
+    public: str
+    detail: str
+    rows: tuple[int, ...] = ()
+
+    def error(self, more: int = 0) -> DataError:
+        """This problem as a :class:`DataError`, saying how many others there are."""
+        tail = (
+            f" (and {more} more problem{'s' if more > 1 else ''}; `fedrun check` lists them)"
+            if more
+            else ""
+        )
+        return DataError(self.public + tail, self.detail + tail)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """A table checked against the schema: its model inputs (None when there are
+    problems), the counts of what the policies did, and every problem found."""
+
+    table: Table | None
+    counts: DataCounts
+    problems: list[Problem]
+    row_kind: str = "line"
+
+    def raise_first(self) -> Table:
+        """The table, or the first problem raised as a :class:`DataError`."""
+        if self.problems:
+            raise self.problems[0].error(more=len(self.problems) - 1)
+        assert self.table is not None
+        return self.table
+
+
+def _found(values: pd.Series) -> str:
+    distinct = list(dict.fromkeys(str(v) for v in values))
+    shown = ", ".join(repr(v) for v in distinct[:5])
+    return shown + (f" and {len(distinct) - 5} more" if len(distinct) > 5 else "")
+
+
+def _cell_problem(
+    df: pd.DataFrame, column: str, mask: npt.NDArray[np.bool_], what: str, source: str
+) -> Problem:
+    """A problem at the rows of ``mask`` in ``column``: first row, kind, row count."""
+    rows = tuple(int(r) for r in df.index[mask])
+    more = f" ({len(rows)} rows in all)" if len(rows) > 1 else ""
+    public = f"{source}: {_where(df, rows[0])}, column {column!r}: {what}{more}"
+    return Problem(column, public, f"{public}; found {_found(df[column][mask])}", rows)
+
+
 def _where(df: pd.DataFrame, label: Any) -> str:
     return f"{df.attrs.get('row_kind', 'row')} {label}"
 
 
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip() in _MISSING
-
-
-def _numeric(
-    df: pd.DataFrame,
-    column: str,
-    source: str,
-    *,
-    missing_ok: bool = False,
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
-    """Column as float64 plus a missing mask; raises on text or (unless allowed) gaps."""
-    raw = df[column]
-    missing = np.array([_is_missing(v) for v in raw], dtype=bool)
-    as_text = raw.astype(str).str.strip() if raw.dtype == object else raw
-    values = pd.to_numeric(as_text.where(~missing, None), errors="coerce").to_numpy(
-        dtype=np.float64, na_value=np.nan
+def _target_problem(
+    df: pd.DataFrame, column: str, bad: npt.NDArray[np.bool_], source: str
+) -> Problem:
+    rows = tuple(int(r) for r in df.index[bad])
+    n_bad = len(rows)
+    public = (
+        f"{source}: target column {column!r} must be binary (0/1): {n_bad} "
+        f"{'row is' if n_bad == 1 else 'rows are'} not (first at {_where(df, rows[0])})"
     )
-    bad = np.isnan(values) & ~missing | np.isinf(values)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise DataError.found(
-            f"{source}: {_where(df, df.index[i])}, column {column!r}: not a number",
-            repr(raw.iloc[i]),
-        )
-    if missing.any() and not missing_ok:
-        i = int(np.argmax(missing))
-        raise DataError.found(
-            f"{source}: {_where(df, df.index[i])}, column {column!r}: missing value",
-            repr(raw.iloc[i]),
-        )
-    return values, missing
-
-
-def _check_columns(df: pd.DataFrame, needed: Sequence[str], source: str) -> None:
-    # Only the spec's names may leave: the file's own header names can hold data.
-    missing = [c for c in needed if c not in df.columns]
-    if missing:
-        raise DataError.found(
-            f"{source}: missing column(s) {', '.join(repr(c) for c in missing)} "
-            f"(the file's header has {len(df.columns)} columns)",
-            f"header {', '.join(repr(c) for c in df.columns)}",
-        )
-
-
-def _target(df: pd.DataFrame, column: str, source: str) -> FloatArray:
-    raw = df[column]
-    text = raw.astype(str).str.strip()
-    values: npt.NDArray[np.float64] = pd.to_numeric(text, errors="coerce").to_numpy(
-        dtype=np.float64, na_value=np.nan
-    )
-    ok = (values == 0.0) | (values == 1.0)
-    if not ok.all():
-        bad_values = sorted({str(v) for v in raw[~ok]})
-        first = df.index[int(np.argmax(~ok))]
-        n_bad = int((~ok).sum())
-        shown = ", ".join(repr(v) for v in bad_values[:5])
-        more = f" and {len(bad_values) - 5} more" if len(bad_values) > 5 else ""
-        raise DataError.found(
-            f"{source}: target column {column!r} must be binary (0/1): {n_bad} "
-            f"{'row is' if n_bad == 1 else 'rows are'} not (first at {_where(df, first)})",
-            f"{shown}{more}",
-        )
-    return values.astype(np.float32)
-
-
-def _one_hot(
-    df: pd.DataFrame, column: str, categories: Sequence[str], source: str
-) -> tuple[FloatArray, list[str]]:
-    text = df[column].astype(str).str.strip()
-    lookup = {c: i for i, c in enumerate(categories)}
-    codes = text.map(lookup)
-    unknown = codes.isna().to_numpy()
-    if unknown.any():
-        i = int(np.argmax(unknown))
-        raise DataError.found(
-            f"{source}: {_where(df, df.index[i])}, column {column!r}: unknown category "
-            f"(expected one of {', '.join(map(repr, categories))})",
-            repr(df[column].iloc[i]),
-        )
-    out = np.zeros((len(df), len(categories)), dtype=np.float32)
-    out[np.arange(len(df)), codes.to_numpy(dtype=np.int64)] = INDICATOR_VALUE
-    return out, [f"{column}={c}" for c in categories]
+    return Problem(column, public, f"{public}; found {_found(df[column][bad])}", rows)
 
 
 def _scale(values: npt.NDArray[np.float64], lo: float, hi: float) -> FloatArray:
@@ -427,95 +379,162 @@ def _scale(values: npt.NDArray[np.float64], lo: float, hi: float) -> FloatArray:
 
 
 def _standardise(values: npt.NDArray[np.float64]) -> FloatArray:
+    if len(values) == 0:
+        return values.astype(np.float32)
     std = float(values.std())
     out: FloatArray = ((values - values.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
     return out
 
 
-def _prepare_stroke(df: pd.DataFrame, source: str) -> Table:
-    needed = [c for c in STROKE_COLUMNS if c != "id"]
-    _check_columns(df, needed, source)
-    y = _target(df, STROKE_TARGET, source)
+def _encode(
+    feature: Feature, column: Column, keep: npt.NDArray[np.bool_]
+) -> tuple[FloatArray, list[str]]:
+    """The model-input columns of one feature over the kept rows, and their names."""
+    missing = column.missing[keep]
+    values = column.values[keep]
     blocks: list[FloatArray] = []
     names: list[str] = []
-    for column in ("age", "avg_glucose_level"):
-        values, _ = _numeric(df, column, source)
-        blocks.append(_scale(values, *STROKE_RANGES[column])[:, None])
-        names.append(column)
-    bmi, bmi_missing = _numeric(df, "bmi", source, missing_ok=True)
-    bmi = np.where(bmi_missing, STROKE_BMI_IMPUTE, bmi)
-    blocks += [
-        _scale(bmi, *STROKE_RANGES["bmi"])[:, None],
-        (bmi_missing * INDICATOR_VALUE).astype(np.float32)[:, None],
-    ]
-    names += ["bmi", "bmi_missing"]
-    for column in STROKE_BINARY:
-        values, _ = _numeric(df, column, source)
-        bad = ~np.isin(values, (0.0, 1.0))
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise DataError.found(
-                f"{source}: {_where(df, df.index[i])}, column {column!r}: must be 0 or 1",
-                repr(df[column].iloc[i]),
+    if feature.type == "categorical":
+        categories = list(feature.categories or [])
+        if feature.missing == "impute" and feature.fill_category is not None:
+            values = np.where(missing, float(categories.index(feature.fill_category)), values)
+        width = len(categories) + (1 if feature.unknown == "other" else 0)
+        block = np.zeros((len(values), width), dtype=np.float32)
+        known = ~np.isnan(values)
+        block[np.flatnonzero(known), values[known].astype(np.int64)] = INDICATOR_VALUE
+        names += [f"{feature.name}={c}" for c in categories]
+        if feature.unknown == "other":
+            assert column.other is not None
+            block[column.other[keep], -1] = INDICATOR_VALUE
+            names.append(f"{feature.name}=(other)")
+        blocks.append(block)
+    else:
+        if feature.missing == "impute" and feature.fill is not None:
+            values = np.where(missing, feature.fill, values)
+        if feature.type == "boolean":
+            blocks.append((values * INDICATOR_VALUE).astype(np.float32)[:, None])
+        elif feature.min is not None and feature.max is not None:
+            blocks.append(_scale(values, feature.min, feature.max)[:, None])
+        else:
+            blocks.append(_standardise(values)[:, None])
+        names.append(feature.name)
+    if feature.indicator:
+        blocks.append((missing * INDICATOR_VALUE).astype(np.float32)[:, None])
+        names.append(f"{feature.name}_missing")
+    return np.hstack(blocks), names
+
+
+def inspect(df: pd.DataFrame, schema: TableSchema, source: str) -> Inspection:
+    """Check ``df`` against ``schema``, apply the missing-value policies and encode it.
+
+    Finds every problem rather than stopping at the first (``fedrun check`` lists them;
+    training raises the first with :meth:`Inspection.raise_first`). ``source`` names the
+    file in messages; row labels come from ``df.index`` (line numbers when the frame came
+    from :func:`load_table`).
+    """
+    row_kind = str(df.attrs.get("row_kind", "row"))
+    absent = [c for c in schema.columns if c not in df.columns]
+    if absent:
+        # Only the spec's names may leave: the file's own header names can hold data.
+        public = (
+            f"{source}: missing column(s) {', '.join(repr(c) for c in absent)} "
+            f"(the file's header has {len(df.columns)} columns)"
+        )
+        detail = f"{public}; found header {', '.join(repr(c) for c in df.columns)}"
+        return Inspection(
+            None, DataCounts(len(df), 0, len(df)), [Problem(None, public, detail)], row_kind
+        )
+    problems: list[Problem] = []
+    drop = np.zeros(len(df), dtype=bool)
+    target = read_target(df[schema.target], schema.missing)
+    if target.bad.any():
+        problems.append(_target_problem(df, schema.target, target.bad, source))
+    if target.missing.any():
+        if schema.target_missing == "dropRow":
+            drop |= target.missing
+        else:
+            problems.append(
+                _cell_problem(df, schema.target, target.missing, "missing value", source)
             )
-        blocks.append((values * INDICATOR_VALUE).astype(np.float32)[:, None])
-        names.append(column)
-    for column, categories in STROKE_CATEGORIES.items():
-        block, block_names = _one_hot(df, column, categories, source)
+    read: list[tuple[Feature, Column]] = []
+    for feature in schema.features:
+        column = read_feature(df[feature.name], feature, schema.missing)
+        if column.bad.any():
+            expected = (
+                f" (expected one of {', '.join(map(repr, feature.categories or []))})"
+                if feature.type == "categorical"
+                else ""
+            )
+            problems.append(
+                _cell_problem(df, feature.name, column.bad, column.kind + expected, source)
+            )
+        if column.missing.any():
+            if feature.missing == "error":
+                problems.append(
+                    _cell_problem(df, feature.name, column.missing, "missing value", source)
+                )
+            elif feature.missing == "dropRow":
+                drop |= column.missing
+        read.append((feature, column))
+    keep = ~drop
+    counts = _counts(schema, target, read, keep)
+    if not problems:
+        y = target.values[keep]
+        positives = int((y == 1.0).sum())
+        negatives = len(y) - positives
+        if len(y) < 2 or min(positives, negatives) < schema.min_rows_per_class:
+            public = (
+                f"{source}: too few rows to train after the missing-value policies: "
+                f"{len(y)} of {len(df)} rows used, {negatives} of class 0 and {positives} of "
+                f"class 1 (at least 2 rows and data.minRowsPerClass "
+                f"{schema.min_rows_per_class} of each class are needed)"
+            )
+            problems.append(Problem(None, public, public))
+    if problems:
+        return Inspection(None, counts, problems, row_kind)
+    blocks: list[FloatArray] = []
+    names: list[str] = []
+    for feature, column in read:
+        block, block_names = _encode(feature, column, keep)
         blocks.append(block)
         names += block_names
-    return Table(np.hstack(blocks).astype(np.float32), y, names)
+    y32 = target.values[keep].astype(np.float32)
+    return Inspection(Table(np.hstack(blocks).astype(np.float32), y32, names), counts, [], row_kind)
 
 
-def _prepare_generic(df: pd.DataFrame, spec: DataSpec, source: str) -> Table:
-    if not spec.target_column:
-        raise DataError(f"{source}: data.targetColumn is required when no preset is given")
-    features = list(spec.features or [])
-    if not features:
-        raise DataError(f"{source}: data.features is required when no preset is given")
-    _check_columns(df, [spec.target_column, *(f.name for f in features)], source)
-    y = _target(df, spec.target_column, source)
-    blocks: list[FloatArray] = []
-    names: list[str] = []
-    for feature in features:
-        if feature.type == "numeric":
-            values, _ = _numeric(df, feature.name, source)
-            if feature.min is not None and feature.max is not None:
-                if not feature.max > feature.min:
-                    raise DataError(f"{source}: feature {feature.name!r}: max must exceed min")
-                blocks.append(_scale(values, feature.min, feature.max)[:, None])
-            else:
-                blocks.append(_standardise(values)[:, None])
-            names.append(feature.name)
-        elif feature.type == "categorical":
-            if not feature.categories:
-                raise DataError(
-                    f"{source}: categorical feature {feature.name!r} needs a categories list"
-                )
-            block, block_names = _one_hot(df, feature.name, feature.categories, source)
-            blocks.append(block)
-            names += block_names
-        else:
-            raise DataError(f"{source}: feature {feature.name!r}: unknown type {feature.type!r}")
-    return Table(np.hstack(blocks).astype(np.float32), y, names)
+def _counts(
+    schema: TableSchema,
+    target: Column,
+    read: list[tuple[Feature, Column]],
+    keep: npt.NDArray[np.bool_],
+) -> DataCounts:
+    columns: list[ColumnCounts] = []
+    if target.missing.any():
+        n = int(target.missing.sum())
+        dropped = n if schema.target_missing == "dropRow" else 0
+        columns.append(ColumnCounts(schema.target, missing=n, dropped=dropped))
+    for feature, column in read:
+        missing = int(column.missing.sum())
+        imputed = int((column.missing & keep).sum()) if feature.missing == "impute" else 0
+        dropped = missing if feature.missing == "dropRow" else 0
+        other = int((column.other & keep).sum()) if column.other is not None else 0
+        if missing or other:
+            columns.append(ColumnCounts(feature.name, missing, imputed, dropped, other))
+    used = int(keep.sum())
+    return DataCounts(len(keep), used, len(keep) - used, tuple(columns))
 
 
 def prepare(df: pd.DataFrame, data_spec: DataSpec, source: str) -> Table:
-    """Check ``df`` against the schema and encode it (see the module docstring).
+    """Check ``df`` against the schema and encode it; raises the first problem found as a
+    :class:`DataError` (see :func:`inspect` for all of them, and the counts)."""
+    return inspect(df, _schema(data_spec, source), source).raise_first()
 
-    ``source`` names the file in error messages. Row labels come from ``df.index``
-    (line numbers when the frame came from :func:`load_table`).
-    """
-    if data_spec.preset is not None:
-        if data_spec.preset != "stroke":
-            raise DataError(f"{source}: unknown data preset {data_spec.preset!r}")
-        if data_spec.target_column not in (None, STROKE_TARGET):
-            raise DataError(
-                f"{source}: the stroke preset's target is {STROKE_TARGET!r}, "
-                f"not {data_spec.target_column!r}"
-            )
-        return _prepare_stroke(df, source)
-    return _prepare_generic(df, data_spec, source)
+
+def _schema(data_spec: DataSpec, source: str) -> TableSchema:
+    try:
+        return table_schema(data_spec)
+    except ValueError as err:
+        raise DataError(f"{source}: {err}") from err
 
 
 # --------------------------------------------------------------------------- splitting
@@ -547,12 +566,20 @@ def split(table: Table, test_fraction: float, seed: int) -> tuple[Table, Table]:
     return _take(table, train), _take(table, test)
 
 
+@dataclass(frozen=True)
+class HospitalData:
+    """One hospital's data, ready to train: its splits and what its policies did."""
+
+    train: Table
+    test: Table
+    counts: DataCounts
+
+
 def load_hospital_data(
     uri: str, data_spec: DataSpec, test_fraction: float, seed: int
-) -> tuple[Table, Table]:
-    """Load, check, encode and split one hospital's data: ``(train, test)``."""
+) -> HospitalData:
+    """Load, check, encode and split one hospital's data; raises :class:`DataError`."""
     df = load_table(uri, data_spec.format)
-    table = prepare(df, data_spec, uri)
-    if len(table) < 2:
-        raise DataError(f"{uri}: needs at least 2 data rows, has {len(table)}")
-    return split(table, test_fraction, seed)
+    inspection = inspect(df, _schema(data_spec, uri), uri)
+    train, test = split(inspection.raise_first(), test_fraction, seed)
+    return HospitalData(train, test, inspection.counts)

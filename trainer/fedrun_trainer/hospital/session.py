@@ -16,6 +16,7 @@ import numpy as np
 
 from fedrun_core import names as constants
 from fedrun_core.api import ledger_uri
+from fedrun_core.schema import DataCounts
 from fedrun_trainer.common.data import Table, load_hospital_data
 from fedrun_trainer.common.model import build_model
 from fedrun_trainer.common.privacy import (
@@ -106,6 +107,7 @@ class HospitalSession:
     train_table: Table
     test_table: Table
     state_dir: Path
+    counts: DataCounts | None = None
 
     @classmethod
     def open(cls, config_path: str, hospital: str, state_dir: Path) -> HospitalSession:
@@ -120,21 +122,23 @@ class HospitalSession:
         settings = RunSettings.load(config_path)
         spec = settings.hospital(hospital)
         run = settings.run.spec
-        train, test = load_hospital_data(
+        data = load_hospital_data(
             spec.data_uri, run.data, run.training.test_fraction, run.training.seed
         )
-        return cls(settings, hospital, train, test, state_dir)
+        return cls(settings, hospital, data.train, data.test, state_dir, data.counts)
 
     @property
     def n_features(self) -> int:
         return int(self.train_table.x.shape[1])
 
     def summary(self) -> dict[str, float]:
-        """Counts the server may know: sizes and feature count, never raw values."""
+        """Counts the server may know: sizes, feature count and what the missing-value
+        policies did (:class:`~fedrun_core.schema.DataCounts`), never raw values."""
         return {
             "num_train": float(len(self.train_table)),
             "num_test": float(len(self.test_table)),
             "num_features": float(self.n_features),
+            **(self.counts.to_metrics() if self.counts is not None else {}),
         }
 
     def _model(self) -> Any:

@@ -26,6 +26,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedrun_core.accounting import over_target
+from fedrun_core.schema import DataCounts
 from fedrun_core.states import HospitalState, Phase, Reason
 from fedrun_core.times import now_rfc3339
 from fedrun_trainer.common import protocol
@@ -258,6 +259,7 @@ class Coordinator:
         h.num_train = int(reply.metrics.get("num_train", h.num_train))
         h.num_test = int(reply.metrics.get("num_test", h.num_test))
         h.num_features = int(reply.metrics.get("num_features", h.num_features))
+        h.data = DataCounts.from_metrics(reply.metrics, list(self.state.columns)) or h.data
         if reply.outcome is Outcome.FAILED:
             self._fail_hospital(h.name, reply.message)
         elif h.state in (HospitalState.PENDING, HospitalState.CONNECTED):

@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid
 
+from fedrun_core.schema import table_schema
 from fedrun_core.states import Phase, Reason
 from fedrun_trainer.common import files
 from fedrun_trainer.common.settings import RunSettings
@@ -105,6 +106,7 @@ def new_run_state(settings: RunSettings) -> RunState:
         settings.rounds,
         settings.target_epsilon if settings.privacy_enabled else None,
         settings.delta if settings.privacy_enabled else None,
+        columns=tuple(table_schema(settings.run.spec.data).columns),
     )
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedrun_core.accounting import collapse
+from fedrun_core.schema import DataCounts
 from fedrun_core.states import (
     FINAL_PHASES,
     HospitalState,
@@ -45,6 +46,8 @@ class HospitalProgress:
     num_train: int = 0
     num_test: int = 0
     num_features: int = 0
+    #: What the hospital's missing-value policies did (counts only), from its hello.
+    data: DataCounts | None = None
 
     @property
     def epsilon(self) -> float:
@@ -91,6 +94,9 @@ class RunState:
     mlflow_run_id: str | None = None
     rounds: list[RoundRecord] = field(default_factory=list)
     observed_generation: int | None = None
+    #: The table's columns (target, then features): the only names a hospital's data
+    #: counts may use.
+    columns: tuple[str, ...] = ()
 
     @classmethod
     def new(
@@ -101,6 +107,7 @@ class RunState:
         target_epsilon: float | None,
         delta: float | None,
         observed_generation: int | None = None,
+        columns: tuple[str, ...] = (),
     ) -> RunState:
         """A fresh run whose hospitals have not connected yet."""
         return cls(
@@ -112,6 +119,7 @@ class RunState:
                 h: HospitalProgress(name=h, job_name=f"{run_name}-{h}") for h in hospital_names
             },
             observed_generation=observed_generation,
+            columns=columns,
         )
 
     @property
@@ -167,6 +175,7 @@ def to_status(state: RunState) -> dict[str, Any]:
                 "restarts": h.restarts,
                 "epsilon": _rounded(h.epsilon),
                 **({"message": h.message} if h.message else {}),
+                **({"data": h.data.to_status()} if h.data is not None else {}),
             }
             for h in hospitals
         ],
