@@ -1240,10 +1240,22 @@ class MetricsStatus(_Status):
     """Federated evaluation of the latest round's global model on the hospitals' test splits."""
 
     round: int | None = Field(None, ge=0, description="Round these metrics belong to.")
-    loss: float | None = Field(None, description="Weighted mean test loss.")
-    auroc: float | None = Field(None, description="Area under the ROC curve.")
-    auprc: float | None = Field(None, description="Area under the precision-recall curve.")
-    accuracy: float | None = Field(None, description="Accuracy at threshold 0.5.")
+    loss: float | None = Field(
+        None, description="Mean of the hospitals' test losses, weighted by their test rows."
+    )
+    auroc: float | None = Field(
+        None,
+        description=(
+            "Mean of the hospitals' own test AUROCs, weighted by their test rows (not the "
+            "AUROC of all test rows pooled, which no one computes: rows never leave)."
+        ),
+    )
+    auprc: float | None = Field(
+        None, description="Mean of the hospitals' own test AUPRCs, weighted by their test rows."
+    )
+    accuracy: float | None = Field(
+        None, description="Accuracy at threshold 0.5, weighted by the hospitals' test rows."
+    )
 
 
 class ColumnDataStatus(_Status):

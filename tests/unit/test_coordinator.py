@@ -473,7 +473,8 @@ def test_too_few_hospitals_fails_fast_naming_the_failed_ones() -> None:
 
     st = h.state
     assert (st.phase, st.reason) == ("Failed", "TooFewHospitals")
-    assert "minHospitals is 2" in st.message
+    assert st.message.startswith("2 of 3 hospitals failed (hospital-")
+    assert st.message.endswith("; the other 1 cannot reach minHospitals 2")
     assert "hospital-b: hospital-b.csv: no such file" in st.message
     assert "hospital-c: hospital-c.csv row 3: bad stroke" in st.message
     assert "hospital-a:" not in st.message

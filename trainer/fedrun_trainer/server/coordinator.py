@@ -321,6 +321,9 @@ class Coordinator:
                 f"waiting for hospitals: {len(ready)}/{len(self.state.hospitals)} connected, "
                 f"{self.settings.min_hospitals} needed"
             )
+            for h in alive:
+                if h.node_id is None and not h.message:
+                    h.message = "starting: not connected yet"
             self.publish(self.state)
             time.sleep(0.2)
 
@@ -454,13 +457,7 @@ class Coordinator:
         st.start_time = now_rfc3339()
         self.publish(st)
         if not self.wait_for_hospitals():
-            ready = len(self.connected())
-            st.finish(
-                Phase.FAILED,
-                Reason.TOO_FEW_HOSPITALS,
-                f"{ready} of {len(st.hospitals)} hospitals could take part; "
-                f"minHospitals is {cfg.min_hospitals}. {self._failures()}".strip(),
-            )
+            st.finish(Phase.FAILED, Reason.TOO_FEW_HOSPITALS, self.join_failure())
             self.publish(st)
             return None
         sizes = {
@@ -640,6 +637,36 @@ class Coordinator:
         spent = max((h.epsilon for h in self.state.hospitals.values()), default=0.0)
         target = self.settings.target_epsilon
         return f"{spent:.3f}" + (f" of {target}" if target is not None else "")
+
+    def join_failure(self) -> str:
+        """Why the run cannot start: who failed and why, who is still starting, and
+        whether the rest can reach ``minHospitals``."""
+        hospitals = self.state.hospitals.values()
+        failed = [h for h in hospitals if h.state == HospitalState.FAILED]
+        joined = self.connected()
+        starting = [
+            h.name for h in hospitals if h.state != HospitalState.FAILED and h.name not in joined
+        ]
+        total, needed = len(self.state.hospitals), self.settings.min_hospitals
+        parts = []
+        if failed:
+            reasons = "; ".join(f"{h.name}: {h.message or 'failed'}" for h in failed)
+            parts.append(f"{len(failed)} of {total} hospitals failed ({reasons})")
+        others = total - len(failed)
+        if starting and others >= needed:
+            parts.append(
+                f"{len(joined)} joined and {len(starting)} still starting "
+                f"({', '.join(sorted(starting))}) when the round timeout "
+                f"({self.settings.round_timeout_s:.0f} s) ran out; minHospitals is {needed}"
+            )
+        else:
+            still = f", {len(starting)} of them still starting" if starting else ""
+            parts.append(
+                f"the other {others} cannot reach minHospitals {needed}{still}"
+                if failed
+                else f"{others} hospitals cannot reach minHospitals {needed}"
+            )
+        return "; ".join(parts)
 
     def _failures(self) -> str:
         failed = [
