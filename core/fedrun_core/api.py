@@ -1246,8 +1246,16 @@ class MetricsStatus(_Status):
     auroc: float | None = Field(
         None,
         description=(
-            "Mean of the hospitals' own test AUROCs, weighted by their test rows (not the "
-            "AUROC of all test rows pooled, which no one computes: rows never leave)."
+            "Mean of the hospitals' own test AUROCs, weighted by their test rows (pooledAuroc "
+            "is the AUROC of all test rows together)."
+        ),
+    )
+    pooled_auroc: float | None = Field(
+        None,
+        description=(
+            "AUROC of all hospitals' test rows together, computed by the server from the "
+            "per-class counts of their test scores in fixed bins (no row or score leaves a "
+            "hospital; scores in one bin count as ties)."
         ),
     )
     auprc: float | None = Field(

@@ -177,7 +177,8 @@ def print_summary(
     rnd = status.get("round") or {}
     console.print(
         f"phase {status.get('phase')}  rounds {rnd.get('current', 0)}/{rnd.get('total')}  "
-        f"AUROC {_fmt(metrics.get('auroc'))}  AUPRC {_fmt(metrics.get('auprc'))}  "
+        f"AUROC {_fmt(metrics.get('auroc'))} (mean of the hospitals'; pooled "
+        f"{_fmt(metrics.get('pooledAuroc'))})  AUPRC {_fmt(metrics.get('auprc'))}  "
         f"loss {_fmt(metrics.get('loss'))}  "
         + (
             f"ε {_fmt(privacy.get('epsilonSpent'))} of {privacy.get('targetEpsilon')} "

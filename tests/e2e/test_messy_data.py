@@ -159,6 +159,7 @@ def test_declared_policies_train_and_the_status_counts_what_they_did(
     assert status["phase"] == "Succeeded"
     assert status["privacy"]["epsilonSpent"] <= 1.0
     assert status["metrics"]["auroc"] >= 0.7
+    assert 0.7 <= status["metrics"]["pooledAuroc"] <= 1.0  # from summed score counts
     data = {h["name"]: h["data"] for h in status["hospitals"]}
     for name, rows in messy["rows"].items():
         assert data[name]["rows"] == data[name]["used"] == rows

@@ -25,6 +25,7 @@ METRICS = "metrics"
 EVAL = "eval"
 PRIVACY = "privacy"
 CONFIG = "config"
+SCORES = "scores"  # per-bin counts of test scores per class (common.scores)
 
 
 class Outcome(StrEnum):
@@ -47,3 +48,5 @@ class HospitalReply:
     evaluation: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, float] = field(default_factory=dict)
     weights: list[np.ndarray] | None = None
+    #: "negatives" and "positives": per-bin counts, as sent (checked by the server).
+    scores: dict[str, list[float]] = field(default_factory=dict)

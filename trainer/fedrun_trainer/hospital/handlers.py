@@ -72,6 +72,7 @@ def _reply(
     metrics: dict[str, float] | None = None,
     evaluation: dict[str, float] | None = None,
     privacy: dict[str, float] | None = None,
+    scores: dict[str, list[int]] | None = None,
 ) -> Message:
     content = RecordDict(
         {
@@ -94,6 +95,8 @@ def _reply(
     ):
         if values:
             content[key] = MetricRecord({k: float(v) for k, v in values.items()})
+    if scores:
+        content[protocol.SCORES] = MetricRecord(dict(scores))  # type: ignore[arg-type]
     return Message(content, reply_to=msg)
 
 
@@ -138,7 +141,8 @@ def _guarded(kind: str, msg: Message, context: Context) -> Message:
             return _reply(msg, node, Outcome.OK, metrics=site.summary())
         if kind == "evaluate":
             weights = msg.content.array_records[protocol.WEIGHTS].to_numpy_ndarrays()
-            return _reply(msg, node, Outcome.OK, evaluation=site.evaluate(weights))
+            evaluation, scores = site.evaluate(weights)
+            return _reply(msg, node, Outcome.OK, evaluation=evaluation, scores=scores)
         cfg = msg.content.config_records[protocol.CONFIG]
         weights = msg.content.array_records[protocol.WEIGHTS].to_numpy_ndarrays()
         outcome = site.train(
@@ -156,6 +160,7 @@ def _guarded(kind: str, msg: Message, context: Context) -> Message:
             metrics=outcome.metrics,
             evaluation=outcome.evaluation,
             privacy=outcome.privacy,
+            scores=outcome.scores,
         )
     except DataError as err:  # file, line, column and kind leave; the value is logged
         return _fail(msg, node, err.public, detail=err.detail)

@@ -49,6 +49,15 @@ class TrainOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     evaluation: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _scores(result: EvalResult) -> dict[str, list[int]]:
+    """The per-bin score counts of a test split, for the server's pooled AUROC."""
+    if result.score_counts is None:
+        return {}
+    negatives, positives = result.score_counts
+    return {"negatives": negatives, "positives": positives}
 
 
 def _eval_dict(result: EvalResult) -> dict[str, float]:
@@ -144,9 +153,11 @@ class HospitalSession:
     def _model(self) -> Any:
         return build_model(self.settings.model_spec(), self.n_features, seed=self.settings.seed)
 
-    def evaluate(self, weights: Weights) -> dict[str, float]:
-        """Held-out metrics of ``weights`` on this hospital's test split."""
-        return _eval_dict(evaluate(self._model(), weights, self.test_table))
+    def evaluate(self, weights: Weights) -> tuple[dict[str, float], dict[str, list[int]]]:
+        """Held-out metrics of ``weights`` on this hospital's test split, and the per-bin
+        counts of its test scores per class (:mod:`fedrun_trainer.common.scores`)."""
+        result = evaluate(self._model(), weights, self.test_table)
+        return _eval_dict(result), _scores(result)
 
     def ledger_uri(self) -> str:
         return local_ledger_uri(ledger_uri(self.settings.run, self.name), self.state_dir)
@@ -181,7 +192,7 @@ class HospitalSession:
         local ledger knows fewer steps (it was lost with a pod), training resumes from the
         server's record, so ε is never counted from zero again.
         """
-        evaluation = self.evaluate(weights) if evaluate_first else {}
+        evaluation, scores = self.evaluate(weights) if evaluate_first else ({}, {})
         spec = self.settings.run.spec
         uri = self.ledger_uri()
         ledger = self.open_ledger()
@@ -207,6 +218,7 @@ class HospitalSession:
                 str(err),
                 evaluation=evaluation,
                 privacy=self._privacy(ledger.epsilon, ledger, steps=0),
+                scores=scores,
             )
         if result.ledger is not None and not result.skipped:
             save_ledger(uri, result.ledger)
@@ -216,6 +228,7 @@ class HospitalSession:
             metrics={"num_examples": float(result.num_examples), "loss": result.loss},
             evaluation=evaluation,
             privacy=self._privacy(result.epsilon, result.ledger, steps=result.steps),
+            scores=scores,
         )
 
     @staticmethod

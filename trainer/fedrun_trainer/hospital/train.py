@@ -37,6 +37,7 @@ from fedrun_core.api import PrivacySpec, TrainingSpec
 from fedrun_trainer.common.data import Table
 from fedrun_trainer.common.model import Weights, get_weights, set_weights
 from fedrun_trainer.common.privacy import HistoryEntry, PrivacyLedger
+from fedrun_trainer.common.scores import score_counts
 
 __all__ = [
     "GRAD_SAMPLE_MODE",
@@ -89,6 +90,8 @@ class EvalResult:
     auroc: float | None
     auprc: float | None
     accuracy: float
+    #: Per-bin counts of negatives' and positives' scores (:mod:`..common.scores`).
+    score_counts: tuple[list[int], list[int]] | None = None
 
 
 def fresh_seed(hospital: str, server_round: int) -> int:
@@ -395,4 +398,5 @@ def evaluate(
     auprc = float(average_precision_score(y, p)) if two_classes else None
     if auroc is not None and math.isnan(auroc):
         auroc = None
-    return EvalResult(n, loss, auroc, auprc, accuracy)
+    counts = score_counts(logits.numpy(), y)
+    return EvalResult(n, loss, auroc, auprc, accuracy, counts)

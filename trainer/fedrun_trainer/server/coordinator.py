@@ -31,6 +31,7 @@ from fedrun_core.states import HospitalState, Phase, Reason
 from fedrun_core.times import now_rfc3339
 from fedrun_trainer.common import protocol
 from fedrun_trainer.common.protocol import HospitalReply, Outcome
+from fedrun_trainer.common.scores import BINS, auroc_from_counts, checked_counts
 from fedrun_trainer.server.run_state import RoundRecord, RunState
 
 log = logging.getLogger("fedrun.server")
@@ -80,12 +81,47 @@ def decode_reply(msg: Message) -> HospitalReply | None:
         metrics=numbers(protocol.METRICS),
         evaluation=numbers(protocol.EVAL),
         privacy=numbers(protocol.PRIVACY),
+        scores=count_lists(metric.get(protocol.SCORES)),
         weights=(
             msg.content.array_records[protocol.WEIGHTS].to_numpy_ndarrays()
             if protocol.WEIGHTS in msg.content.array_records
             else None
         ),
     )
+
+
+def count_lists(record: Any) -> dict[str, list[float]]:
+    """The list entries of a reply's scores record (anything else is dropped)."""
+    if record is None:
+        return {}
+    return {
+        k: [float(x) for x in v]
+        for k, v in record.items()
+        if k in ("negatives", "positives") and isinstance(v, list)
+    }
+
+
+def pooled_auroc(
+    per_hospital: dict[str, dict[str, list[float]]], examples: dict[str, float]
+) -> float | None:
+    """The AUROC of every hospital's test rows together, from their summed score counts
+    (:mod:`fedrun_trainer.common.scores`); a hospital whose counts are not well-formed
+    (wrong length, not whole, more than its test rows) is left out, and None is returned
+    when no hospital's counts can be used."""
+    negatives = [0] * BINS
+    positives = [0] * BINS
+    used = 0
+    for name, counts in per_hospital.items():
+        limit = int(examples.get(name, 0))
+        neg = checked_counts(counts.get("negatives", []), limit)
+        pos = checked_counts(counts.get("positives", []), limit)
+        if neg is None or pos is None or sum(neg) + sum(pos) != limit:
+            log.warning("%s: its score counts are not well-formed; left out of pooled AUROC", name)
+            continue
+        negatives = [a + b for a, b in zip(negatives, neg, strict=True)]
+        positives = [a + b for a, b in zip(positives, pos, strict=True)]
+        used += 1
+    return auroc_from_counts(negatives, positives) if used else None
 
 
 def _from(msg: Message, node_id: int) -> bool:
@@ -107,13 +143,22 @@ def weighted_mean(values: Iterable[tuple[float | None, float]]) -> float | None:
     return None if total == 0 else sum(v * w for v, w in pairs) / total
 
 
-def aggregate_evaluation(per_hospital: dict[str, dict[str, float]]) -> dict[str, float | None]:
-    """Example-weighted means of each hospital's held-out metrics."""
+def aggregate_evaluation(
+    per_hospital: dict[str, dict[str, float]],
+    scores: dict[str, dict[str, list[float]]] | None = None,
+) -> dict[str, float | None]:
+    """Example-weighted means of each hospital's held-out metrics and, from the hospitals'
+    score counts, ``pooledAuroc``: the AUROC of all their test rows together."""
     keys = ("loss", "auroc", "auprc", "accuracy")
     out: dict[str, float | None] = {}
     for key in keys:
         out[key] = weighted_mean(
             (ev.get(key), ev.get("num_examples", 0.0)) for ev in per_hospital.values()
+        )
+    if scores:
+        examples = {n: ev.get("num_examples", 0.0) for n, ev in per_hospital.items()}
+        out["pooledAuroc"] = pooled_auroc(
+            {n: s for n, s in scores.items() if n in per_hospital}, examples
         )
     return out
 
@@ -535,6 +580,7 @@ class Coordinator:
         record = RoundRecord(round=server_round)
         prev = st.rounds[-1] if st.rounds else None
         per_eval: dict[str, dict[str, float]] = {}
+        per_scores: dict[str, dict[str, list[float]]] = {}
         losses: list[tuple[float | None, float]] = []
         for name in eligible:
             h = st.hospitals[name]
@@ -546,6 +592,7 @@ class Coordinator:
             self._record_privacy(name, reply.privacy)
             if reply.evaluation:
                 per_eval[name] = reply.evaluation
+                per_scores[name] = reply.scores
             if reply.outcome is Outcome.FAILED:
                 self._fail_hospital(name, reply.message)
             elif reply.outcome is Outcome.BUDGET:
@@ -562,7 +609,7 @@ class Coordinator:
                 losses.append((reply.metrics.get("loss"), float(n)))
         if prev is not None and per_eval:
             prev.per_hospital_eval = dict(per_eval)
-            prev.evaluation = aggregate_evaluation(per_eval)
+            prev.evaluation = aggregate_evaluation(per_eval, per_scores)
         for h in st.hospitals.values():
             record.epsilon[h.name] = h.epsilon
         if len(results) < cfg.min_hospitals:
@@ -600,9 +647,10 @@ class Coordinator:
             names, protocol.EVALUATE, lambda _: content, self.settings.round_timeout_s
         )
         per_eval = {n: r.evaluation for n, r in replies.items() if r.evaluation}
+        per_scores = {n: r.scores for n, r in replies.items() if r.evaluation}
         if st.rounds and per_eval:
             st.rounds[-1].per_hospital_eval = per_eval
-            st.rounds[-1].evaluation = aggregate_evaluation(per_eval)
+            st.rounds[-1].evaluation = aggregate_evaluation(per_eval, per_scores)
         if st.rounds and self.on_round is not None:
             self.on_round(st, st.rounds[-1])
         for name, h in st.hospitals.items():
