@@ -446,10 +446,10 @@ def decide(
         )
     elif len(spec.hospitals) - len(failed) < spec.min_hospitals and phase not in FINAL_PHASES:
         phase, reason = Phase.FAILED, Reason.TOO_FEW_HOSPITALS
-        failures = ", ".join(f"{h['name']} ({h.get('message', 'failed')})" for h in failed)
+        failures = "; ".join(f"{h['name']}: {h.get('message', 'failed')}" for h in failed)
         message = (
-            f"{len(spec.hospitals) - len(failed)} hospitals left, minHospitals is "
-            f"{spec.min_hospitals}; failed: {failures}"
+            f"{len(failed)} of {len(spec.hospitals)} hospitals failed ({failures}); the other "
+            f"{len(spec.hospitals) - len(failed)} cannot reach minHospitals {spec.min_hospitals}"
         )
     elif (
         spec.privacy.enabled

@@ -112,7 +112,8 @@ def test_too_few_good_hospitals_fails_the_run_without_hanging(tmp_path, cluster_
     status = cluster.wait(timeout_s=300)
 
     assert status["phase"] == "Failed"
-    assert "minHospitals is 2" in status["message"]
+    assert status["message"].startswith("2 of 3 hospitals failed (")
+    assert "the other 1 cannot reach minHospitals 2" in status["message"]
     assert "empty" in status["message"] and "labels" in status["message"]
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and failed["reason"] == "TooFewHospitals"

@@ -86,7 +86,11 @@ def states() -> dict[str, RunState]:
     failed = trained_state()
     failed.hospitals["hospital-c"].state = "Failed"
     failed.hospitals["hospital-c"].message = "hospital-c.csv row 7: age is not a number"
-    failed.finish("Failed", "TooFewHospitals", "1 of 3 hospitals could take part")
+    failed.finish(
+        "Failed",
+        "TooFewHospitals",
+        "2 of 3 hospitals failed (b: bad; c: bad); the other 1 cannot reach minHospitals 2",
+    )
     budget = trained_state()
     budget.finish("BudgetExhausted", "BudgetExhausted", "stopped before round 3")
     return {
