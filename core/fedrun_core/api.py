@@ -343,6 +343,16 @@ class TrainingSpec(_Spec):
         return self
 
 
+#: A categorical feature that imputes a category: the rules' examples start from it.
+_SEX_IMPUTED = {
+    "name": "sex",
+    "type": "categorical",
+    "categories": ["F"],
+    "missing": "impute",
+    "fillCategory": "F",
+}
+
+
 class Feature(_Spec):
     """One input column of the hospitals' tables, and how every hospital reads it.
 
@@ -430,20 +440,8 @@ class Feature(_Spec):
                 f.missing != "impute"
                 or (f.fill_category is not None if f.type == "categorical" else f.fill is not None)
             ),
-            accepts={
-                "name": "sex",
-                "type": "categorical",
-                "categories": ["F"],
-                "missing": "impute",
-                "fillCategory": "F",
-            },
-            refuses={
-                "name": "sex",
-                "type": "categorical",
-                "categories": ["F"],
-                "missing": "impute",
-                "fill": 1.0,
-            },
+            accepts=_SEX_IMPUTED,
+            refuses={k: v for k, v in _SEX_IMPUTED.items() if k != "fillCategory"} | {"fill": 1.0},
             field="missing",
         ),
         Rule(
@@ -451,14 +449,7 @@ class Feature(_Spec):
             "a categorical feature imputes with fillCategory, not fill",
             lambda f: f.type != "categorical" or f.fill is None,
             accepts={"name": "sex", "type": "categorical", "categories": ["F"]},
-            refuses={
-                "name": "sex",
-                "type": "categorical",
-                "categories": ["F"],
-                "missing": "impute",
-                "fillCategory": "F",
-                "fill": 1.0,
-            },
+            refuses={**_SEX_IMPUTED, "fill": 1.0},
             field="fill",
         ),
         Rule(
@@ -489,20 +480,8 @@ class Feature(_Spec):
             "(has(self.categories) && self.categories.exists(c, c == self.fillCategory))",
             "fillCategory must be one of the categories",
             lambda f: f.fill_category is None or f.fill_category in (f.categories or []),
-            accepts={
-                "name": "sex",
-                "type": "categorical",
-                "categories": ["F"],
-                "missing": "impute",
-                "fillCategory": "F",
-            },
-            refuses={
-                "name": "sex",
-                "type": "categorical",
-                "categories": ["F"],
-                "missing": "impute",
-                "fillCategory": "M",
-            },
+            accepts=_SEX_IMPUTED,
+            refuses={**_SEX_IMPUTED, "fillCategory": "M"},
             field="fillCategory",
         ),
         Rule(
@@ -1297,7 +1276,11 @@ class HospitalStatus(_Status):
     name: str = Field(description="Hospital name.")
     job_name: str | None = Field(None, description="The hospital's Job.")
     state: HospitalState = Field(
-        HospitalState.PENDING, description="Pending, Connected, Training, Done or Failed."
+        HospitalState.PENDING,
+        description=(
+            "Pending, Connected, Training, Done, Failed, or NotJoined (the run ended before "
+            "this hospital ever connected)."
+        ),
     )
     restarts: int = Field(0, ge=0, description="Failed pods or container restarts so far.")
     epsilon: float | None = Field(None, ge=0, description="ε spent by this hospital.")

@@ -37,6 +37,7 @@ class HospitalState(StrEnum):
     TRAINING = "Training"
     DONE = "Done"
     FAILED = "Failed"
+    NOT_JOINED = "NotJoined"  # the run ended before this hospital ever connected
 
 
 class ConditionStatus(StrEnum):

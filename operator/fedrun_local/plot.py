@@ -38,7 +38,21 @@ def plot_report(history: dict[str, Any], status: dict[str, Any], path: Path) -> 
             label=name,
         )
     ax_auc.plot(
-        xs, series("auroc"), marker="o", linewidth=2.5, color="black", label="global (weighted)"
+        xs,
+        series("auroc"),
+        marker="o",
+        linewidth=2.5,
+        color="black",
+        label="global: mean of the hospitals' (weighted)",
+    )
+    ax_auc.plot(
+        xs,
+        series("pooledAuroc"),
+        marker="s",
+        linewidth=1.5,
+        linestyle="--",
+        color="grey",
+        label="global: all test rows pooled",
     )
     ax_auc.set(title="AUROC of the global model, held-out splits", xlabel="round", ylabel="AUROC")
     ax_auc.grid(alpha=0.3)

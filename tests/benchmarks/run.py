@@ -3,9 +3,10 @@
 Parts: ``start`` (the server's start and stop), ``overhead`` (round overhead of
 ``fedrun local`` against the compute floor), ``dp`` (Opacus step time against plain SGD),
 ``auroc`` (quality on the real stroke data; skipped, with the reason in the report, when
-the data is absent), ``operator`` (the operator under load), ``scale`` (how cost grows
-with hospitals, rows and model size). ``--only PART`` runs one part
-and replaces only its section of an existing report; ``--quick`` is a smoke test.
+the data is absent), ``messy`` (the real data with injected export defects under
+declared policies, against the same rows clean), ``operator`` (the operator under load),
+``scale`` (how cost grows with hospitals, rows and model size). ``--only PART`` runs one
+part and replaces only its section of an existing report; ``--quick`` is a smoke test.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def _parts() -> dict[str, Part]:
     """The parts by key (imported lazily: torch loads only when a part runs)."""
     from tests.benchmarks.auroc import measure_auroc
     from tests.benchmarks.dpstep import measure_dp_step
+    from tests.benchmarks.messy import measure_messy
     from tests.benchmarks.operator_scale import measure_operator
     from tests.benchmarks.overhead import measure_overhead
     from tests.benchmarks.scaling import measure_scaling
@@ -45,6 +47,7 @@ def _parts() -> dict[str, Part]:
         "overhead": measure_overhead,
         "dp": measure_dp_step,
         "auroc": measure_auroc,
+        "messy": measure_messy,
         "operator": measure_operator,
         "scale": measure_scaling,
     }

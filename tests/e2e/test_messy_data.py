@@ -1,12 +1,5 @@
-"""Real stroke records exported the way real hospitals export them: gaps, other spellings,
-other markers for missing, extra and reordered columns.
-
-Four hospitals from the real Kaggle table, each with one defect injected:
-
-- ``hospital-a``: 20 % of ``avg_glucose_level`` cells empty;
-- ``hospital-b``: ``gender`` written ``Male``, ``male `` or ``M`` (and so on for ``Female``);
-- ``hospital-c``: exported with ``?`` for every missing value;
-- ``hospital-d``: an extra free-text column, and the columns in another order.
+"""Real stroke records exported the way real hospitals export them (:mod:`tests.messydata`:
+four hospitals, each with one defect injected).
 
 Under strict policies ``fedrun check`` finds each defect with its rows and column; under
 declared policies (impute, aliases) the run succeeds and the status carries each hospital's
@@ -19,81 +12,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from fedrun_cli.main import main as fedrun_main
 from fedrun_core.api import DataSpec
-from fedrun_core.schema import STROKE_FEATURES
 from fedrun_trainer.common.data import DataError, load_table, prepare
 
+from ..messydata import DECLARED, HOSPITALS, STRICT, MessyHospitals, write_messy_hospitals
 from .conftest import example_run
 
 pytestmark = pytest.mark.realdata
-
-HOSPITALS = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
-
-
-def _features(**changes: dict[str, Any]) -> list[dict[str, Any]]:
-    """The stroke preset's features as a spec's list, with some fields changed."""
-    out = []
-    for feature in STROKE_FEATURES:
-        item = feature.model_dump(by_alias=True, exclude_defaults=True)
-        item.update(changes.get(feature.name, {}))
-        out.append(item)
-    return out
-
-
-STRICT = _features()  # bmi imputed as the preset does; everything else must be there
-DECLARED = _features(
-    avg_glucose_level={"missing": "impute", "fill": 90.0, "indicator": True},
-    gender={"aliases": {"M": "Male", "F": "Female"}},
-)
-
-
-def write_messy_hospitals(stroke_csv: Path, out: Path) -> dict[str, Any]:
-    """Split the real table into four hospitals, inject one defect each; what was injected."""
-    df = load_table(str(stroke_csv), "csv").reset_index(drop=True)
-    rng = np.random.default_rng(11)
-    positive = df["stroke"].str.strip() == "1"
-    parts = [
-        np.sort(np.concatenate(pair))
-        for pair in zip(
-            np.array_split(rng.permutation(np.flatnonzero(positive)), 4),
-            np.array_split(rng.permutation(np.flatnonzero(~positive)), 4),
-            strict=True,
-        )
-    ]
-    frames = {
-        name: df.iloc[rows].reset_index(drop=True)
-        for name, rows in zip(HOSPITALS, parts, strict=True)
-    }
-    a = frames["hospital-a"]
-    gaps = np.sort(rng.choice(len(a), size=len(a) // 5, replace=False))
-    a.loc[gaps, "avg_glucose_level"] = ""
-    b = frames["hospital-b"]
-    spellings = {"Male": ["Male", "male ", "M"], "Female": ["Female", " female", "F"]}
-    b["gender"] = [
-        rng.choice(spellings[g]) if g in spellings else g for g in b["gender"].str.strip()
-    ]
-    c = frames["hospital-c"]
-    question_marks = int((c == "N/A").to_numpy().sum())
-    frames["hospital-c"] = c.replace("N/A", "?")
-    d = frames["hospital-d"]
-    d["notes"] = [f"seen by clinic {i % 7}, visit {i}" for i in range(len(d))]
-    frames["hospital-d"] = d[list(reversed(d.columns))]
-    paths = {}
-    for name, frame in frames.items():
-        paths[name] = out / f"{name}.csv"
-        frame.to_csv(paths[name], index=False)
-    return {
-        "paths": paths,
-        "glucose_gap_lines": [int(i) + 2 for i in gaps],  # header is line 1
-        "question_marks": question_marks,
-        "rows": {name: len(frame) for name, frame in frames.items()},
-    }
 
 
 def write_run(tmp_path: Path, paths: dict[str, Path], data: dict[str, Any], name: str) -> Path:
@@ -109,20 +39,19 @@ def write_run(tmp_path: Path, paths: dict[str, Path], data: dict[str, Any], name
 
 
 @pytest.fixture
-def messy(tmp_path: Path, stroke_csv: Path) -> dict[str, Any]:
-    (tmp_path / "data").mkdir()
+def messy(tmp_path: Path, stroke_csv: Path) -> MessyHospitals:
     return write_messy_hospitals(stroke_csv, tmp_path / "data")
 
 
 def test_check_finds_every_injected_defect_with_rows_and_column(
-    tmp_path: Path, messy: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, messy: MessyHospitals, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = write_run(
-        tmp_path, messy["paths"], {"targetColumn": "stroke", "features": STRICT}, "strict"
+        tmp_path, messy.paths, {"targetColumn": "stroke", "features": STRICT}, "strict"
     )
     assert fedrun_main(["check", str(spec)]) == 1
     out = capsys.readouterr().out
-    lines = messy["glucose_gap_lines"]
+    lines = messy.glucose_gap_lines
     first = lines[0]
     assert (
         f"hospital-a.csv: line {first}, column 'avg_glucose_level': missing value "
@@ -134,11 +63,11 @@ def test_check_finds_every_injected_defect_with_rows_and_column(
     assert "hospital-c (" in out and "hospital-d (" in out
     report = {h: out.split(f"{h} (")[1].split("\nhospital-")[0] for h in HOSPITALS}
     assert report["hospital-c"].rstrip().endswith("ok")  # "?" is a missing marker: imputed
-    assert f"column 'bmi': {messy['question_marks']} missing" in report["hospital-c"]
+    assert f"column 'bmi': {messy.question_marks} missing" in report["hospital-c"]
     assert report["hospital-d"].rstrip().endswith("ok")  # extra, reordered columns are fine
     # The training path fails the hospital with the same row and column, and no value.
     data = DataSpec.model_validate({"targetColumn": "stroke", "features": STRICT})
-    path = str(messy["paths"]["hospital-b"])
+    path = str(messy.paths["hospital-b"])
     with pytest.raises(DataError) as err:
         prepare(load_table(path, "csv"), data, path)
     assert "column 'gender': unknown category" in str(err.value)
@@ -146,10 +75,10 @@ def test_check_finds_every_injected_defect_with_rows_and_column(
 
 
 def test_declared_policies_train_and_the_status_counts_what_they_did(
-    tmp_path: Path, messy: dict[str, Any]
+    tmp_path: Path, messy: MessyHospitals
 ) -> None:
     spec = write_run(
-        tmp_path, messy["paths"], {"targetColumn": "stroke", "features": DECLARED}, "messy"
+        tmp_path, messy.paths, {"targetColumn": "stroke", "features": DECLARED}, "messy"
     )
     assert fedrun_main(["check", str(spec)]) == 0
     out = tmp_path / "out"
@@ -161,14 +90,14 @@ def test_declared_policies_train_and_the_status_counts_what_they_did(
     assert status["metrics"]["auroc"] >= 0.7
     assert 0.7 <= status["metrics"]["pooledAuroc"] <= 1.0  # from summed score counts
     data = {h["name"]: h["data"] for h in status["hospitals"]}
-    for name, rows in messy["rows"].items():
+    for name, rows in messy.rows.items():
         assert data[name]["rows"] == data[name]["used"] == rows
     glucose = {c["name"]: c for c in data["hospital-a"]["columns"]}["avg_glucose_level"]
-    gaps = len(messy["glucose_gap_lines"])
+    gaps = len(messy.glucose_gap_lines)
     assert glucose == {"name": "avg_glucose_level", "missing": gaps, "imputed": gaps,
                        "dropped": 0, "other": 0}  # fmt: skip
     bmi = {c["name"]: c for c in data["hospital-c"]["columns"]}["bmi"]
-    assert bmi["missing"] == bmi["imputed"] == messy["question_marks"] > 0
+    assert bmi["missing"] == bmi["imputed"] == messy.question_marks > 0
     assert all(c["name"] != "gender" for c in data["hospital-b"]["columns"])  # all matched
 
 
@@ -194,9 +123,9 @@ def test_an_inferred_schema_pasted_unchanged_runs(
 
 
 def test_schema_infer_suggests_policies_for_gaps(
-    tmp_path: Path, messy: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, messy: MessyHospitals, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = messy["paths"]["hospital-a"]
+    path = messy.paths["hospital-a"]
     assert fedrun_main(["schema", "infer", str(path), "--target", "stroke"]) == 0
     block = yaml.safe_load(capsys.readouterr().out)["data"]
     glucose = {f["name"]: f for f in block["features"]}["avg_glucose_level"]
@@ -206,6 +135,4 @@ def test_schema_infer_suggests_policies_for_gaps(
     assert glucose["min"] != values.min() and glucose["max"] != values.max()
     # The suggestion is itself a valid data block that reads this hospital's file.
     spec = DataSpec.model_validate(block)
-    assert (
-        len(prepare(load_table(str(path), "csv"), spec, str(path))) == messy["rows"]["hospital-a"]
-    )
+    assert len(prepare(load_table(str(path), "csv"), spec, str(path))) == messy.rows["hospital-a"]

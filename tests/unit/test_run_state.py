@@ -317,3 +317,19 @@ def test_history_lists_rounds_with_rounded_figures() -> None:
     assert second["hospitalsTrained"] == ["hospital-a", "hospital-b"]
     assert second["trainLoss"] is None
     assert second["evaluation"] == {}
+
+
+def test_a_finished_run_names_the_hospitals_that_never_joined() -> None:
+    st = RunState.new("r", ["joined", "left", "never", "failed"], 3, 1.0, 1e-5)
+    joined, left, never, failed = (st.hospitals[n] for n in ("joined", "left", "never", "failed"))
+    joined.state, joined.incarnation, joined.node_id = "Connected", "pod-1", 7
+    left.incarnation, left.message = "pod-2", "lost connection; waiting for the hospital to rejoin"
+    failed.state, failed.message = "Failed", "bad file"
+    never.message = "starting: not connected yet"
+    st.finish("Succeeded", "RoundsCompleted", "3 rounds completed")
+    rows = {h["name"]: h for h in to_status(st)["hospitals"]}
+    assert rows["never"]["state"] == "NotJoined"
+    assert rows["never"]["message"] == "never connected before the run ended"
+    assert rows["left"]["state"] == "Pending"  # it joined, then left: its message says so
+    assert (rows["joined"]["state"], rows["failed"]["state"]) == ("Connected", "Failed")
+    FederatedRunStatus.model_validate(to_status(st))

@@ -31,6 +31,8 @@ def sample_state(target: float | None = 1.0, auroc: float | None = 0.8123) -> Ru
         for i, d in enumerate(DURATIONS)
     ]
     st.rounds[-1].evaluation["auroc"] = auroc
+    if auroc is not None:
+        st.rounds[-1].evaluation["pooledAuroc"] = auroc - 0.01
     return st
 
 
@@ -69,6 +71,7 @@ def test_metrics_parse_with_expected_families_and_types(text: bytes) -> None:
         "fedrun_epsilon_spent": "gauge",
         "fedrun_epsilon_target": "gauge",
         "fedrun_auroc": "gauge",
+        "fedrun_pooled_auroc": "gauge",
         "fedrun_loss": "gauge",
         "fedrun_accuracy": "gauge",
         "fedrun_hospitals_connected": "gauge",
@@ -100,6 +103,7 @@ def test_round_epsilon_and_model_figures(text: bytes) -> None:
         "hospital-c": 0.75,
     }
     assert value(got, "fedrun_auroc") == pytest.approx(0.8123)
+    assert value(got, "fedrun_pooled_auroc") == pytest.approx(0.8023)
     assert value(got, "fedrun_loss") == pytest.approx(0.4)
     assert value(got, "fedrun_accuracy") == pytest.approx(0.95)
     assert value(got, "fedrun_hospitals_connected") == 2.0  # Training + Connected

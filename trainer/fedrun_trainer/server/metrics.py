@@ -49,15 +49,16 @@ def metric_families(status: dict[str, Any], history: dict[str, Any]) -> list[Met
         out += [spent, target]
 
     metrics = status.get("metrics") or {}
-    for key, help_text in (
-        ("auroc", "AUROC"),
-        ("auprc", "AUPRC"),
-        ("loss", "test loss"),
-        ("accuracy", "accuracy"),
+    for key, name, help_text in (
+        ("auroc", "auroc", "AUROC (mean of the hospitals' own, weighted by test rows)"),
+        ("pooledAuroc", "pooled_auroc", "AUROC of all hospitals' test rows together"),
+        ("auprc", "auprc", "AUPRC (mean of the hospitals' own, weighted by test rows)"),
+        ("loss", "loss", "test loss"),
+        ("accuracy", "accuracy", "accuracy"),
     ):
         if metrics.get(key) is not None:
             g = GaugeMetricFamily(
-                f"fedrun_{key}", f"Latest global-model {help_text}.", labels=["run"]
+                f"fedrun_{name}", f"Latest global-model {help_text}.", labels=["run"]
             )
             g.add_metric([run], float(metrics[key]))
             out.append(g)

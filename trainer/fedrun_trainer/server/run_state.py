@@ -135,9 +135,17 @@ class RunState:
         return None
 
     def finish(self, phase: str, reason: str, message: str) -> None:
-        """Move to a final phase once; later calls keep the first outcome."""
+        """Move to a final phase once; later calls keep the first outcome.
+
+        A hospital that never connected (no hello answered) becomes ``NotJoined``, so a
+        finished run does not show it as still ``Pending``.
+        """
         if self.final:
             return
+        for h in self.hospitals.values():
+            if h.state == HospitalState.PENDING and not h.incarnation and h.node_id is None:
+                h.state = HospitalState.NOT_JOINED
+                h.message = "never connected before the run ended"
         self.phase, self.reason, self.message = phase, reason, message
         self.completion_time = now_rfc3339()
 
