@@ -20,8 +20,12 @@ from tests.messydata import DECLARED, write_messy_hospitals
 __all__ = ["measure_messy"]
 
 
-def _run(settings: BenchSettings, label: str, inject: bool) -> LocalRun:
-    base = settings.work / "messy" / label
+#: Runs of each variant: DP noise moves one run's AUROC by a few hundredths.
+REPEATS = 3
+
+
+def _run(settings: BenchSettings, label: str, inject: bool, repeat: int) -> LocalRun:
+    base = settings.work / "messy" / label / str(repeat)
     files = write_messy_hospitals(settings.stroke_csv, base / "data", inject=inject)
     changes: dict[str, object] = {
         "data": {"format": "csv", "targetColumn": "stroke", "features": DECLARED},
@@ -46,24 +50,32 @@ def measure_messy(settings: BenchSettings) -> PartResult:
             f"Skipped: `{settings.stroke_csv}` is not there. Run "
             f"`{settings.reproduce('messy')}` with the Kaggle stroke CSV in place.",
         )
+    repeats = 1 if settings.quick else REPEATS
     runs = {
-        label: _run(settings, label, inject)
+        label: [_run(settings, label, inject, i) for i in range(repeats)]
         for label, inject in (("clean", False), ("messy", True))
     }
     rows = []
-    for label, run in runs.items():
-        metrics = run.metrics
-        rows.append(
-            [
-                label,
-                run.phase,
-                fmt(metrics.get("auroc")),
-                fmt(metrics.get("pooledAuroc")),
-                fmt(run.epsilon_spent),
-                f"{run.wall_s:.0f}",
-            ]
-        )
-    counts = data_counts_rows(runs["messy"].status)
+    for label, done in runs.items():
+        for i, run in enumerate(done, start=1):
+            metrics = run.metrics
+            rows.append(
+                [
+                    f"{label} #{i}",
+                    run.phase,
+                    fmt(metrics.get("auroc")),
+                    fmt(metrics.get("pooledAuroc")),
+                    fmt(run.epsilon_spent),
+                    f"{run.wall_s:.0f}",
+                ]
+            )
+        pooled = [r.metrics.get("pooledAuroc") for r in done]
+        means = [float(p) for p in pooled if p is not None]
+        if means:
+            rows.append(
+                [f"**{label}, mean**", "", "", f"**{sum(means) / len(means):.3f}**", "", ""]
+            )
+    counts = data_counts_rows(runs["messy"][0].status)
     body = "\n".join(
         [
             table(
@@ -71,13 +83,13 @@ def measure_messy(settings: BenchSettings) -> PartResult:
                 rows,
             ),
             "",
-            "What the declared policies did at each hospital of the messy run (the run's "
+            "What the declared policies did at each hospital of the first messy run (the run's "
             "`status.hospitals[].data`, counts only):",
             "",
             table(["hospital", "rows", "used", "dropped", "columns"], counts),
             "",
             f"How to reproduce: `{settings.reproduce('messy')}`, which runs",
-            *[f"  - `{r.command}`" for r in runs.values()],
+            *[f"  - `{done[0].command}` (and the same for each repeat)" for done in runs.values()],
             "",
             "The defects (tests/messydata.py): hospital-a has 20 % of `avg_glucose_level` "
             "empty; hospital-b writes `gender` as `Male`, `male ` or `M` (and so for Female); "
@@ -85,7 +97,8 @@ def measure_messy(settings: BenchSettings) -> PartResult:
             "column and its columns in reverse order. The spec declares `missing: impute, "
             "fill: 90, indicator: true` for glucose and `aliases: {M: Male, F: Female}` for "
             "gender; everything else is the stroke preset's. The clean run reads the same "
-            "rows unchanged with the same spec. 4 hospitals, 5 rounds, ε = 1, logistic model.",
+            "rows unchanged with the same spec. 4 hospitals, 5 rounds, ε = 1, logistic model; "
+            f"{repeats} runs of each, since DP-SGD draws fresh noise every run.",
         ]
     )
     return PartResult(
