@@ -40,6 +40,12 @@ class HospitalState(StrEnum):
     NOT_JOINED = "NotJoined"  # the run ended before this hospital ever connected
 
 
+#: A hospital's message while the server waits for it to connect.
+STARTING_MESSAGE = "starting: not connected yet"
+#: A NotJoined hospital's message.
+NOT_JOINED_MESSAGE = "never connected before the run ended"
+
+
 class ConditionStatus(StrEnum):
     """Status of a condition, as in metav1.Condition."""
 

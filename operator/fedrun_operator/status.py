@@ -33,6 +33,8 @@ from fedrun_core.accounting import PlannedCost, over_target
 from fedrun_core.api import FederatedRun
 from fedrun_core.states import (
     FINAL_PHASES,
+    NOT_JOINED_MESSAGE,
+    STARTING_MESSAGE,
     ConditionStatus,
     ConditionType,
     HospitalState,
@@ -304,6 +306,19 @@ def hospital_rows(
     return rows
 
 
+def _never_joined(rows: list[Obj]) -> None:
+    """In a run that ended, a hospital still Pending with nothing said about it (or only
+    that it was starting) never connected: it is shown as NotJoined, as the server does."""
+    for row in rows:
+        if row["state"] == HospitalState.PENDING and row.get("message") in (
+            None,
+            "",
+            STARTING_MESSAGE,
+        ):
+            row["state"] = HospitalState.NOT_JOINED
+            row["message"] = NOT_JOINED_MESSAGE
+
+
 # --------------------------------------------------------------------------- conditions
 
 
@@ -490,6 +505,8 @@ def decide(
         conds.append(_mismatch_condition(prev, text, now, generation))
         if not _is_true(prev, ConditionType.ACCOUNTING_MISMATCH):
             events.append(Event("Warning", ConditionType.ACCOUNTING_MISMATCH, text))
+    if phase in FINAL_PHASES:
+        _never_joined(hospitals)
     status: Obj = {
         "phase": phase,
         "conditions": conds,

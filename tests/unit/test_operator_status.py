@@ -390,3 +390,19 @@ def test_the_insecure_warning_comes_back_when_the_condition_reappears() -> None:
     assert "Insecure" not in {c["type"] for c in secure.status["conditions"]}
     again = look(insecure, secure.status, None)
     assert "Insecure" in {e.reason for e in again.events}
+
+
+def test_a_run_the_operator_ends_shows_who_never_joined() -> None:
+    run = make_run(activeDeadlineSeconds=300)
+    names = [h.name for h in run.spec.hospitals]
+    srv = server_status(run, current=1, steps=10)
+    srv["hospitals"][0].update(state="Pending", message="starting: not connected yet")
+    srv["hospitals"][1].update(state="Pending", message="lost connection; waiting to rejoin")
+    running = Observation(now=T0 + timedelta(seconds=10), server=srv, hospitals=jobs(run))
+    assert decide(run, created(run), running, epsilon).status["hospitals"][0]["state"] == "Pending"
+    late = Observation(now=T0 + timedelta(seconds=301), server=srv, hospitals=jobs(run))
+    rows = {h["name"]: h for h in decide(run, created(run), late, epsilon).status["hospitals"]}
+    assert rows[names[0]]["state"] == "NotJoined"
+    assert rows[names[0]]["message"] == "never connected before the run ended"
+    assert rows[names[1]]["state"] == "Pending"  # it had joined: its message says what happened
+    assert rows[names[2]]["state"] == "Training"

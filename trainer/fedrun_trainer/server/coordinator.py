@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 
 from fedrun_core.accounting import over_target
 from fedrun_core.schema import DataCounts
-from fedrun_core.states import HospitalState, Phase, Reason
+from fedrun_core.states import STARTING_MESSAGE, HospitalState, Phase, Reason
 from fedrun_core.times import now_rfc3339
 from fedrun_trainer.common import protocol
 from fedrun_trainer.common.protocol import HospitalReply, Outcome
@@ -368,7 +368,7 @@ class Coordinator:
             )
             for h in alive:
                 if h.node_id is None and not h.message:
-                    h.message = "starting: not connected yet"
+                    h.message = STARTING_MESSAGE
             self.publish(self.state)
             time.sleep(0.2)
 

@@ -14,6 +14,7 @@ from fedrun_core.accounting import collapse
 from fedrun_core.schema import DataCounts
 from fedrun_core.states import (
     FINAL_PHASES,
+    NOT_JOINED_MESSAGE,
     HospitalState,
     Phase,
     Reason,
@@ -145,7 +146,7 @@ class RunState:
         for h in self.hospitals.values():
             if h.state == HospitalState.PENDING and not h.incarnation and h.node_id is None:
                 h.state = HospitalState.NOT_JOINED
-                h.message = "never connected before the run ended"
+                h.message = NOT_JOINED_MESSAGE
         self.phase, self.reason, self.message = phase, reason, message
         self.completion_time = now_rfc3339()
 
