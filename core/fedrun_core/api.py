@@ -415,6 +415,24 @@ class Feature(_Spec):
             field="aliases",
         ),
         Rule(
+            "!has(self.aliases) || self.aliases.all(k, size(k) <= 128)",
+            "an alias is at most 128 characters",
+            lambda f: all(len(k) <= 128 for k in f.aliases or {}),
+            accepts={
+                "name": "sex",
+                "type": "categorical",
+                "categories": ["F"],
+                "aliases": {"W": "F"},
+            },
+            refuses={
+                "name": "sex",
+                "type": "categorical",
+                "categories": ["F"],
+                "aliases": {"W" * 129: "F"},
+            },
+            field="aliases",
+        ),
+        Rule(
             "self.type == 'categorical' || !has(self.unknown) || self.unknown == 'error'",
             "unknown: other is only meaningful for categorical features",
             lambda f: f.type == "categorical" or f.unknown == "error",
@@ -513,6 +531,7 @@ class Feature(_Spec):
     )
     min: float | None = Field(
         None,
+        allow_inf_nan=False,
         description=(
             "numeric only: lower end of the scaling range all hospitals agree on (values are "
             "clipped to [min, max] and mapped onto [-1, 1]). Give min and max together; "
@@ -521,7 +540,9 @@ class Feature(_Spec):
         ),
     )
     max: float | None = Field(
-        None, description="numeric only: upper end of the agreed scaling range."
+        None,
+        allow_inf_nan=False,
+        description="numeric only: upper end of the agreed scaling range.",
     )
     categories: list[Annotated[str, Field(max_length=128)]] | None = Field(
         None,
@@ -601,8 +622,6 @@ class Feature(_Spec):
                     )
                 seen[key] = category
             for alias, target in (self.aliases or {}).items():
-                if len(alias) > 128:
-                    raise RuleError(("aliases",), "an alias is at most 128 characters")
                 if target not in self.categories:
                     raise RuleError(
                         ("aliases",),

@@ -17,6 +17,7 @@ from fedrun_core.values import missing_markers
 
 __all__ = [
     "COUNT_KINDS",
+    "MAX_ROWS",
     "STROKE_BMI_IMPUTE",
     "STROKE_COLUMNS",
     "STROKE_FEATURES",
@@ -92,16 +93,13 @@ class TableSchema:
 
 
 def table_schema(data: DataSpec) -> TableSchema:
-    """The schema ``data`` describes; raises ``ValueError`` for a preset it does not know,
-    or a stroke preset given another target."""
+    """The schema ``data`` describes. Raises ``ValueError`` only for a ``data`` the API's
+    rules refuse (an unknown preset, no target or features without one)."""
     if data.preset is not None:
         if data.preset != "stroke":
             raise ValueError(f"unknown data preset {data.preset!r}")
-        if data.target_column not in (None, STROKE_TARGET):
-            raise ValueError(
-                f"the stroke preset's target is {STROKE_TARGET!r}, not {data.target_column!r}"
-            )
-        target, features = STROKE_TARGET, STROKE_FEATURES
+        # targetColumn, when given, names the preset's target column (the spec says so).
+        target, features = data.target_column or STROKE_TARGET, STROKE_FEATURES
     else:
         if not data.target_column or not data.features:
             raise ValueError("data.targetColumn and data.features are required without a preset")
@@ -117,6 +115,8 @@ def table_schema(data: DataSpec) -> TableSchema:
 
 # --------------------------------------------------------------------------- counts
 
+#: The most rows a hospital's counts may claim (the operator's bound on a server's report).
+MAX_ROWS = 10**10
 #: The kinds of per-column count a hospital reports.
 COUNT_KINDS = ("missing", "imputed", "dropped", "other")
 _PREFIX = "data:"
@@ -182,7 +182,7 @@ class DataCounts:
             ok = float(value).is_integer() and 0 <= value <= limit
             return int(value) if ok else None
 
-        n = whole(rows, 1e12)
+        n = whole(rows, MAX_ROWS)
         if n is None or whole(used, n) is None or whole(dropped, n) is None or used + dropped != n:
             return None
         per: dict[str, dict[str, int]] = {}

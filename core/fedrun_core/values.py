@@ -51,7 +51,8 @@ def missing_markers(configured: Iterable[str] | None) -> frozenset[str]:
 def as_number(text: str) -> float | None:
     """``text`` as a finite number, or None (``nan``, ``inf`` and words are not numbers)."""
     cleaned = text.strip()
-    if not cleaned or "_" in cleaned:  # float() reads "1_0" as 10: a cell does not mean that
+    # float() reads "1_0" as 10 and full-width digits as numbers; a table's reader does not.
+    if not cleaned or "_" in cleaned or not cleaned.isascii():
         return None
     try:
         value = float(cleaned)

@@ -33,6 +33,8 @@ __all__ = ["Suggestion", "check_files", "infer_schema", "print_schema", "render_
 
 #: More distinct text values than this: free text or an identifier, not a feature.
 MAX_CATEGORIES = 50
+#: The longest category the spec takes.
+MAX_CATEGORY_CHARS = 128
 #: Whole numbers with at most this many distinct values are suggested as categories.
 MAX_CODES = 10
 #: Below this share of missing cells, rows with a gap are suggested to be dropped.
@@ -50,14 +52,21 @@ class Suggestion:
     note: str
 
 
-def _round_out(lo: float, hi: float) -> tuple[float, float]:
-    """``[lo, hi]`` widened to round numbers at the scale of its width."""
-    width = hi - lo if hi > lo else max(abs(hi), 1.0)
-    step = 10.0 ** math.floor(math.log10(width))
-    low, high = math.floor(lo / step) * step, math.ceil(hi / step) * step
+def _round_out(lo: float, hi: float) -> tuple[float, float] | None:
+    """``[lo, hi]`` widened to round numbers at the scale of its width (None when the
+    numbers are too large to have a range)."""
+    try:
+        width = hi - lo if hi > lo else max(abs(hi), 1.0)
+        step = 10.0 ** math.floor(math.log10(width))
+        low, high = math.floor(lo / step) * step, math.ceil(hi / step) * step
+    except (OverflowError, ValueError):
+        return None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
     if high <= low:
         high = low + step
-    return float(f"{low:.6g}"), float(f"{high:.6g}")
+    short = float(f"{low:.6g}"), float(f"{high:.6g}")
+    return short if short[0] < short[1] else (low, high)
 
 
 def _two_figures(value: float) -> float:
@@ -69,7 +78,7 @@ def _policy(share: float) -> str:
 
 
 def _suggest(column: str, raw: pd.Series, markers: frozenset[str]) -> Suggestion:
-    text = raw.where(~raw.isna(), "").astype(str).str.strip()
+    text = raw.astype(object).where(~raw.isna(), "").astype(str).str.strip()
     missing = text.str.casefold().isin(markers)
     present = text[~missing]
     share = float(missing.mean()) if len(text) else 0.0
@@ -92,7 +101,7 @@ def _suggest(column: str, raw: pd.Series, markers: frozenset[str]) -> Suggestion
             return Suggestion(
                 column, None, "left out: a different whole number in every row (an id?)"
             )
-        if whole and len(set(values)) <= MAX_CODES:
+        if whole and len(set(values)) <= MAX_CODES and all(abs(v) < 1e15 for v in values):
             codes = sorted(set(values))
             categories = [str(int(v)) for v in codes]
             if policy == "impute":
@@ -111,7 +120,10 @@ def _suggest(column: str, raw: pd.Series, markers: frozenset[str]) -> Suggestion
                 f"{len(codes)} whole-number codes, taken as categories (numeric if they are "
                 f"amounts); {gaps}",
             )
-        lo, hi = _round_out(min(values), max(values))
+        bounds = _round_out(min(values), max(values))
+        if bounds is None:
+            return Suggestion(column, None, "left out: numbers too large to scale")
+        lo, hi = bounds
         if policy == "impute":
             median = float(pd.to_numeric(present).median())
             extra |= {"fill": _two_figures(median), "indicator": True}
@@ -126,6 +138,10 @@ def _suggest(column: str, raw: pd.Series, markers: frozenset[str]) -> Suggestion
     if len(spellings) > MAX_CATEGORIES:
         return Suggestion(
             column, None, f"left out: {len(spellings)} distinct values (free text or an id?)"
+        )
+    if any(len(v) > MAX_CATEGORY_CHARS for c in spellings.values() for v in c):
+        return Suggestion(
+            column, None, f"left out: values longer than {MAX_CATEGORY_CHARS} characters"
         )
     # The most frequent spelling names each category; the others become aliases only
     # when they differ beyond case and spaces (which match anyway).
@@ -161,7 +177,13 @@ def infer_schema(df: pd.DataFrame, target: str | None) -> tuple[str, list[Sugges
 
 
 def _yaml_value(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    """``value`` as YAML: JSON, with a float's exponent written so YAML reads a float
+    (``6e-05`` is a string to YAML 1.1; ``6.0e-05`` is a number)."""
+    text = json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float) and "e" in text and "." not in text.split("e")[0]:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return text
 
 
 def render_data_block(target: str, suggestions: list[Suggestion], fmt: str = "csv") -> str:
@@ -197,6 +219,9 @@ def print_schema(file: str, target: str | None, fmt: str | None) -> int:
         return 1
     except ValueError as err:
         sys.stderr.write(f"fedrun: {file}: {err}\n")
+        return 1
+    if not any(s.feature is not None for s in suggestions):
+        sys.stderr.write(f"fedrun: {file}: no column could be a feature (ids or free text only)\n")
         return 1
     sys.stdout.write(
         f"# Suggested from {file} ({len(df)} rows), read on this machine only.\n"  # noqa: S608

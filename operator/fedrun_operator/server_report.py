@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from fedrun_core.schema import MAX_ROWS
 from fedrun_core.states import HospitalState, Phase
 from fedrun_core.times import parse_time
 
@@ -46,7 +47,7 @@ MAX_MESSAGE_CHARS = 1024
 _MAX_HOSPITALS = 64
 _MAX_HISTORY = 10_000
 _MAX_STEPS = 10**12
-_MAX_ROWS = 10**10
+_MAX_ROWS = MAX_ROWS
 _MAX_METRICS = 16
 
 

@@ -302,3 +302,66 @@ def test_counts_cross_the_wire_and_are_read_as_untrusted() -> None:
         "dropped": 2,
         "columns": [{"name": "age", "missing": 3, "imputed": 1, "dropped": 2, "other": 0}],
     }
+
+
+def test_parquet_columns_of_pandas_types_with_gaps(tmp_path: Path) -> None:
+    df = pd.DataFrame(
+        {
+            "sex": pd.Series(["Female", None, "Male"], dtype="category"),
+            "smoker": pd.Series([True, None, False], dtype="boolean"),
+            "age": pd.Series([50, None, 30], dtype="Int64"),
+            "y": pd.Series([1, 1, 0], dtype="Int64"),
+        }
+    )
+    df.to_parquet(tmp_path / "h.parquet")
+    data = spec(
+        {**SEX, "missing": "impute", "fillCategory": "Male"},
+        {"name": "smoker", "type": "boolean", "missing": "impute", "fill": 0.0},
+        {**AGE, "missing": "dropRow"},
+        format="parquet",
+    )
+    result = inspect(load_table(str(tmp_path / "h.parquet"), "parquet"), table_schema(data), "p")
+    assert result.problems == [] and result.table is not None
+    assert result.table.x.tolist() == [[Q, 0, Q, 0.0], [0, Q, 0, pytest.approx(-0.4)]]
+    assert result.counts.dropped == 1
+
+
+def test_a_numeric_marker_is_missing_in_parquet_as_in_csv(tmp_path: Path) -> None:
+    data = spec({**AGE, "missing": "impute", "fill": 50.0}, missingValues=["-999"])
+    pd.DataFrame({"age": [30.0, -999.0], "y": [0, 1]}).to_parquet(tmp_path / "h.parquet")
+    parquet = inspect(load_table(str(tmp_path / "h.parquet"), "parquet"), table_schema(data), "p")
+    text = check(tmp_path, data, "age,y\n30,0\n-999,1\n")
+    assert parquet.counts.columns == text.counts.columns == (ColumnCounts("age", 1, imputed=1),)
+    assert parquet.table is not None and text.table is not None
+    assert parquet.table.x.tolist() == text.table.x.tolist()
+
+
+def test_a_preset_reads_the_target_column_the_spec_names(tmp_path: Path) -> None:
+    from fedrun_cli.demo_data import synthetic_stroke
+
+    df = synthetic_stroke(400, seed=1).rename(columns={"stroke": "label"})
+    df.to_csv(tmp_path / "s.csv", index=False)
+    data = DataSpec(preset="stroke", target_column="label")
+    table_ = prepare(load_table(str(tmp_path / "s.csv"), "csv"), data, "s.csv")
+    assert table_.y.sum() == (df["label"] == "1").sum()
+
+
+def test_a_delimiter_at_every_line_end_does_not_shift_the_columns(tmp_path: Path) -> None:
+    result = table(tmp_path, spec(AGE), "age,y\n50,1,\n20,0,\n")
+    assert result.y.tolist() == [1, 0] and result.x[:, 0].tolist() == pytest.approx([0.0, -0.6])
+
+
+def test_header_names_equal_once_trimmed_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"1 column name\(s\) appear more than once") as err:
+        csv(tmp_path, "age,age ,y\n1,2,0\n")
+    assert "'age'" not in str(err.value) and "'age'" in err.value.detail
+
+
+def test_ranges_must_be_finite() -> None:
+    with pytest.raises(ValidationError, match="finite"):
+        Feature.model_validate({"name": "a", "type": "numeric", "min": "-inf", "max": 1.0})
+
+
+def test_counts_beyond_what_the_operator_reads_are_refused() -> None:
+    counts = DataCounts(5 * 10**10, 5 * 10**10, 0)
+    assert DataCounts.from_metrics(counts.to_metrics(), ["y"]) is None

@@ -64,3 +64,11 @@ def test_counts_from_a_reply_are_checked() -> None:
     }
     assert pooled_auroc(counts, {"ok": 6.0, "lies": 6.0}) == 1.0  # "lies" left out
     assert pooled_auroc({"x": {"negatives": zeros}}, {"x": 0.0}) is None
+
+
+def test_a_bad_example_count_leaves_a_hospital_out_without_a_crash() -> None:
+    good = [0.0] * BINS
+    good[3] = 5.0
+    counts = {"h": {"negatives": good, "positives": good}}
+    for bad in (float("nan"), float("inf"), -1.0):
+        assert pooled_auroc(counts, {"h": bad}) is None

@@ -19,7 +19,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from fedrun_core.api import Feature
-from fedrun_core.values import as_boolean, category_key
+from fedrun_core.values import as_boolean, as_number, category_key
 
 __all__ = ["Column", "read_feature", "read_target"]
 
@@ -41,7 +41,9 @@ class Column:
 def _cells(raw: pd.Series) -> tuple[pd.Series, BoolArray]:
     """Each cell as trimmed text, and where the reader had no value at all (Parquet nulls)."""
     absent = raw.isna().to_numpy(dtype=bool)
-    text = raw.where(~absent, "").astype(str).str.strip()
+    # As objects first: a Parquet column of a pandas type (category, boolean, Int64) takes
+    # no "" in its gaps.
+    text = raw.astype(object).where(~absent, "").astype(str).str.strip()
     return text, absent
 
 
@@ -67,7 +69,9 @@ def _by_value(
 def _numeric(raw: pd.Series, markers: frozenset[str]) -> Column:
     if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
         values = raw.to_numpy(dtype=np.float64, na_value=np.nan)
-        missing = np.isnan(values)
+        # A marker written as a number (-999) is missing here as it is in a CSV cell.
+        numbers = [n for n in (as_number(m) for m in markers) if n is not None]
+        missing = np.isnan(values) | np.isin(values, numbers)
         bad = np.isinf(values)
         return Column(np.where(bad, np.nan, values), missing, bad, "not a number")
     text, absent = _cells(raw)

@@ -205,7 +205,15 @@ def load_table(uri: str, fmt: str) -> pd.DataFrame:
         source = path
     try:
         if fmt == "csv":
-            df = pd.read_csv(source, dtype=str, keep_default_na=False, skip_blank_lines=False)
+            # index_col=False: a file with a delimiter at the end of every line must not
+            # have its first column taken for the index (shifting every column by one).
+            df = pd.read_csv(
+                source,
+                dtype=str,
+                keep_default_na=False,
+                skip_blank_lines=False,
+                index_col=False,
+            )
         else:
             df = pd.read_parquet(source)
     except pd.errors.EmptyDataError as exc:
@@ -221,6 +229,13 @@ def load_table(uri: str, fmt: str) -> pd.DataFrame:
         df.index = pd.RangeIndex(1, 1 + len(df))
         df.attrs["row_kind"] = "row"
     df.columns = [str(c).strip() for c in df.columns]
+    if df.columns.has_duplicates:
+        twice = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+        raise DataError(
+            f"{uri}: {len(twice)} column name(s) appear more than once in the header "
+            "(compared trimmed)",
+            f"{uri}: the header repeats {', '.join(map(repr, twice))} (compared trimmed)",
+        )
     if len(df) == 0:
         raise DataError(f"{uri}: file has a header but no data rows")
     return df

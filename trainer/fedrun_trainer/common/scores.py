@@ -6,7 +6,12 @@ vectors; the server adds them up and computes the AUROC of all hospitals' test r
 if they had been pooled, from the summed counts alone (:func:`auroc_from_counts`). Rows
 and scores never leave a hospital; only how many of each class fell in each bin. Scores
 in one bin count as ties, so the figure is within about one bin's share of pairs of the
-exact pooled AUROC: bins are 0.1 wide on the logit scale over [-8, 8], the end bins open.
+exact pooled AUROC: bins are 0.25 wide on the logit scale over [-8, 8], the end bins open.
+
+Like the hospitals' own test metrics, the counts are evaluation figures outside the DP
+guarantee of training: they say how many test rows of each class scored in each bin.
+Bins this wide keep them coarse; a hospital's split of a few rows is as visible in them
+as in its own test AUROC.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy.typing as npt
 __all__ = ["BINS", "EDGES", "auroc_from_counts", "checked_counts", "score_counts"]
 
 #: Bin edges on the logit scale; the first and last bins also take everything beyond.
-EDGES = np.linspace(-8.0, 8.0, 161)
+EDGES = np.linspace(-8.0, 8.0, 65)
 BINS = len(EDGES) - 1
 
 

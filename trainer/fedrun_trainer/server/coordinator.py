@@ -15,6 +15,7 @@ hospital it says it is, and a restarted hospital may come back on a new node id.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedrun_core.accounting import over_target
-from fedrun_core.schema import DataCounts
+from fedrun_core.schema import MAX_ROWS, DataCounts
 from fedrun_core.states import STARTING_MESSAGE, HospitalState, Phase, Reason
 from fedrun_core.times import now_rfc3339
 from fedrun_trainer.common import protocol
@@ -112,7 +113,10 @@ def pooled_auroc(
     positives = [0] * BINS
     used = 0
     for name, counts in per_hospital.items():
-        limit = int(examples.get(name, 0))
+        rows = examples.get(name, 0.0)
+        if not (math.isfinite(rows) and 0 <= rows <= MAX_ROWS):
+            continue  # the evaluation itself is not well-formed
+        limit = int(rows)
         neg = checked_counts(counts.get("negatives", []), limit)
         pos = checked_counts(counts.get("positives", []), limit)
         if neg is None or pos is None or sum(neg) + sum(pos) != limit:
@@ -600,10 +604,14 @@ class Coordinator:
             else:
                 h.state, h.message = HospitalState.CONNECTED, ""
                 h.rounds_trained += 1
-                n = int(reply.metrics.get("num_examples", 0))
-                if reply.weights is None:
-                    self._fail_hospital(name, "reply carried no model update")
+                examples = reply.metrics.get("num_examples", 0.0)
+                if reply.weights is None or not (
+                    math.isfinite(examples) and 0 <= examples <= MAX_ROWS
+                ):
+                    what = "no model update" if reply.weights is None else "a bad example count"
+                    self._fail_hospital(name, f"reply carried {what}")
                     continue
+                n = int(examples)
                 results.append((reply.weights, n))
                 record.hospitals_trained.append(name)
                 losses.append((reply.metrics.get("loss"), float(n)))
