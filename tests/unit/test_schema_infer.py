@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from fedrun_cli.main import main as fedrun_main
@@ -49,3 +50,20 @@ def test_numbers_too_large_to_scale_are_left_out() -> None:
     df["x"] = ["1e308", "1.5", "2.5"] * 5  # large, but a range exists
     x = block_for(df)["features"][0]
     assert x["min"] <= 1.5 and x["max"] >= 1e308
+
+
+def test_a_target_that_is_not_a_column_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "h.csv"
+    pd.DataFrame({"x": [1, 2], "y": [0, 1]}).to_csv(path, index=False)
+    assert fedrun_main(["schema", "infer", str(path), "--target", "outcome"]) == 1
+    assert "--target 'outcome' is not a column of the file" in capsys.readouterr().err
+
+
+def test_check_names_a_hospital_the_run_does_not_have(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "federatedrun-local.yaml"
+    assert fedrun_main(["check", str(example), "--hospital", "nowhere"]) == 2
+    assert "has no hospital 'nowhere'" in capsys.readouterr().err
