@@ -28,6 +28,7 @@ import pandas as pd
 
 from fedrun_core.api import DataSpec, Feature, load_run
 from fedrun_core.values import as_boolean, as_number, category_key, missing_markers
+from fedrun_trainer.common.columns import cells
 
 __all__ = ["Suggestion", "check_files", "infer_schema", "print_schema", "render_data_block"]
 
@@ -78,7 +79,7 @@ def _policy(share: float) -> str:
 
 
 def _suggest(column: str, raw: pd.Series, markers: frozenset[str]) -> Suggestion:
-    text = raw.astype(object).where(~raw.isna(), "").astype(str).str.strip()
+    text, _ = cells(raw)
     missing = text.str.casefold().isin(markers)
     present = text[~missing]
     share = float(missing.mean()) if len(text) else 0.0

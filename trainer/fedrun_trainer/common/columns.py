@@ -21,7 +21,7 @@ import pandas as pd
 from fedrun_core.api import Feature
 from fedrun_core.values import as_boolean, as_number, category_key
 
-__all__ = ["Column", "read_feature", "read_target"]
+__all__ = ["Column", "cells", "read_feature", "read_target"]
 
 BoolArray = npt.NDArray[np.bool_]
 FloatArray64 = npt.NDArray[np.float64]
@@ -38,7 +38,7 @@ class Column:
     other: BoolArray | None = None
 
 
-def _cells(raw: pd.Series) -> tuple[pd.Series, BoolArray]:
+def cells(raw: pd.Series) -> tuple[pd.Series, BoolArray]:
     """Each cell as trimmed text, and where the reader had no value at all (Parquet nulls)."""
     absent = raw.isna().to_numpy(dtype=bool)
     # As objects first: a Parquet column of a pandas type (category, boolean, Int64) takes
@@ -51,7 +51,7 @@ def _by_value(
     raw: pd.Series, markers: frozenset[str], read: Callable[[str], float | None]
 ) -> tuple[FloatArray64, BoolArray, BoolArray]:
     """``read`` applied once per distinct cell: (values, missing, unreadable)."""
-    text, absent = _cells(raw)
+    text, absent = cells(raw)
     table: dict[str, float] = {}
     missing_words: set[str] = set()
     for cell in pd.unique(text):
@@ -74,7 +74,7 @@ def _numeric(raw: pd.Series, markers: frozenset[str]) -> Column:
         missing = np.isnan(values) | np.isin(values, numbers)
         bad = np.isinf(values)
         return Column(np.where(bad, np.nan, values), missing, bad, "not a number")
-    text, absent = _cells(raw)
+    text, absent = cells(raw)
     missing = absent | text.str.casefold().isin(markers).to_numpy(dtype=bool)
     values = pd.to_numeric(text.where(~missing, None), errors="coerce").to_numpy(
         dtype=np.float64, na_value=np.nan
