@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and exactly pinned: any other spec pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[operator,trainer,dev]'
+	$(BIN)/pip install --quiet -e '.[operator,trainer,validate,dev]'
 	touch $(STAMP)
 
 tools: $(HELM) $(CHECKOV) $(TOOLS)/.promtool

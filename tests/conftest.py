@@ -4,6 +4,10 @@ session, with fedrun's local kubelet as its node (tests/controlplane/)."""
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +22,63 @@ if TYPE_CHECKING:
     from tests.kube.cluster import EmulatedCluster
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The AWS SDK must never probe the cloud's metadata address from a test (or from any
+# process a test starts: they inherit this).
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+#: Every connection this test process tried to open to an address off this machine, in
+#: order; each was refused before it left (see `_loopback_only`).
+OFF_MACHINE: list[object] = []
+
+
+def _on_this_machine(address: object) -> bool:
+    """Whether `address` (as given to `socket.connect`) stays on this machine."""
+    if not isinstance(address, tuple):
+        return True  # a Unix socket's path
+    host = str(address[0]).split("%", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: connecting would look it up, off this machine
+
+
+def _refusing(connect: object) -> object:
+    def guarded(sock: socket.socket, address: object) -> object:
+        if not _on_this_machine(address):
+            OFF_MACHINE.append(address)
+            raise OSError(errno.ENETUNREACH, f"tests never leave loopback: {address!r}")
+        return connect(sock, address)  # type: ignore[operator]
+
+    return guarded
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _loopback_only() -> Iterator[None]:
+    """Refuse, in this test process, any connection to an address other than loopback.
+
+    Processes a test starts are not covered (they get `AWS_EC2_METADATA_DISABLED` above and
+    bind to loopback by their tests' arguments); code that runs in-process is.
+    """
+    saved = socket.socket.connect, socket.socket.connect_ex
+    socket.socket.connect = _refusing(saved[0])  # type: ignore[assignment,method-assign]
+    socket.socket.connect_ex = _refusing(saved[1])  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    finally:
+        socket.socket.connect, socket.socket.connect_ex = saved  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def off_machine() -> list[object]:
+    """The connections off this machine this test tried (refused), for tests that assert
+    none was tried."""
+    OFF_MACHINE.clear()
+    return OFF_MACHINE
+
+
 STROKE_CSV = REPO.parent / "shared" / "data" / "stroke" / "healthcare-dataset-stroke-data.csv"
 
 

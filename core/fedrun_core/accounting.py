@@ -226,7 +226,7 @@ def epsilon(history: Sequence[Sequence[float]], delta: float) -> float:
     ``get_epsilon(delta)``. An empty history, or one whose entries took zero steps, has
     spent nothing: 0.0. (Opacus itself answers 0 for an empty history but a small positive
     ε for a zero-step entry; no noisy step released anything, so 0.0 is the true figure and
-    the one the trainer reports.) σ = 0 means no noise: ε is ``math.inf``.
+    the one the trainer reports.) σ = 0 means no noise: ε is ``math.inf``. Never below 0.
 
     Raises ``ValueError`` for δ outside (0, 1), σ < 0, q outside [0, 1] or negative or
     fractional steps.
@@ -247,7 +247,9 @@ def epsilon(history: Sequence[Sequence[float]], delta: float) -> float:
         eps = rdp - (log_delta + math.log(alpha)) / (alpha - 1) + math.log((alpha - 1) / alpha)
         if eps < best:  # strict: the first minimum wins, like numpy's argmin
             best = eps
-    return best
+    # The conversion can dip below 0 for a very noisy history at a large δ; (ε', δ)-DP with
+    # ε' < 0 implies (0, δ)-DP, and a negative ε would read as a refund.
+    return max(best, 0.0)
 
 
 def epsilon_after(history: Sequence[Sequence[float]], extra_steps: int, delta: float) -> float:

@@ -61,6 +61,7 @@ __all__ = [
     "SecuritySpec",
     "ServerSpec",
     "SpecError",
+    "SpecUnreadableError",
     "StrategySpec",
     "Toleration",
     "TrainingSpec",
@@ -70,6 +71,7 @@ __all__ = [
     "pvc_claim",
     "pvc_mount_path",
     "pvc_pod_path",
+    "yaml_problem",
 ]
 
 # Kubernetes names. Services need DNS-1035 labels (leading letter), the rest DNS-1123 labels.
@@ -79,6 +81,9 @@ DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 MAX_RUN_NAME = c.MAX_LABEL_LENGTH - len(c.SERVER_SUFFIX)
 # `<run>-<hospital>` (ServiceAccount, Job and the Job's pod label) must stay a label too.
 MAX_RUN_PLUS_HOSPITAL = c.MAX_LABEL_LENGTH - 1
+# The largest δ a run may ask for: beyond it an (ε, δ) guarantee says little (a δ of 1/n
+# allows releasing one patient's record outright), and the ε conversion loses meaning.
+MAX_DELTA = 0.01
 
 # pvc://<claim>/<path>: a file on a PersistentVolumeClaim of the run's namespace. The claim
 # is a DNS-1123 subdomain; the path is relative and has no empty, '.' or '..' segment, so it
@@ -776,8 +781,11 @@ class PrivacySpec(_Spec):
     delta: float = Field(
         1e-5,
         gt=0,
-        lt=1,
-        description="δ of the (ε, δ) guarantee; keep it well below 1 / (rows per hospital).",
+        le=MAX_DELTA,
+        description=(
+            "δ of the (ε, δ) guarantee: the chance that the ε bound fails outright. At most "
+            "0.01; keep it well below 1 / (training rows per hospital)."
+        ),
     )
     max_grad_norm: float = Field(
         1.0, gt=0, le=1e6, description="Per-example gradient clipping bound C."
@@ -1450,13 +1458,38 @@ ROOT_VALIDATIONS: list[dict[str, str]] = [
 
 
 class SpecError(ValueError):
-    """A FederatedRun that cannot be used; `problems` holds one line per bad field."""
+    """A FederatedRun that cannot be used; `problems` holds one line per bad field.
+
+    Its text is the whole message, ``invalid FederatedRun in FILE:`` and one indented line
+    per problem, ready to print after the program's name.
+    """
 
     def __init__(self, problems: list[str], source: str | None = None) -> None:
         self.problems = problems
         self.source = source
         head = f"invalid FederatedRun in {source}" if source else "invalid FederatedRun"
         super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class SpecUnreadableError(SpecError):
+    """The file that should hold a FederatedRun cannot be read at all (missing, a folder,
+    no permission): nothing in it was judged, so its text says "cannot read", not "invalid"."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__([f"(document): cannot read: {reason}"], source)
+        self.args = (f"cannot read {source}: {reason}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: where (line and column, from 1) and what."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"not valid YAML at {where}{problem}" + (f" ({context})" if context else "")
 
 
 def _all_field_names() -> set[str]:
@@ -1558,13 +1591,15 @@ def load_run(path_or_text: str | Path) -> FederatedRun:
         try:
             text = Path(path_or_text).read_text(encoding="utf-8")
         except OSError as err:
-            raise SpecError([f"(document): cannot read: {err.strerror or err}"], source) from None
+            raise SpecUnreadableError(source, err.strerror or str(err)) from None
+        except UnicodeDecodeError:
+            raise SpecUnreadableError(source, "not UTF-8 text") from None
     else:
         text = path_or_text
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as err:
-        raise SpecError([f"(document): not valid YAML: {err}"], source) from None
+        raise SpecError([f"(document): {yaml_problem(err)}"], source) from None
     if len(docs) != 1:
         raise SpecError([f"(document): expected one YAML document, found {len(docs)}"], source)
     return parse_run(docs[0], source)

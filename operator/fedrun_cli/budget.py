@@ -57,4 +57,9 @@ def print_budget(file: Path, rows: int | None = None) -> int:
             f"{ledger.steps_per_round} steps/round, σ={ledger.noise_multiplier:.3f}\n"
             f"    ε after each round: " + ", ".join(f"{e:.3f}" for e in per_round) + "\n"
         )
+        if p.delta * n >= 1:
+            sys.stdout.write(
+                f"    warning: δ={p.delta} is not below 1/{n} (one over the training "
+                "rows): the guarantee would allow one patient's record to leak outright\n"
+            )
     return code

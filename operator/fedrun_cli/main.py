@@ -8,6 +8,7 @@
 - ``fedrun demo-data DIR``: synthetic (or real, split) hospital files for the demo
 - ``fedrun check FILE [--hospital H] [--data F]``: a hospital's preflight of its own file
 - ``fedrun schema infer FILE [--target COL]``: a suggested ``data:`` block from one file
+- ``fedrun validate FILE...``: the API server's checks (CEL included) and fedrun's, offline
 
 Heavy imports (torch, Flower) happen inside the subcommands that need them, so the
 operator image and ``fedrun render`` work without the trainer extra.
@@ -22,6 +23,13 @@ from pathlib import Path
 
 from fedrun_core import names as c
 from fedrun_core.logs import setup_logging
+
+#: Exit codes every subcommand keeps (docs/cli.md): 0 it did what was asked; 1 what it
+#: checked or ran failed (an invalid run for `validate`, a hospital's data for `check`, a run
+#: that did not succeed for `local`); 2 it was called wrongly or its input cannot be used
+#: (argparse's usage errors, a FederatedRun that cannot be read or is invalid); 3 a hospital
+#: lost its server (`fedrun client`); 130 interrupted.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SERVER_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -142,10 +150,41 @@ def _check(args: argparse.Namespace) -> int:
     return check_files(Path(args.file), args.hospital, args.data)
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from fedrun_cli.validate import validate_files
+
+    return validate_files(args.files)
+
+
 def _schema_infer(args: argparse.Namespace) -> int:
     from fedrun_cli.tables import print_schema
 
     return print_schema(args.file, args.target, args.format)
+
+
+def _version() -> str:
+    """``fedrun X.Y.Z (Flower A.B.C)``: the installed distribution's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(dist: str) -> str | None:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+
+    flwr = installed("flwr")
+    return f"fedrun {installed('fedrun') or 'unknown'}" + (f" (Flower {flwr})" if flwr else "")
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number ≥ 1 (argparse turns the error into exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedrun", description="Privacy-preserving federated learning across hospitals."
     )
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument(
         "--log-format",
         choices=["json", "text"],
@@ -285,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="FederatedRun YAML")
     p.add_argument(
         "--rows",
-        type=int,
+        type=_positive_int,
         default=None,
         help="training rows per hospital (default: read each hospital's data)",
     )
@@ -300,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hospital", default=None, help="check this hospital's dataUri (default: all)")
     p.add_argument("--data", default=None, help="check this file instead of the dataUri")
     p.set_defaults(func=_check)
+
+    p = sub.add_parser(
+        "validate",
+        help="check FederatedRun files as the API server would (schema, CEL rules) and as "
+        "fedrun does; exit 0 when all are valid, 1 when not",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="YAML files (several documents OK)")
+    p.set_defaults(func=_validate)
 
     p = sub.add_parser("schema", help="work with a run's table schema")
     schema = p.add_subparsers(dest="schema_command", required=True)
@@ -320,20 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedrun`` console script."""
     args = build_parser().parse_args(argv)
-    interactive = ("local", "budget", "check", "schema")
+    interactive = ("local", "budget", "check", "schema", "validate")
     setup_logging(args.log_format or ("text" if args.command in interactive else "json"))
     from fedrun_core.api import SpecError
 
     try:
         code: int = args.func(args)
-    except SpecError as err:
-        sys.stderr.write(f"fedrun: invalid FederatedRun: {err}\n")
-        return 2
+    except SpecError as err:  # its text names the file: "invalid FederatedRun in F:" or
+        sys.stderr.write(f"fedrun: {err}\n")  # "cannot read F: ..."
+        return EXIT_USAGE
     except LookupError as err:  # e.g. a hospital the run does not have
         sys.stderr.write(f"fedrun: {err.args[0] if err.args else err}\n")
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     return code
 
 

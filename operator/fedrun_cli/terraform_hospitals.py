@@ -150,21 +150,39 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    """Read the Terraform output named by `args`, print the block; 1 with a message on error."""
+    """Read the Terraform output named by `args`, print the block.
+
+    Exit code 1 with a message when the output cannot give a valid block (not JSON, no
+    `hospitals` output, a bad data key); 2 when the input file cannot be read.
+    """
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    source = "stdin" if args.input == "-" else args.input
     try:
         if args.input == "-":
             text = stdin.read()
         else:
             with open(args.input, encoding="utf-8") as handle:
                 text = handle.read()
-        tf_output = json.loads(text)
+        try:
+            tf_output = json.loads(text)
+        except json.JSONDecodeError as exc:
+            hint = " (it is empty)" if not text.strip() else ""
+            raise HospitalsOutputError(
+                f"{source} is not the JSON of `terraform output -json`{hint}: {exc.msg} at "
+                f"line {exc.lineno}, column {exc.colno}; run `terraform -chdir=terraform "
+                "output -json` after `terraform apply` and pipe it in"
+            ) from None
         if not isinstance(tf_output, Mapping):
-            raise HospitalsOutputError("expected a JSON object from `terraform output -json`")
+            raise HospitalsOutputError(
+                f"{source}: expected a JSON object from `terraform output -json`"
+            )
         block = hospitals_block(tf_output, args.data_key)
-    except (OSError, json.JSONDecodeError, HospitalsOutputError) as exc:
-        print(f"terraform_hospitals: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"fedrun hospitals: cannot read {source}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except HospitalsOutputError as exc:
+        print(f"fedrun hospitals: {exc}", file=sys.stderr)
         return 1
     stdout.write(to_yaml(block, args.indent))
     return 0

@@ -36,7 +36,8 @@ import attrs
 import kmock
 from kmock._internal.rendering import Response, StreamingError  # kmock is pinned (==0.8)
 
-from ..apiserver import Admission, fedrun_admission
+from fedrun_render.admission import Admission, fedrun_admission
+
 from . import errors, tables
 from .patching import (
     APPLY_PATCH,

@@ -53,7 +53,7 @@ def conflict(served: Served, name: str, why: str | None = None) -> kmock.Kuberne
 
 
 def invalid(served: Served, name: str, problems: list[str]) -> kmock.KubernetesError:
-    """422 Invalid; each problem is `<field>: <message>`, as in tests/apiserver.py."""
+    """422 Invalid; each problem is `<field>: <message>`, as in fedrun_render.admission."""
     listed = problems[0] if len(problems) == 1 else f"[{', '.join(problems)}]"
     group = f".{served.group}" if served.group else ""
     causes = [

@@ -200,3 +200,14 @@ def test_import_pulls_in_neither_torch_nor_numpy() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("sigma", [50.0, 1000.0])
+def test_epsilon_is_never_negative_where_opacus_dips_below_zero(sigma: float) -> None:
+    """A very noisy history at a large δ: the RDP → (ε, δ) conversion goes below 0 (Opacus
+    reports it as is); a negative bound implies ε = 0, and a negative ε would read as a refund
+    in a budget, so fedrun reports 0.0."""
+    history, delta = [(sigma, 0.01, 10)], 0.01  # the largest δ a run may ask for
+    assert opacus_epsilon(history, delta) < 0
+    assert epsilon(history, delta) == 0.0
+    assert epsilon_after(history, 10, delta) == 0.0

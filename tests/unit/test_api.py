@@ -63,7 +63,7 @@ BAD: list[tuple[str, Any, str, str]] = [
     ("spec.trainng", {"model": "mlp"}, "spec.trainng", "unknown field (did you mean 'training'?)"),
     ("spec.privacy.targetEpsilon", -1, "spec.privacy.targetEpsilon", "must be greater than 0"),
     ("spec.privacy.targetEpsilon", 0, "spec.privacy.targetEpsilon", "must be greater than 0"),
-    ("spec.privacy.delta", 1.5, "spec.privacy.delta", "must be less than 1"),
+    ("spec.privacy.delta", 0.5, "spec.privacy.delta", "must be less than or equal to 0.01"),
     ("spec.privacy.delta", 0, "spec.privacy.delta", "must be greater than 0"),
     ("spec.privacy.noiseMultiplier", 0, "spec.privacy.noiseMultiplier", "greater than 0"),
     ("spec.privacy.accountant", "gdp", "spec.privacy.accountant", "'rdp' or 'prv'"),

@@ -1,6 +1,6 @@
 """The generated CRD: no drift, structural, and it admits and refuses what the models do.
 
-There is no API server here, so `admit` (tests/apiserver.py, shared with the emulated API
+There is no API server here, so `admit` (fedrun_render.admission, shared with the emulated API
 server in tests/kube/) does what kube-apiserver does with a custom resource, in its order:
 prune nulls, apply schema defaults, validate the OpenAPI schema (with kubectl's strict field
 validation: unknown fields are errors), then evaluate every `x-kubernetes-validations` rule
@@ -19,9 +19,8 @@ import pytest
 import yaml
 
 from fedrun_core import api
+from fedrun_render.admission import CEL, admit, apply_defaults, evaluate
 from fedrun_render.crd import build_crd, crd_yaml
-
-from ..apiserver import CEL, admit, apply_defaults, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "federatedrun.yaml"
@@ -156,8 +155,8 @@ def test_ranges_and_enums_reach_the_schema() -> None:
     privacy = spec["privacy"]["properties"]
     assert privacy["targetEpsilon"]["minimum"] == 0
     assert privacy["targetEpsilon"]["exclusiveMinimum"] is True
-    assert privacy["delta"]["maximum"] == 1
-    assert privacy["delta"]["exclusiveMaximum"] is True
+    assert privacy["delta"]["maximum"] == 0.01  # MAX_DELTA: a larger δ promises little
+    assert "exclusiveMaximum" not in privacy["delta"]
     assert privacy["accountant"]["enum"] == ["rdp", "prv"]
     assert spec["strategy"]["properties"]["name"]["enum"] == ["FedAvg", "FedProx", "FedAdam"]
     assert spec["rounds"]["minimum"] == 1
@@ -207,6 +206,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("spec.trainng", {"model": "mlp"}, "spec"),
     ("spec.privacy.targetEpsilon", -1.0, "spec.privacy.targetEpsilon"),
     ("spec.privacy.delta", 1.5, "spec.privacy.delta"),
+    ("spec.privacy.delta", 0.5, "spec.privacy.delta"),
     ("spec.privacy.delta", 0, "spec.privacy.delta"),
     ("spec.privacy.noiseMultiplier", 0, "spec.privacy.noiseMultiplier"),
     ("spec.privacy.accountant", "gdp", "spec.privacy.accountant"),

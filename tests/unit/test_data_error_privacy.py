@@ -107,7 +107,9 @@ def test_an_s3_error_sends_its_code_only(monkeypatch: pytest.MonkeyPatch) -> Non
             error = {"Error": {"Code": "NoSuchKey", "Message": f"no key {SENTINEL}"}}
             raise ClientError(error, "GetObject")
 
-    monkeypatch.setattr(boto3, "client", lambda *_: FakeS3())
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")  # configured, so no credentials error
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setattr(boto3.Session, "client", lambda *_: FakeS3())
     with pytest.raises(DataError) as info:
         load_table("s3://bucket/h.csv", "csv")
     _assert_private(info.value, "s3://bucket/h.csv: cannot read from S3 (NoSuchKey)")

@@ -18,9 +18,8 @@ from pydantic import BaseModel, ValidationError
 
 from fedrun_core import api
 from fedrun_core.api import Rule, RuleError
+from fedrun_render.admission import evaluate
 from fedrun_render.crd import build_crd
-
-from ..apiserver import evaluate
 
 MODELS: list[type[BaseModel]] = [
     obj

@@ -14,6 +14,7 @@ import yaml
 from fedrun_core.accounting import epsilon
 from fedrun_core.api import FederatedRunStatus
 from fedrun_core.states import PHASE_CONDITIONS
+from fedrun_render.admission import prune_nulls, to_jsonschema
 from fedrun_trainer.common.privacy import epsilon_of
 from fedrun_trainer.server.run_state import (
     HospitalProgress,
@@ -23,8 +24,6 @@ from fedrun_trainer.server.run_state import (
     to_history,
     to_status,
 )
-
-from ..apiserver import prune_nulls, to_jsonschema
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((ROOT / "crds" / "federatedrun.yaml").read_text(encoding="utf-8"))

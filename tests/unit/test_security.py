@@ -32,9 +32,9 @@ from fedrun_operator.config import OPERATOR_NAMESPACE_ENV, OperatorConfig
 from fedrun_operator.handlers.reconcile_run import Outcome, Reconciler
 from fedrun_operator.kube import Kube
 from fedrun_render import security
+from fedrun_render.admission import admit
 from fedrun_render.workloads import config_json, render_run, to_yaml
 
-from ..apiserver import admit
 from ..chart.tools import KUBE_VERSIONS, checkov, one, render, run
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -141,8 +141,13 @@ def test_command_reads_a_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("stdin", "message"),
     [
-        ("not json", "Expecting value"),
-        ("[1, 2]", "expected a JSON object"),
+        (
+            "not json",
+            "stdin is not the JSON of `terraform output -json`: Expecting value at "
+            "line 1, column 1",
+        ),
+        ("", "stdin is not the JSON of `terraform output -json` (it is empty)"),
+        ("[1, 2]", "stdin: expected a JSON object"),
         ("{}", "no `hospitals` output"),
     ],
 )
@@ -150,5 +155,14 @@ def test_command_explains_bad_input(stdin: str, message: str) -> None:
     result = _module(stdin=stdin)
     assert result.returncode == 1
     assert result.stdout == ""
-    assert result.stderr.startswith("terraform_hospitals: ")
+    assert result.stderr.startswith("fedrun hospitals: ")
     assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_command_names_a_file_it_cannot_read(tmp_path: Path) -> None:
+    result = _module(str(tmp_path / "missing.json"), stdin="")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"fedrun hospitals: cannot read {tmp_path / 'missing.json'}: No such file or directory\n"
+    )

@@ -159,14 +159,18 @@ def resolve_local_path(uri: str) -> Path:
 
 
 def _read_s3(uri: str) -> bytes:
-    import boto3  # lazily: only hospitals on S3 need it; credentials from IRSA/default chain
+    from fedrun_trainer.common.cloud import NoCloudCredentialsError, s3_client
 
     parsed = urlparse(uri)
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
     if not bucket or not key:
         raise DataError(f"{uri}: an S3 URI must look like s3://bucket/key")
     try:
-        obj = boto3.client("s3").get_object(Bucket=bucket, Key=key)
+        client = s3_client(uri)
+    except NoCloudCredentialsError as exc:
+        raise DataError(str(exc)) from None
+    try:
+        obj = client.get_object(Bucket=bucket, Key=key)
         body: bytes = obj["Body"].read()
     except Exception as exc:  # botocore's errors are many; name the object and the cause
         # The error code (NoSuchKey, AccessDenied...) is safe to send; the message is not

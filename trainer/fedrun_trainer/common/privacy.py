@@ -173,7 +173,8 @@ def checked_history(history: Sequence[Sequence[Any]], source: str) -> list[Histo
 
 
 def epsilon_of(history: Sequence[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
-    """ε spent by an Opacus accountant history ``[(σ, q, steps), ...]`` (0.0 if empty)."""
+    """ε spent by an Opacus accountant history ``[(σ, q, steps), ...]`` (0.0 if empty, never
+    below 0)."""
     entries = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
     if not entries:
         return 0.0
@@ -182,7 +183,8 @@ def epsilon_of(history: Sequence[Sequence[float]], delta: float, accountant: str
     with warnings.catch_warnings():
         # Only ever makes the RDP bound looser (conservative), never smaller.
         warnings.filterwarnings("ignore", message=_ALPHA_WARNING)
-        return float(acc.get_epsilon(delta=delta))
+        # Never below 0, as fedrun_core.accounting.epsilon (a negative bound implies ε = 0).
+        return max(float(acc.get_epsilon(delta=delta)), 0.0)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -505,12 +507,13 @@ def _s3_parts(uri: str) -> tuple[str, str]:
 def _read(uri: str) -> bytes | None:
     """The stored bytes at ``uri`` (at most :data:`MAX_LEDGER_BYTES` + 1), None if absent."""
     if uri.startswith("s3://"):
-        import boto3
         from botocore.exceptions import ClientError
+
+        from fedrun_trainer.common.cloud import s3_client
 
         bucket, key = _s3_parts(uri)
         try:
-            obj = boto3.client("s3").get_object(Bucket=bucket, Key=key)
+            obj = s3_client(uri).get_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return None
@@ -546,10 +549,10 @@ def save_ledger(uri: str, ledger: PrivacyLedger) -> None:
     """Store ``ledger``'s record at ``uri``: atomically (temp file, rename) on disk; S3: a PUT."""
     text = ledger.to_json()
     if uri.startswith("s3://"):
-        import boto3
+        from fedrun_trainer.common.cloud import s3_client
 
         bucket, key = _s3_parts(uri)
-        boto3.client("s3").put_object(
+        s3_client(uri).put_object(
             Bucket=bucket, Key=key, Body=text.encode("utf-8"), ContentType="application/json"
         )
         return

@@ -1,11 +1,16 @@
-"""What kube-apiserver does to a custom resource before storing it, as far as tests need it.
+"""What kube-apiserver does to a FederatedRun before storing it: `fedrun validate`'s check.
 
-One copy, shared by the CRD tests (tests/unit/test_crd.py) and the emulated API server
-(tests/kube/). kube-apiserver's order for a custom resource: drop unknown fields (or refuse
-them under strict field validation), prune nulls, apply the schema's defaults, validate the
-OpenAPI schema, and only if that passed, evaluate every `x-kubernetes-validations` rule
-(transition rules, the ones that name `oldSelf`, only on updates) with cel-python, numbers
-typed as the schema says.
+kube-apiserver's order for a custom resource: drop unknown fields (or refuse them under
+strict field validation, kubectl's default), prune nulls, apply the schema's defaults,
+validate the OpenAPI schema, and only if that passed, evaluate every
+`x-kubernetes-validations` rule (transition rules, the ones that name `oldSelf`, only on
+updates) with cel-python, numbers typed as the schema says. The schema and the rules are
+the generated CRD's (`fedrun_render.crd.build_crd`), so this checks exactly what a cluster
+with fedrun's chart installed would check. The tests' emulated API server uses it too, and
+tests/cluster compares it with a real kube-apiserver.
+
+Needs the `validate` extra (jsonschema, cel-python); import this module only where that
+is installed.
 """
 
 from __future__ import annotations
@@ -185,7 +190,7 @@ class Admission:
 @functools.cache
 def fedrun_admission() -> Admission:
     """The FederatedRun CRD's admission, built from the operator's models."""
-    from fedrun_render.crd import build_crd
+    from .crd import build_crd
 
     return Admission(build_crd())
 

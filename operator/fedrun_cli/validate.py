@@ -1,0 +1,125 @@
+"""``fedrun validate FILE...``: would a cluster with fedrun's chart accept these runs?
+
+Each FederatedRun in the files (multi-document YAML is fine; documents of other kinds are
+listed as skipped) is checked twice:
+
+- as kube-apiserver would check it (``fedrun_render.admission``): the generated CRD's
+  OpenAPI schema with strict field validation, its defaults, and every CEL rule;
+- as fedrun itself parses it (``fedrun_core.api``): the same rules from their Python side,
+  plus the checks CEL cannot express (categories unique after normalisation, alias targets).
+
+Nothing is sent anywhere: no cluster is needed. Exit code 0 when every run passes both;
+1 when any file holds an invalid run, cannot be read or is not YAML, or when no file holds
+a run at all (a file without one, e.g. an Argo CD Application beside the runs, is listed).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from fedrun_core import names as c
+from fedrun_core.api import SpecError, parse_run, yaml_problem
+
+__all__ = ["problems_in", "validate_files"]
+
+
+def _is_run(doc: Any) -> bool:
+    return (
+        isinstance(doc, dict)
+        and doc.get("kind") == c.KIND
+        and str(doc.get("apiVersion", "")).split("/")[0] == c.GROUP
+    )
+
+
+def _describe(doc: Any) -> str:
+    if not isinstance(doc, dict):
+        return f"a {type(doc).__name__}"
+    name = (
+        (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
+    )
+    return f"{doc.get('kind', 'an object without kind')} {name or '(no name)'}"
+
+
+def problems_in(doc: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(the API server's problems, fedrun's problems) with one FederatedRun document.
+
+    Both lists are empty for a valid run. Each problem starts with its field's path.
+    """
+    from fedrun_render.admission import admit
+
+    server = admit(doc)
+    try:
+        parse_run(doc)
+        ours: list[str] = []
+    except SpecError as err:
+        ours = list(err.problems)
+    return server, ours
+
+
+def _check_file(path: Path, out: TextIO) -> tuple[bool, int]:
+    """(whether nothing in the file failed, how many FederatedRuns it holds)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        out.write(f"{path}: cannot read: {err.strerror or err}\n")
+        return False, 0
+    except UnicodeDecodeError:
+        out.write(f"{path}: cannot read: not UTF-8 text\n")
+        return False, 0
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as err:
+        out.write(f"{path}: {yaml_problem(err)}\n")
+        return False, 0
+    runs = 0
+    ok = True
+    for index, doc in enumerate(docs, start=1):
+        where = f"{path}" + (f" (document {index})" if len(docs) > 1 else "")
+        if not _is_run(doc):
+            out.write(f"{where}: {_describe(doc)}: not a FederatedRun, skipped\n")
+            continue
+        runs += 1
+        server, ours = problems_in(doc)
+        if not server and not ours:
+            out.write(f"{where}: FederatedRun {doc['metadata'].get('name')}: valid\n")
+            continue
+        ok = False
+        out.write(f"{where}: {_describe(doc)}: invalid\n")
+        if server:
+            out.write("  the API server would refuse it:\n")
+            out.writelines(f"    {p}\n" for p in server)
+        refused = {p.split(":", 1)[0] for p in server}
+        only_ours = [p for p in ours if p.split(":", 1)[0] not in refused]
+        if only_ours:
+            out.write("  fedrun refuses it:\n")
+            out.writelines(f"    {p}\n" for p in only_ours)
+    if runs == 0:
+        out.write(f"{path}: no FederatedRun in it\n")
+    return ok, runs
+
+
+def validate_files(files: Sequence[str], out: TextIO | None = None) -> int:
+    """Check every FederatedRun in ``files``; print one verdict per run; 0 if all are valid.
+
+    Returns 2 (and prints why) when the API server's side cannot run here, because the
+    `validate` extra (jsonschema, cel-python) is not installed.
+    """
+    out = out or sys.stdout
+    try:
+        import fedrun_render.admission  # noqa: F401  (the extra's libraries, checked once)
+    except ImportError as err:
+        sys.stderr.write(
+            f"fedrun validate: the API server's checks need {err.name}: "
+            "pip install 'fedrun[validate]'\n"
+        )
+        return 2
+    results = [_check_file(Path(f), out) for f in files]
+    if not any(runs for _, runs in results):
+        out.write("no FederatedRun found: nothing was validated\n")
+        return 1
+    return 0 if all(ok for ok, _ in results) else 1
