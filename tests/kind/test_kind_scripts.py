@@ -206,14 +206,30 @@ def test_images_builds_both_with_the_torch_index(tools: dict[str, Any]) -> None:
     assert len(builds) == 2
     operator, trainer = builds
     assert operator[operator.index("-f") + 1] == "Dockerfile.operator"
-    assert operator[operator.index("-t") + 1] == "fedrun-operator:t1"
+    assert operator[operator.index("-t") + 1] == "ghcr.io/fedrun/operator:t1"
     assert not any("TORCH_INDEX_URL" in a for a in operator)
     assert trainer[trainer.index("-f") + 1] == "Dockerfile.trainer"
-    assert trainer[trainer.index("-t") + 1] == "fedrun-trainer:t1"
+    assert trainer[trainer.index("-t") + 1] == "ghcr.io/fedrun/trainer:t1"
     assert "TORCH_INDEX_URL=INDEX" in trainer
     assert "VERSION=0.1.0" in trainer
     assert operator[-1] == trainer[-1] == "."
-    assert "built fedrun-operator:t1 and fedrun-trainer:t1" in result.stdout
+    assert "built ghcr.io/fedrun/operator:t1 and ghcr.io/fedrun/trainer:t1" in result.stdout
+
+
+def test_images_names_and_source_url_can_be_set(tools: dict[str, Any]) -> None:
+    result = run(
+        IMAGES,
+        tools["env"],
+        OPERATOR_IMAGE="registry.invalid/op",
+        TRAINER_IMAGE="registry.invalid/tr",
+        SOURCE_URL="https://git.example.org/fedrun",
+    )
+    assert result.returncode == 0, result.stderr
+    builds = [line.split() for line in calls(tools, "docker") if line.startswith("docker build")]
+    tags = [b[b.index("-t") + 1] for b in builds]
+    assert tags == ["registry.invalid/op:0.1.0", "registry.invalid/tr:0.1.0"]
+    for build in builds:
+        assert "SOURCE_URL=https://git.example.org/fedrun" in build
 
 
 def test_images_warns_without_a_torch_index(tools: dict[str, Any]) -> None:
