@@ -188,7 +188,8 @@ WATCHED_NS = "fedrun-e2e"
 def helm_install(
     cluster: RealCluster, chart: Path, *sets: str, timeout: str = "5m"
 ) -> subprocess.CompletedProcess[str]:
-    """``helm upgrade --install fedrun CHART`` into RELEASE_NS, waiting for it to be ready."""
+    """``helm upgrade --install fedrun CHART`` into RELEASE_NS, waiting for it to be ready,
+    with one operator replica (it still elects itself through its Lease)."""
     from tests.chart.tools import helm
 
     args = [
@@ -206,7 +207,10 @@ def helm_install(
         "--timeout",
         timeout,
     ]
-    for value in sets:
+    # One operator replica: the local node gives each Service port one local port, so two
+    # operator Pods would collide on the metrics port (failover with two replicas is shown
+    # with processes in tests/integration/test_operator.py). Later values may override it.
+    for value in ("replicaCount=1", *sets):
         args += ["--set", value]
     return subprocess.run(args, capture_output=True, text=True, timeout=600, check=False)
 

@@ -17,9 +17,10 @@ whose rules might cost too much.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -54,6 +55,8 @@ __all__ = [
     "MetricsStatus",
     "MlflowSpec",
     "ObjectMeta",
+    "PodDefaults",
+    "PodSettings",
     "PrivacySpec",
     "PrivacyStatus",
     "Resources",
@@ -67,6 +70,8 @@ __all__ = [
     "TrainingSpec",
     "ledger_uri",
     "load_run",
+    "merge_pod_settings",
+    "parse_pod_defaults",
     "parse_run",
     "pvc_claim",
     "pvc_mount_path",
@@ -833,8 +838,679 @@ class Toleration(_Spec):
     )
 
 
-class Hospital(_Spec):
-    """One participating hospital: where its data lives and where its client runs."""
+# --------------------------------------------------------------------------- pod settings
+#
+# What a run may set on its pods (spec.server, spec.hospitalDefaults, spec.hospitals[]), in
+# the shape of a Pod's fields. Nothing here can touch a pod's security: the models have no
+# securityContext, host namespaces, privileged or capabilities fields (unknown fields are
+# refused), volumes are of the kinds restricted Pod Security allows, and rendering keeps
+# fedrun's restricted security contexts whatever is set.
+
+# A DNS-1123 subdomain (Secret, ConfigMap, PriorityClass names): PVC_CLAIM anchored.
+DNS1123_SUBDOMAIN = rf"^{PVC_CLAIM}$"
+# A label or annotation key: an optional DNS-subdomain prefix and '/', then a name of at
+# most 63 characters. Written with [.] rather than an escape: it goes into CEL strings.
+QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+MAX_QUALIFIED_NAME = 253 + 1 + 63
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"
+# An absolute path with no empty, '.' or '..' part and no trailing '/' (so never '/').
+MOUNT_PATH = rf"^(/{PVC_SEGMENT})+$"
+# A relative path with no empty, '.' or '..' part.
+RELATIVE_PATH = rf"^{PVC_SEGMENT}(/{PVC_SEGMENT})*$"
+
+
+def _cel_list(values: Sequence[str]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def _reserved_mount(path: str) -> bool:
+    return any(
+        path == p or path.startswith(p + "/") or p.startswith(path + "/") for p in c.POD_MOUNT_PATHS
+    )
+
+
+class KeyToPath(_Spec):
+    """One key of a Secret or ConfigMap projected into a volume as a file."""
+
+    key: str = Field(max_length=253, pattern=CONFIG_KEY, description="The key.")
+    path: str = Field(
+        max_length=1024,
+        pattern=RELATIVE_PATH,
+        description="The file's path inside the volume (relative, no '..').",
+    )
+    mode: int | None = Field(None, ge=0, le=0o777, description="File mode bits, e.g. 0440.")
+
+
+class SecretVolume(_Spec):
+    """A Secret of the run's namespace as a volume."""
+
+    secret_name: str = Field(
+        max_length=253, pattern=DNS1123_SUBDOMAIN, description="The Secret's name."
+    )
+    items: list[KeyToPath] | None = Field(
+        None, max_length=64, description="Only these keys, at these paths (default: every key)."
+    )
+    default_mode: int | None = Field(
+        None, ge=0, le=0o777, description="Mode bits of the files (Kubernetes default 0644)."
+    )
+    optional: bool | None = Field(None, description="Start the pod when the Secret is missing.")
+
+
+class ConfigMapVolume(_Spec):
+    """A ConfigMap of the run's namespace as a volume."""
+
+    name: str = Field(max_length=253, pattern=DNS1123_SUBDOMAIN, description="The ConfigMap.")
+    items: list[KeyToPath] | None = Field(
+        None, max_length=64, description="Only these keys, at these paths (default: every key)."
+    )
+    default_mode: int | None = Field(
+        None, ge=0, le=0o777, description="Mode bits of the files (Kubernetes default 0644)."
+    )
+    optional: bool | None = Field(None, description="Start the pod when the ConfigMap is missing.")
+
+
+class EmptyDirVolume(_Spec):
+    """A scratch directory that lives as long as the pod."""
+
+    medium: Literal["", "Memory"] | None = Field(
+        None, description="'' (the node's disk) or Memory (tmpfs, counted as memory)."
+    )
+    size_limit: Quantity | None = Field(None, description="Most the directory may hold, e.g. 1Gi.")
+
+
+class PersistentVolumeClaimVolume(_Spec):
+    """A PersistentVolumeClaim of the run's namespace as a volume."""
+
+    claim_name: str = Field(
+        max_length=MAX_PVC_CLAIM, pattern=DNS1123_SUBDOMAIN, description="The claim's name."
+    )
+    read_only: bool | None = Field(None, description="Mount the claim read-only.")
+
+
+class LocalObjectReference(_Spec):
+    """A named object of the run's namespace (a Secret)."""
+
+    name: str = Field(max_length=253, pattern=DNS1123_SUBDOMAIN, description="Its name.")
+
+
+class CsiVolume(_Spec):
+    """An inline CSI volume (for example the Secrets Store CSI driver)."""
+
+    driver: str = Field(
+        max_length=63, pattern=DNS1123_SUBDOMAIN, description="The CSI driver's name."
+    )
+    read_only: bool | None = Field(None, description="Mount it read-only.")
+    fs_type: str | None = Field(None, max_length=63, description="Filesystem type, e.g. ext4.")
+    volume_attributes: dict[str, Annotated[str, Field(max_length=1024)]] | None = Field(
+        None, max_length=32, description="Driver-specific attributes."
+    )
+    node_publish_secret_ref: LocalObjectReference | None = Field(
+        None, description="A Secret the driver reads when it mounts the volume."
+    )
+
+
+class Volume(_Spec):
+    """An extra volume of a run pod: exactly one of secret, configMap, emptyDir,
+    persistentVolumeClaim or csi (kinds restricted Pod Security allows; hostPath and the
+    others are refused as unknown fields)."""
+
+    RULES = (
+        Rule(
+            "(has(self.secret) ? 1 : 0) + (has(self.configMap) ? 1 : 0) + "
+            "(has(self.emptyDir) ? 1 : 0) + (has(self.persistentVolumeClaim) ? 1 : 0) + "
+            "(has(self.csi) ? 1 : 0) == 1",
+            "a volume has exactly one of secret, configMap, emptyDir, persistentVolumeClaim or csi",
+            lambda v: (
+                sum(
+                    x is not None
+                    for x in (v.secret, v.config_map, v.empty_dir, v.persistent_volume_claim, v.csi)
+                )
+                == 1
+            ),
+            accepts={"name": "scratch", "emptyDir": {}},
+            refuses={"name": "scratch", "emptyDir": {}, "secret": {"secretName": "s"}},
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
+
+    name: str = Field(
+        max_length=c.MAX_LABEL_LENGTH,
+        pattern=DNS1123_LABEL,
+        description=(
+            "Volume name, unique in the pod, named by volumeMounts; not one of fedrun's own: "
+            + ", ".join(c.POD_VOLUMES)
+            + "."
+        ),
+    )
+    secret: SecretVolume | None = Field(None, description="A Secret's keys as files.")
+    config_map: ConfigMapVolume | None = Field(None, description="A ConfigMap's keys as files.")
+    empty_dir: EmptyDirVolume | None = Field(None, description="A scratch directory.")
+    persistent_volume_claim: PersistentVolumeClaimVolume | None = Field(
+        None, description="A PersistentVolumeClaim."
+    )
+    csi: CsiVolume | None = Field(None, description="An inline CSI volume.")
+
+
+class VolumeMount(_Spec):
+    """Where the container mounts one of the pod's extra volumes."""
+
+    name: str = Field(
+        max_length=c.MAX_LABEL_LENGTH,
+        pattern=DNS1123_LABEL,
+        description="The volume: one declared in volumes beside this list.",
+    )
+    mount_path: str = Field(
+        max_length=1024,
+        pattern=MOUNT_PATH,
+        description=(
+            "Absolute path in the container, unique in the pod; not at, under or above "
+            "fedrun's own mounts: " + ", ".join(c.POD_MOUNT_PATHS) + "."
+        ),
+    )
+    read_only: bool | None = Field(None, description="Mount read-only.")
+    sub_path: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=RELATIVE_PATH,
+        description="Mount only this path inside the volume (relative, no '..').",
+    )
+
+
+class KeySelector(_Spec):
+    """One key of a Secret or ConfigMap of the run's namespace."""
+
+    name: str = Field(max_length=253, pattern=DNS1123_SUBDOMAIN, description="The object.")
+    key: str = Field(max_length=253, pattern=CONFIG_KEY, description="The key.")
+    optional: bool | None = Field(None, description="Start the pod when it is missing.")
+
+
+class EnvVarSource(_Spec):
+    """Where an environment variable's value comes from: a Secret's or a ConfigMap's key."""
+
+    RULES = (
+        Rule(
+            "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+            "valueFrom has exactly one of secretKeyRef or configMapKeyRef",
+            lambda s: (s.secret_key_ref is None) != (s.config_map_key_ref is None),
+            accepts={"secretKeyRef": {"name": "mlflow", "key": "password"}},
+            refuses={},
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
+
+    secret_key_ref: KeySelector | None = Field(
+        None, description="A Secret's key (credentials, e.g. MLFLOW_TRACKING_PASSWORD)."
+    )
+    config_map_key_ref: KeySelector | None = Field(None, description="A ConfigMap's key.")
+
+
+class EnvVar(_Spec):
+    """An environment variable of the container: a value, or a Secret's or ConfigMap's key."""
+
+    RULES = (
+        Rule(
+            "!has(self.value) || !has(self.valueFrom)",
+            "set value or valueFrom, not both",
+            lambda e: e.value is None or e.value_from is None,
+            accepts={"name": "X", "value": "1"},
+            refuses={
+                "name": "X",
+                "value": "1",
+                "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}},
+            },
+            field="valueFrom",
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
+
+    name: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=ENV_NAME,
+        description=(
+            "Variable name, unique in the list; not FEDRUN_* nor one fedrun sets: "
+            + ", ".join(c.POD_ENV)
+            + "."
+        ),
+    )
+    value: str | None = Field(None, max_length=4096, description="The value.")
+    value_from: EnvVarSource | None = Field(
+        None, description="The value from a Secret or ConfigMap."
+    )
+
+
+class ObjectRef(_Spec):
+    """A Secret or ConfigMap of the run's namespace whose keys all become variables."""
+
+    name: str = Field(max_length=253, pattern=DNS1123_SUBDOMAIN, description="Its name.")
+    optional: bool | None = Field(None, description="Start the pod when it is missing.")
+
+
+class EnvFromSource(_Spec):
+    """Every key of a Secret or ConfigMap as environment variables."""
+
+    RULES = (
+        Rule(
+            "has(self.secretRef) != has(self.configMapRef)",
+            "envFrom has exactly one of secretRef or configMapRef",
+            lambda s: (s.secret_ref is None) != (s.config_map_ref is None),
+            accepts={"secretRef": {"name": "mlflow-credentials"}},
+            refuses={"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}},
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
+
+    prefix: str | None = Field(
+        None, max_length=253, pattern=ENV_NAME, description="Put before every key's name."
+    )
+    secret_ref: ObjectRef | None = Field(None, description="A Secret.")
+    config_map_ref: ObjectRef | None = Field(None, description="A ConfigMap.")
+
+
+class NodeSelectorRequirement(_Spec):
+    """A node label (or field) and the values it must have, as in a Pod's nodeAffinity."""
+
+    key: str = Field(max_length=MAX_QUALIFIED_NAME, description="The label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"] = Field(
+        description="In, NotIn, Exists, DoesNotExist, Gt or Lt."
+    )
+    values: list[Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=32, description="The values (In, NotIn: any; Gt, Lt: one integer)."
+    )
+
+
+class NodeSelectorTerm(_Spec):
+    """Node requirements that must all hold."""
+
+    match_expressions: list[NodeSelectorRequirement] | None = Field(
+        None, max_length=16, description="By node labels."
+    )
+    match_fields: list[NodeSelectorRequirement] | None = Field(
+        None, max_length=4, description="By node fields (metadata.name)."
+    )
+
+
+class NodeSelector(_Spec):
+    """Node selector terms of which one must hold."""
+
+    node_selector_terms: list[NodeSelectorTerm] = Field(
+        min_length=1, max_length=8, description="The terms (ORed)."
+    )
+
+
+class PreferredSchedulingTerm(_Spec):
+    """A node preference and its weight."""
+
+    weight: int = Field(ge=1, le=100, description="Weight, 1 to 100.")
+    preference: NodeSelectorTerm = Field(description="The preferred nodes.")
+
+
+class NodeAffinity(_Spec):
+    """Which nodes the pod must or would rather run on."""
+
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = Field(
+        None, description="Nodes the pod must run on."
+    )
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] | None = (
+        Field(None, max_length=8, description="Nodes the pod would rather run on.")
+    )
+
+
+class LabelSelectorRequirement(_Spec):
+    """A label and the values it must have."""
+
+    key: str = Field(max_length=MAX_QUALIFIED_NAME, description="The label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="In, NotIn, Exists or DoesNotExist."
+    )
+    values: list[Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=32, description="The values (In, NotIn)."
+    )
+
+
+class LabelSelector(_Spec):
+    """A Kubernetes label selector."""
+
+    match_labels: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=16, description="Labels that must have these values."
+    )
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        None, max_length=8, description="Requirements that must all hold."
+    )
+
+
+class PodAffinityTerm(_Spec):
+    """Pods (by labels, in namespaces) that the pod must or must not share a topology with."""
+
+    label_selector: LabelSelector | None = Field(None, description="The other pods.")
+    namespace_selector: LabelSelector | None = Field(None, description="Their namespaces.")
+    namespaces: list[Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=16, description="Their namespaces by name (default: the run's)."
+    )
+    topology_key: str = Field(
+        min_length=1,
+        max_length=MAX_QUALIFIED_NAME,
+        description="The node label that defines the topology, e.g. kubernetes.io/hostname.",
+    )
+
+
+class WeightedPodAffinityTerm(_Spec):
+    """A pod affinity preference and its weight."""
+
+    weight: int = Field(ge=1, le=100, description="Weight, 1 to 100.")
+    pod_affinity_term: PodAffinityTerm = Field(description="The term.")
+
+
+class PodAffinity(_Spec):
+    """Pods to run near (podAffinity) or away from (podAntiAffinity)."""
+
+    required_during_scheduling_ignored_during_execution: list[PodAffinityTerm] | None = Field(
+        None, max_length=8, description="Terms that must hold."
+    )
+    preferred_during_scheduling_ignored_during_execution: list[WeightedPodAffinityTerm] | None = (
+        Field(None, max_length=8, description="Terms preferred, by weight.")
+    )
+
+
+class Affinity(_Spec):
+    """Scheduling constraints, as in a Pod's affinity."""
+
+    node_affinity: NodeAffinity | None = Field(None, description="Node affinity.")
+    pod_affinity: PodAffinity | None = Field(None, description="Pods to run near.")
+    pod_anti_affinity: PodAffinity | None = Field(None, description="Pods to run away from.")
+
+
+_MOUNTS_CEL = _cel_list(c.POD_MOUNT_PATHS)
+
+
+class PodSettings(_Spec):
+    """What a run sets on a pod of its own, in a Pod's terms (server, hospitals, defaults).
+
+    Nothing here touches the pod's security: fedrun's restricted security contexts stay.
+    """
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "!has(self.labels) || self.labels.all(k, !k.startsWith("
+            f"'{c.RESERVED_KEY_PREFIX}') && !(k in {_cel_list(c.POD_LABELS)}))",
+            f"labels must not set fedrun's own ({c.RESERVED_KEY_PREFIX}*, "
+            + ", ".join(c.POD_LABELS)
+            + "): its selectors and NetworkPolicies rely on them",
+            lambda p: (
+                not any(
+                    k.startswith(c.RESERVED_KEY_PREFIX) or k in c.POD_LABELS for k in p.labels or {}
+                )
+            ),
+            accepts={"labels": {"team": "cardio"}},
+            refuses={"labels": {c.LABEL_RUN: "other"}},
+            field="labels",
+        ),
+        Rule(
+            "!has(self.labels) || self.labels.all(k, size(k) <= "
+            f"{MAX_QUALIFIED_NAME} && k.matches('{QUALIFIED_NAME}'))",
+            "a label key is a qualified name: an optional DNS subdomain and '/', then at most "
+            "63 letters, digits, '-', '_' or '.'",
+            lambda p: all(
+                len(k) <= MAX_QUALIFIED_NAME and re.match(QUALIFIED_NAME, k) for k in p.labels or {}
+            ),
+            accepts={"labels": {"example.com/team": "cardio"}},
+            refuses={"labels": {"team cardio": "x"}},
+            field="labels",
+        ),
+        Rule(
+            f"!has(self.annotations) || self.annotations.all(k, !k.startsWith("
+            f"'{c.RESERVED_KEY_PREFIX}'))",
+            f"annotations must not set fedrun's own ({c.RESERVED_KEY_PREFIX}*)",
+            lambda p: not any(k.startswith(c.RESERVED_KEY_PREFIX) for k in p.annotations or {}),
+            accepts={"annotations": {"example.com/owner": "cardio"}},
+            refuses={"annotations": {c.ANNOTATION_CONFIG_HASH: "x"}},
+            field="annotations",
+        ),
+        Rule(
+            "!has(self.annotations) || self.annotations.all(k, size(k) <= "
+            f"{MAX_QUALIFIED_NAME} && k.matches('{QUALIFIED_NAME}'))",
+            "an annotation key is a qualified name: an optional DNS subdomain and '/', then at "
+            "most 63 letters, digits, '-', '_' or '.'",
+            lambda p: all(
+                len(k) <= MAX_QUALIFIED_NAME and re.match(QUALIFIED_NAME, k)
+                for k in p.annotations or {}
+            ),
+            accepts={"annotations": {"owner": "cardio"}},
+            refuses={"annotations": {"/owner": "cardio"}},
+            field="annotations",
+        ),
+        Rule(
+            f"!has(self.env) || self.env.all(e, !e.name.startsWith('{c.ENV_PREFIX}') && "
+            f"!(e.name in {_cel_list(c.POD_ENV)}))",
+            f"env must not set fedrun's own variables ({c.ENV_PREFIX}*, "
+            + ", ".join(c.POD_ENV)
+            + ")",
+            lambda p: (
+                not any(e.name.startswith(c.ENV_PREFIX) or e.name in c.POD_ENV for e in p.env or [])
+            ),
+            accepts={"env": [{"name": "MLFLOW_TRACKING_USERNAME", "value": "fedrun"}]},
+            refuses={"env": [{"name": c.ENV_RUN, "value": "other"}]},
+            field="env",
+        ),
+        Rule(
+            f"!has(self.volumes) || self.volumes.all(v, !(v.name in {_cel_list(c.POD_VOLUMES)}))",
+            "volumes must not take the name of one of fedrun's own: " + ", ".join(c.POD_VOLUMES),
+            lambda p: not any(v.name in c.POD_VOLUMES for v in p.volumes or []),
+            accepts={"volumes": [{"name": "scratch", "emptyDir": {}}]},
+            refuses={"volumes": [{"name": "state", "emptyDir": {}}]},
+            field="volumes",
+        ),
+        Rule(
+            "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && "
+            "self.volumes.exists(v, v.name == m.name))",
+            "every volumeMount names a volume declared in volumes beside it",
+            lambda p: all(
+                any(v.name == m.name for v in p.volumes or []) for m in p.volume_mounts or []
+            ),
+            accepts={
+                "volumes": [{"name": "ca", "secret": {"secretName": "mlflow-ca"}}],
+                "volumeMounts": [{"name": "ca", "mountPath": "/etc/mlflow-ca"}],
+            },
+            refuses={
+                "volumes": [{"name": "ca", "secret": {"secretName": "mlflow-ca"}}],
+                "volumeMounts": [{"name": "cert", "mountPath": "/etc/mlflow-ca"}],
+            },
+            field="volumeMounts",
+        ),
+        Rule(
+            f"!has(self.volumeMounts) || self.volumeMounts.all(m, {_MOUNTS_CEL}.all(p, "
+            "m.mountPath != p && !m.mountPath.startsWith(p + '/') && "
+            "!p.startsWith(m.mountPath + '/')))",
+            "volumeMounts must not be at, under or above fedrun's own mounts: "
+            + ", ".join(c.POD_MOUNT_PATHS),
+            lambda p: not any(_reserved_mount(m.mount_path) for m in p.volume_mounts or []),
+            accepts={
+                "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory"}}],
+                "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
+            },
+            refuses={
+                "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory"}}],
+                "volumeMounts": [{"name": "shm", "mountPath": "/var/lib"}],
+            },
+            field="volumeMounts",
+        ),
+    )
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
+
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        None,
+        max_length=16,
+        description="Secrets (kubernetes.io/dockerconfigjson) to pull the image with.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=32, description="Node labels the pod must run on."
+    )
+    affinity: Affinity | None = Field(None, description="Node and pod affinity of the pod.")
+    tolerations: list[Toleration] | None = Field(
+        None, max_length=32, description="Tolerations of the pod."
+    )
+    priority_class_name: str | None = Field(
+        None, max_length=253, pattern=DNS1123_SUBDOMAIN, description="PriorityClass of the pod."
+    )
+    labels: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] | None = Field(
+        None,
+        max_length=32,
+        description=(
+            f"Extra labels on the pod; not fedrun's own ({c.RESERVED_KEY_PREFIX}*, "
+            + ", ".join(c.POD_LABELS)
+            + ")."
+        ),
+    )
+    annotations: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(
+        None,
+        max_length=32,
+        description=f"Extra annotations on the pod; not fedrun's own ({c.RESERVED_KEY_PREFIX}*).",
+    )
+    env: list[EnvVar] | None = Field(
+        None,
+        max_length=64,
+        description=(
+            "Extra environment variables of the container, e.g. MLflow credentials from a "
+            "Secret (valueFrom.secretKeyRef)."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    env_from: list[EnvFromSource] | None = Field(
+        None,
+        max_length=16,
+        description=(
+            "Secrets and ConfigMaps whose keys all become variables. fedrun's own variables "
+            "and env win over them."
+        ),
+    )
+    volumes: list[Volume] | None = Field(
+        None,
+        max_length=16,
+        description="Extra volumes of the pod.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    volume_mounts: list[VolumeMount] | None = Field(
+        None,
+        max_length=16,
+        description="Where the container mounts the extra volumes.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["mountPath"],
+        },
+    )
+    resources: Resources | None = Field(None, description="Resources of the pod's container.")
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> Any:
+        # The CRD says the same with x-kubernetes-list-type: map.
+        keyed: tuple[tuple[str, Sequence[Any], str], ...] = (
+            ("imagePullSecrets", self.image_pull_secrets or [], "name"),
+            ("env", self.env or [], "name"),
+            ("volumes", self.volumes or [], "name"),
+            ("volumeMounts", self.volume_mounts or [], "mount_path"),
+        )
+        for field, items, key in keyed:
+            seen: set[str] = set()
+            for i, item in enumerate(items):
+                value = getattr(item, key)
+                if value in seen:
+                    raise RuleError((field, i), f"duplicate {to_camel(key)} {value!r}")
+                seen.add(value)
+        return self
+
+
+#: The fields of PodSettings, in Python names (what merge_pod_settings merges).
+POD_SETTINGS_FIELDS = tuple(PodSettings.model_fields)
+
+
+def _keyed_merge(base: list[Any], over: list[Any], key: str) -> list[Any]:
+    out = {item[key]: item for item in base}
+    for item in over:
+        out[item[key]] = item
+    return list(out.values())
+
+
+def merge_pod_settings(*layers: PodSettings | None) -> PodSettings:
+    """The pod settings that `layers` give, later layers over earlier ones.
+
+    Maps (nodeSelector, labels, annotations, and resources' requests and limits) merge key
+    by key; lists of named things (imagePullSecrets, env, volumes by name, volumeMounts by
+    mountPath) merge by that key, a later entry replacing an earlier one in place; the other
+    lists (tolerations, envFrom) append, each distinct entry once; scalars (priorityClassName,
+    and affinity as a whole) are replaced. None layers are skipped. Only PodSettings' fields
+    of each layer are read (a layer may be a ServerSpec or a Hospital).
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        data = layer.model_dump(include=set(POD_SETTINGS_FIELDS), exclude_none=True)
+        for name, value in data.items():
+            old = merged.get(name)
+            if old is None:
+                merged[name] = value
+            elif name in ("node_selector", "labels", "annotations"):
+                merged[name] = {**old, **value}
+            elif name == "resources":
+                merged[name] = {
+                    part: {**old.get(part, {}), **value.get(part, {})}
+                    for part in ("requests", "limits")
+                    if part in old or part in value
+                }
+            elif name in ("image_pull_secrets", "env", "volumes"):
+                merged[name] = _keyed_merge(old, value, "name")
+            elif name == "volume_mounts":
+                merged[name] = _keyed_merge(old, value, "mount_path")
+            elif name in ("tolerations", "env_from"):
+                merged[name] = old + [v for v in value if v not in old]
+            else:
+                merged[name] = value
+    return PodSettings.model_validate(merged)
+
+
+class PodDefaults(_Spec):
+    """Pod settings a cluster gives every run's pods (the chart's `runDefaults`): each run's
+    own settings merge over them (see merge_pod_settings)."""
+
+    server: PodSettings | None = Field(None, description="For every run's server pod.")
+    hospital: PodSettings | None = Field(None, description="For every hospital pod.")
+
+
+def parse_pod_defaults(text: str, source: str) -> PodDefaults:
+    """PodDefaults from JSON text (the chart's `runDefaults`, as the operator reads them).
+
+    Raises ValueError, naming `source`, with one line per bad field (as :func:`parse_run`).
+    """
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid {source}: not JSON: {err}") from None
+    try:
+        return PodDefaults.model_validate(obj)
+    except ValidationError as err:
+        problems = "\n".join(f"  {_describe(e)}" for e in err.errors())
+        raise ValueError(f"invalid {source}:\n{problems}") from None
+
+
+#: What every hospital example of a rule starts from: the fields a Hospital needs.
+_HOSPITAL = {"name": "a", "dataUri": "/data/a.csv"}
+
+
+class Hospital(PodSettings):
+    """One participating hospital: where its data lives and where its client runs, and its
+    pod's settings (PodSettings' fields), which merge over spec.hospitalDefaults."""
+
+    RULES = tuple(
+        replace(r, accepts={**_HOSPITAL, **r.accepts}, refuses={**_HOSPITAL, **r.refuses})
+        for r in PodSettings.RULES
+    )
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
 
     name: str = Field(
         max_length=c.MAX_LABEL_LENGTH,
@@ -878,13 +1554,6 @@ class Hospital(_Spec):
             "under other privacy terms, is refused."
         ),
         json_schema_extra={"pattern": DATA_URI},
-    )
-    resources: Resources | None = Field(None, description="Resources of the hospital's client.")
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
-        None, max_length=32, description="Node labels the hospital's pod must run on."
-    )
-    tolerations: list[Toleration] | None = Field(
-        None, max_length=32, description="Tolerations of the hospital's pod."
     )
 
     @field_validator("name")
@@ -943,10 +1612,12 @@ class MlflowSpec(_Spec):
     )
 
 
-class ServerSpec(_Spec):
-    """The run's server (Flower SuperLink and fedrun's run driver)."""
+class ServerSpec(PodSettings):
+    """The run's server (Flower SuperLink and fedrun's run driver) and its pod's settings."""
 
-    resources: Resources | None = Field(None, description="Resources of the server container.")
+    RULES = PodSettings.RULES
+    model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
+
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
         "ClusterIP",
         description=(
@@ -1080,6 +1751,14 @@ class FederatedRunSpec(_Spec):
             "x-kubernetes-list-map-keys": ["name"],
             **rules_schema(RULES, scope="hospitals"),
         },
+    )
+    hospital_defaults: PodSettings | None = Field(
+        None,
+        description=(
+            "Pod settings every hospital's pod gets; each hospital's own merge over them "
+            "(maps key by key, env, volumes and imagePullSecrets by name, volumeMounts by "
+            "mountPath, tolerations and envFrom appended, other fields replaced)."
+        ),
     )
     mlflow: MlflowSpec = Field(
         default_factory=MlflowSpec,
@@ -1505,6 +2184,32 @@ def _all_field_names() -> set[str]:
         Hospital,
         Resources,
         Toleration,
+        PodSettings,
+        Affinity,
+        NodeAffinity,
+        NodeSelector,
+        NodeSelectorTerm,
+        NodeSelectorRequirement,
+        PreferredSchedulingTerm,
+        PodAffinity,
+        PodAffinityTerm,
+        WeightedPodAffinityTerm,
+        LabelSelector,
+        LabelSelectorRequirement,
+        Volume,
+        VolumeMount,
+        SecretVolume,
+        ConfigMapVolume,
+        EmptyDirVolume,
+        PersistentVolumeClaimVolume,
+        CsiVolume,
+        KeyToPath,
+        EnvVar,
+        EnvVarSource,
+        KeySelector,
+        EnvFromSource,
+        ObjectRef,
+        LocalObjectReference,
         MlflowSpec,
         ServerSpec,
         SecuritySpec,

@@ -31,6 +31,9 @@ COMPONENT_HOSPITAL: Final = "hospital"
 # Annotations.
 ANNOTATION_IRSA_ROLE: Final = "eks.amazonaws.com/role-arn"
 ANNOTATION_CONFIG_HASH: Final = f"{GROUP}/config-hash"
+# On a server's pod template: the cluster's pod defaults the run was rendered with (JSON), so
+# that a Running run keeps them when the chart's runDefaults change.
+ANNOTATION_POD_DEFAULTS: Final = f"{GROUP}/pod-defaults"
 
 # Ports of the server pod.
 FLEET_PORT: Final = 9092
@@ -100,6 +103,33 @@ def hospital_pub_file(hospital: str) -> str:
 # Log lines carry them (fedrun_core.logs).
 ENV_RUN: Final = "FEDRUN_RUN"
 ENV_HOSPITAL: Final = "FEDRUN_HOSPITAL"
+
+# Where a hospital's container writes why it failed (its terminationMessagePath).
+TERMINATION_LOG: Final = "/dev/termination-log"
+
+# What fedrun itself puts into every run pod, which a run's pod settings (spec.server,
+# spec.hospitalDefaults, spec.hospitals[]) cannot take over: every FEDRUN_* variable and the
+# others of its environment, its volumes' names, the paths it mounts (nothing may be mounted
+# at, under or above one), and its labels (these and every fedrun.io/ key) and annotations
+# (every fedrun.io/ key).
+ENV_PREFIX: Final = "FEDRUN_"
+POD_ENV: Final = (
+    "FLWR_TELEMETRY_ENABLED",
+    "FLWR_DISABLE_UPDATE_CHECK",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "HOME",
+)
+POD_VOLUMES: Final = ("config", "state", "tmp", SECRETS_VOLUME, "data", "ledger")
+POD_MOUNT_PATHS: Final = (
+    CONFIG_DIR,
+    STATE_DIR,
+    TMP_DIR,
+    SECRETS_DIR,
+    PVC_MOUNT_ROOT,
+    TERMINATION_LOG,
+)
+POD_LABELS: Final = (LABEL_PART_OF, LABEL_MANAGED_BY)
+RESERVED_KEY_PREFIX: Final = f"{GROUP}/"
 
 # Annotation on a run's Secrets: when their certificates expire (RFC 3339).
 ANNOTATION_NOT_AFTER: Final = f"{GROUP}/not-after"

@@ -76,13 +76,17 @@ def override_data(run: FederatedRun, data_dir: Path) -> FederatedRun:
 
 
 class ClusterOnlyError(ValueError):
-    """The run needs something only a cluster has (a PersistentVolumeClaim)."""
+    """The run needs something only a cluster has (a PersistentVolumeClaim, a Secret)."""
 
 
 def cluster_only(run: FederatedRun) -> list[str]:
-    """Why `run` cannot run locally: one line per hospital URI on a PersistentVolumeClaim.
+    """Why `run` cannot run locally: one line per hospital URI on a PersistentVolumeClaim,
+    and per pod setting that reads the cluster (a volume other than emptyDir, env from a
+    Secret or ConfigMap, envFrom).
 
-    No local process can mount a claim. Empty when the run can run here.
+    No local process can mount a claim or read a Secret. Empty when the run can run here.
+    The other pod settings (scheduling, labels, resources) mean nothing locally and are
+    left out.
     """
     problems = []
     for i, h in enumerate(run.spec.hospitals):
@@ -97,6 +101,31 @@ def cluster_only(run: FederatedRun) -> list[str]:
                     f"spec.hospitals[{i}].{field_name}: {uri} is on a PersistentVolumeClaim, "
                     f"which exists only in a cluster; {hint}"
                 )
+    blocks = [
+        ("spec.server", run.spec.server),
+        ("spec.hospitalDefaults", run.spec.hospital_defaults),
+    ]
+    blocks += [(f"spec.hospitals[{i}]", h) for i, h in enumerate(run.spec.hospitals)]
+    for where, settings in blocks:
+        if settings is None:
+            continue
+        for j, volume in enumerate(settings.volumes or []):
+            if volume.empty_dir is None:
+                problems.append(
+                    f"{where}.volumes[{j}]: volume {volume.name!r} comes from the cluster; "
+                    "only emptyDir volumes run locally"
+                )
+        for j, var in enumerate(settings.env or []):
+            if var.value_from is not None:
+                problems.append(
+                    f"{where}.env[{j}]: {var.name} comes from a Secret or ConfigMap, which "
+                    "exists only in a cluster; set it in your environment instead"
+                )
+        if settings.env_from:
+            problems.append(
+                f"{where}.envFrom: Secrets and ConfigMaps exist only in a cluster; set the "
+                "variables in your environment instead"
+            )
     return problems
 
 
@@ -191,8 +220,9 @@ class LocalCluster:
     def create(cls, run: FederatedRun, out: Path) -> LocalCluster:
         """Render the run and prepare (not start) its pods.
 
-        Raises :class:`ClusterOnlyError` when a hospital's data or ledger is on a
-        PersistentVolumeClaim (see :func:`cluster_only`).
+        Raises :class:`ClusterOnlyError` when the run needs a cluster: a hospital's data or
+        ledger on a PersistentVolumeClaim, pod settings that read Secrets (see
+        :func:`cluster_only`).
         """
         problems = cluster_only(run)
         if problems:

@@ -5,23 +5,32 @@ Nothing here decides anything: every handler hands the run to
 :mod:`fedrun_operator.status` and :mod:`fedrun_operator.children` (pure functions).
 
 Run it with ``fedrun operator`` (which calls :func:`run`), or under kopf's own runner:
-``kopf run -m fedrun_operator.main --standalone -A`` (what the integration tests do).
+``kopf run -m fedrun_operator.main --standalone -A`` (what most integration tests do).
+With ``FEDRUN_OPERATOR_LEASE_NAME`` set (the chart sets it), :func:`run` first wins the
+leader Lease (:mod:`fedrun_operator.leader`) and only then starts kopf, so of several
+replicas exactly one reconciles; kopf itself always runs standalone (no peering objects).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import signal
 import time
 from typing import Any
 
 import kopf
+from aiohttp import web
 
 from fedrun_core import names as c
 from fedrun_core.states import Reason
 from fedrun_operator import metrics
-from fedrun_operator.config import OperatorConfig
+from fedrun_operator.config import POD_NAME_ENV, OperatorConfig
 from fedrun_operator.handlers.reconcile_run import Outcome, Reconciler
 from fedrun_operator.kube import Credentials, ForbiddenError, Kube
+from fedrun_operator.leader import LeaseElector, Timings, identity
 from fedrun_operator.server_report import clip
 
 log = logging.getLogger("fedrun.operator")
@@ -31,6 +40,7 @@ log = logging.getLogger("fedrun.operator")
 POLL_SECONDS = OperatorConfig.from_env().poll_seconds
 RESOURCE = (c.GROUP, c.VERSION, c.PLURAL)
 _MEMO_KEY = "reconciler"
+_metrics_ports: set[int] = set()  # /metrics is served once per process, whoever starts it
 
 
 @kopf.on.startup()
@@ -52,10 +62,16 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.INFO
     settings.networking.request_timeout = 60
     settings.execution.max_workers = 20
-    if cfg.metrics_port:
+    _serve_metrics(cfg.metrics_port)
+
+
+def _serve_metrics(port: int) -> None:
+    """Serve /metrics on `port` (0: not at all), once per process."""
+    if port and port not in _metrics_ports:
         from prometheus_client import start_http_server
 
-        start_http_server(cfg.metrics_port, registry=metrics.REGISTRY)
+        start_http_server(port, registry=metrics.REGISTRY)
+        _metrics_ports.add(port)
 
 
 @kopf.on.login()
@@ -130,10 +146,91 @@ def on_delete(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
 
 
 def run(namespaces: list[str], health_port: int) -> None:
-    """Run the operator until it is stopped (what ``fedrun operator`` calls)."""
-    kopf.run(
-        standalone=True,
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+    """Run the operator until it is stopped (what ``fedrun operator`` calls).
+
+    Without a Lease name in the settings it reconciles at once (one replica only). With
+    one, it waits as a standby until it holds the Lease, reconciles while it holds it,
+    releases it on SIGTERM or SIGINT, and exits with
+    :data:`fedrun_operator.leader.LOST_EXIT_CODE` when it loses it. `/healthz` on
+    `health_port` (0: off) answers 200 on a standby too: a waiting replica is healthy.
+    """
+    cfg = OperatorConfig.from_env()
+    if not cfg.lease_name:
+        metrics.LEADER.set(1)
+        kopf.run(
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+        )
+        return
+    asyncio.run(_run_elected(cfg, namespaces, health_port))
+
+
+def _credentials() -> Credentials:
+    """The same credentials kopf logs in with: the pod's ServiceAccount, else a kubeconfig."""
+    settings = kopf.OperatorSettings()
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(
+        settings=settings
     )
+    if info is None:
+        raise RuntimeError("no Kubernetes credentials: no ServiceAccount token, no kubeconfig")
+    return Credentials.from_kopf(info)
+
+
+async def _serve_health(port: int, elector: LeaseElector) -> web.AppRunner:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"leader": elector.is_leader, "identity": elector.holder})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    # Every interface, as kopf's own liveness endpoint: the kubelet probes the pod IP.
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
+
+
+async def _run_elected(cfg: OperatorConfig, namespaces: list[str], health_port: int) -> None:
+    timings = Timings(cfg.lease_seconds, cfg.renew_deadline_seconds, cfg.retry_seconds)
+    elector = LeaseElector(
+        _credentials,
+        cfg.operator_namespace,
+        cfg.lease_name,
+        identity(os.environ.get(POD_NAME_ENV)),
+        timings,
+    )
+    _serve_metrics(cfg.metrics_port)
+    health = await _serve_health(health_port, elector) if health_port else None
+    try:
+        # A standby holds nothing: SIGTERM or SIGINT just ends the wait.
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopped.set)
+        acquiring = asyncio.create_task(elector.acquire())
+        stopping = asyncio.create_task(stopped.wait())
+        await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        for task in (acquiring, stopping):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if not elector.is_leader:
+            log.info("stopped while standby")
+            return
+        # Leading: kopf handles SIGTERM from here (it stops its handlers), then the Lease is
+        # released so that a standby takes over at once.
+        keeping = asyncio.create_task(elector.keep())
+        try:
+            await kopf.operator(standalone=True, clusterwide=not namespaces, namespaces=namespaces)
+        finally:
+            keeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeping
+            await elector.release()
+    finally:
+        await elector.close()
+        if health is not None:
+            await health.cleanup()

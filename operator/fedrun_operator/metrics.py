@@ -5,8 +5,14 @@ Two kinds:
 - how the operator itself is doing: reconcile durations and errors, API requests and
   retries, runs by phase;
 - one series per FederatedRun (labels ``namespace``, ``run``) mirroring its status, so the
-  chart's alerts (budget at 90 %, run failed, too few hospitals, round stalled) need only
-  the operator as a scrape target, whatever network policy surrounds the run servers.
+  chart's alerts (run failed, budget would stop a run early, too few hospitals, round
+  stalled, operator not reconciling) need only the operator as a scrape target, whatever
+  network policy surrounds the run servers.
+
+The per-run ``namespace`` label is the run's namespace, not the operator's: a scrape must
+keep it (the chart's ServiceMonitor sets ``honorLabels: true``), or Prometheus renames it
+``exported_namespace``. Names follow Prometheus' conventions (``promtool check metrics``):
+only counters end in ``_total``.
 
 Every metric lives in :data:`REGISTRY`; the chart's checks list it to prove that each
 metric its alerts and dashboard query is one the operator exports.
@@ -15,11 +21,14 @@ metric its alerts and dashboard query is one the operator exports.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from fedrun_core.accounting import epsilon
 from fedrun_core.states import HospitalState, Phase
+from fedrun_core.times import parse_time
 
 PHASES = tuple(Phase)
 
@@ -50,10 +59,22 @@ API_RETRIES = Counter(
     ["verb"],
     registry=REGISTRY,
 )
+LEADER = Gauge(
+    "fedrun_operator_leader",
+    "1 while this operator process reconciles (it holds the leader Lease, or runs without "
+    "leader election), 0 while it waits as a standby.",
+    registry=REGISTRY,
+)
 RUNS = Gauge(
     "fedrun_operator_runs",
     "FederatedRuns this operator follows, by phase.",
     ["phase"],
+    registry=REGISTRY,
+)
+LAST_RECONCILE = Gauge(
+    "fedrun_operator_last_reconcile_timestamp_seconds",
+    "Unix time at which this operator last finished reconciling a run (the chart's "
+    "FedrunOperatorNotReconciling alert watches it advance).",
     registry=REGISTRY,
 )
 
@@ -70,8 +91,8 @@ RUN_ROUND = Gauge(
     _RUN_LABELS,
     registry=REGISTRY,
 )
-RUN_ROUNDS_TOTAL = Gauge(
-    "fedrun_operator_run_rounds_total",
+RUN_ROUNDS_PLANNED = Gauge(
+    "fedrun_operator_run_rounds_planned",
     "Rounds the run asks for (spec.rounds).",
     _RUN_LABELS,
     registry=REGISTRY,
@@ -79,6 +100,14 @@ RUN_ROUNDS_TOTAL = Gauge(
 RUN_EPSILON_SPENT = Gauge(
     "fedrun_operator_run_epsilon_spent",
     "ε spent by the run (max over hospitals, the larger of the server's and the operator's).",
+    _RUN_LABELS,
+    registry=REGISTRY,
+)
+RUN_EPSILON_PROJECTED = Gauge(
+    "fedrun_operator_run_epsilon_projected",
+    "ε the run would have spent after its last planned round, at the (σ, q, steps per "
+    "round) of its rounds so far (RDP runs that have taken a DP-SGD step; the max over "
+    "hospitals). Above the target, the budget stops the run before its rounds are done.",
     _RUN_LABELS,
     registry=REGISTRY,
 )
@@ -112,6 +141,12 @@ RUN_ROUND_TIMEOUT = Gauge(
     _RUN_LABELS,
     registry=REGISTRY,
 )
+RUN_COMPLETION = Gauge(
+    "fedrun_operator_run_completion_timestamp_seconds",
+    "Unix time at which the run reached a final phase (status.completionTime); absent before.",
+    _RUN_LABELS,
+    registry=REGISTRY,
+)
 RUN_AUROC = Gauge(
     "fedrun_operator_run_auroc",
     "AUROC of the run's latest evaluated global model.",
@@ -121,13 +156,15 @@ RUN_AUROC = Gauge(
 
 _PER_RUN: tuple[Gauge, ...] = (
     RUN_ROUND,
-    RUN_ROUNDS_TOTAL,
+    RUN_ROUNDS_PLANNED,
     RUN_EPSILON_SPENT,
+    RUN_EPSILON_PROJECTED,
     RUN_EPSILON_TARGET,
     RUN_HOSPITALS_ACTIVE,
     RUN_MIN_HOSPITALS,
     RUN_LAST_PROGRESS,
     RUN_ROUND_TIMEOUT,
+    RUN_COMPLETION,
     RUN_AUROC,
 )
 
@@ -139,18 +176,25 @@ def observe_run(
     status: dict[str, Any],
     last_progress: float | None,
 ) -> None:
-    """Set the run's series from its spec and (camelCase) status."""
+    """Set the run's series from its spec and (camelCase) status, as the operator wrote it.
+
+    Also marks the operator as having reconciled just now
+    (``fedrun_operator_last_reconcile_timestamp_seconds``).
+    """
     phase = status.get("phase") or Phase.PENDING
     for p in PHASES:
         RUN_PHASE.labels(namespace, run, p).set(1.0 if p == phase else 0.0)
     rnd = status.get("round") or {}
     RUN_ROUND.labels(namespace, run).set(float(rnd.get("current") or 0))
-    RUN_ROUNDS_TOTAL.labels(namespace, run).set(float(spec.get("rounds") or 0))
+    RUN_ROUNDS_PLANNED.labels(namespace, run).set(float(spec.get("rounds") or 0))
     privacy = status.get("privacy") or {}
     RUN_EPSILON_SPENT.labels(namespace, run).set(float(privacy.get("epsilonSpent") or 0.0))
     target = (spec.get("privacy") or {}).get("targetEpsilon")
     if target is not None:
         RUN_EPSILON_TARGET.labels(namespace, run).set(float(target))
+    _set_or_remove(RUN_EPSILON_PROJECTED, projected_epsilon(spec, status), namespace, run)
+    done = parse_time(status.get("completionTime"))
+    _set_or_remove(RUN_COMPLETION, done.timestamp() if done else None, namespace, run)
     hospitals = status.get("hospitals") or []
     active = sum(1 for h in hospitals if h.get("state") != HospitalState.FAILED)
     RUN_HOSPITALS_ACTIVE.labels(namespace, run).set(float(active))
@@ -161,6 +205,66 @@ def observe_run(
     auroc = (status.get("metrics") or {}).get("auroc")
     if auroc is not None:
         RUN_AUROC.labels(namespace, run).set(float(auroc))
+    LAST_RECONCILE.set(time.time())
+
+
+def projected_epsilon(spec: dict[str, Any], status: dict[str, Any]) -> float | None:
+    """ε the run would have spent after its last planned round, or None when unknown.
+
+    Per hospital: its accountant history (what earlier server incarnations spent, then
+    this one's), extended by the rounds still to come at the history's last (σ, q) and the
+    steps per round it reported; and the same steps at the (σ, q) the spec implies, when
+    the operator derived them. The run's figure is the largest, and never below what it
+    has spent. A run calibrated to its budget ends at (just under) its target; one whose
+    hospitals spend faster than planned projects above it, rounds before the budget stops
+    it. None for runs without privacy, under the PRV accountant (its ε is tighter than
+    RDP's, which would project over the target for healthy runs), or before any step.
+    """
+    privacy_spec = spec.get("privacy") or {}
+    if not privacy_spec.get("enabled") or privacy_spec.get("accountant", "rdp") != "rdp":
+        return None
+    privacy = status.get("privacy") or {}
+    delta = privacy.get("delta") or privacy_spec.get("delta")
+    if not delta:
+        return None
+    remaining = max(
+        0, int(spec.get("rounds") or 0) - int((status.get("round") or {}).get("current") or 0)
+    )
+    carried = {
+        str(c.get("name")): [_entry(e) for e in c.get("history") or []]
+        for c in privacy.get("carried") or []
+    }
+    local_epochs = int((spec.get("training") or {}).get("localEpochs") or 1)
+    best: float | None = None
+    for h in privacy.get("hospitals") or []:
+        history = carried.get(str(h.get("name")), []) + [_entry(e) for e in h.get("history") or []]
+        if not history or not history[-1][1] > 0:
+            continue
+        sigma, q, _ = history[-1]
+        per_round = int(h.get("stepsPerRound") or 0) or max(1, round(1.0 / q)) * local_epochs
+        try:
+            figures = [epsilon([*history, (sigma, q, per_round * remaining)], float(delta))]
+            plan_sigma, plan_q = h.get("plannedNoiseMultiplier"), h.get("plannedSampleRate")
+            if plan_sigma and plan_q:
+                steps = sum(n for _, _, n in history) + per_round * remaining
+                figures.append(epsilon([(float(plan_sigma), float(plan_q), steps)], float(delta)))
+        except ValueError:  # a figure the accountant refuses: no projection, no crash
+            continue
+        figure = max([*figures, float(h.get("epsilon") or 0.0)])
+        best = figure if best is None else max(best, figure)
+    return best
+
+
+def _entry(entry: list[float]) -> tuple[float, float, int]:
+    sigma, q, steps = entry
+    return float(sigma), float(q), int(steps)
+
+
+def _set_or_remove(gauge: Gauge, value: float | None, *labels: str) -> None:
+    if value is None:
+        _remove(gauge, *labels)
+    else:
+        gauge.labels(*labels).set(value)
 
 
 def forget_run(namespace: str, run: str) -> None:

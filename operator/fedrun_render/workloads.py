@@ -14,7 +14,16 @@ from typing import Any
 import yaml
 
 from fedrun_core import names as c
-from fedrun_core.api import FederatedRun, Hospital, Resources, pvc_claim, pvc_mount_path
+from fedrun_core.api import (
+    FederatedRun,
+    Hospital,
+    PodDefaults,
+    PodSettings,
+    Resources,
+    merge_pod_settings,
+    pvc_claim,
+    pvc_mount_path,
+)
 from fedrun_render.identity import (
     config_name,
     hospital_auth_secret_name,
@@ -32,7 +41,10 @@ from fedrun_render.security import network_policies
 __all__ = [
     "config_hash",
     "config_json",
+    "hospital_pod_settings",
+    "pod_defaults_json",
     "render_run",
+    "server_pod_settings",
     "to_yaml",
 ]
 
@@ -75,6 +87,30 @@ def _config_map(run: FederatedRun, config: str) -> Manifest:
 
 
 # --------------------------------------------------------------------------- pods
+
+
+def server_pod_settings(run: FederatedRun, defaults: PodDefaults | None = None) -> PodSettings:
+    """The server pod's settings: the cluster's `defaults.server`, then `spec.server` over
+    them (see :func:`fedrun_core.api.merge_pod_settings` for how they merge)."""
+    return merge_pod_settings(defaults.server if defaults else None, run.spec.server)
+
+
+def hospital_pod_settings(
+    run: FederatedRun, hospital: Hospital, defaults: PodDefaults | None = None
+) -> PodSettings:
+    """A hospital pod's settings: the cluster's `defaults.hospital`, then
+    `spec.hospitalDefaults`, then the hospital's own, each over the ones before."""
+    return merge_pod_settings(
+        defaults.hospital if defaults else None, run.spec.hospital_defaults, hospital
+    )
+
+
+def _dump(value: Any) -> Any:
+    """A settings model (or a list of them) as it goes into a manifest (camelCase, unset
+    fields left out)."""
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def _env(run: FederatedRun, hospital: str | None) -> list[dict[str, str]]:
@@ -140,7 +176,7 @@ def _container(
     run: FederatedRun,
     name: str,
     args: list[str],
-    resources: Resources | None,
+    settings: PodSettings,
     hospital: str | None,
 ) -> dict[str, Any]:
     # No `command`: the image's entrypoint (tini) stays PID 1 and reaps Flower's app
@@ -150,11 +186,15 @@ def _container(
         "image": run.spec.image,
         "imagePullPolicy": "IfNotPresent",
         "args": args,
-        "env": _env(run, hospital),
+        # fedrun's own variables first: the settings' env cannot take their names, and
+        # Kubernetes lets env win over envFrom.
+        "env": [*_env(run, hospital), *_dump(settings.env or [])],
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if resources is not None:
-        container["resources"] = resources.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if settings.env_from:
+        container["envFrom"] = _dump(settings.env_from)
+    if settings.resources is not None:
+        container["resources"] = _dump(settings.resources)
     container["volumeMounts"] = [dict(m) for m in _VOLUME_MOUNTS]
     container["securityContext"] = _container_security_context()
     return container
@@ -179,6 +219,53 @@ def _pod_spec(run: FederatedRun, container: dict[str, Any], secret: str) -> dict
         "containers": [container],
         "volumes": _volumes(run, mounted),
     }
+
+
+def _with_settings(pod: dict[str, Any], settings: PodSettings) -> dict[str, Any]:
+    """`pod` with the run's pod settings added after fedrun's own volumes and mounts.
+
+    The security contexts are left as they are: the settings have no field that reaches them.
+    """
+    container = pod["containers"][0]
+    pod["volumes"].extend(_dump(settings.volumes or []))
+    container["volumeMounts"].extend(_dump(settings.volume_mounts or []))
+    if settings.image_pull_secrets:
+        pod["imagePullSecrets"] = _dump(settings.image_pull_secrets)
+    if settings.node_selector:
+        pod["nodeSelector"] = dict(sorted(settings.node_selector.items()))
+    if settings.affinity is not None:
+        pod["affinity"] = _dump(settings.affinity)
+    if settings.tolerations:
+        pod["tolerations"] = _dump(settings.tolerations)
+    if settings.priority_class_name is not None:
+        pod["priorityClassName"] = settings.priority_class_name
+    return pod
+
+
+def _template_metadata(
+    settings: PodSettings,
+    own_labels: dict[str, str],
+    config: str,
+    pod_defaults: PodDefaults | None = None,
+) -> dict[str, Any]:
+    """A pod template's labels and annotations: the settings' extras, then fedrun's own
+    (the config hash, and on the server's the cluster's pod defaults when there are any)."""
+    annotations = {**(settings.annotations or {}), c.ANNOTATION_CONFIG_HASH: config_hash(config)}
+    recorded = pod_defaults_json(pod_defaults)
+    if recorded is not None:
+        annotations[c.ANNOTATION_POD_DEFAULTS] = recorded
+    return {"labels": {**(settings.labels or {}), **own_labels}, "annotations": annotations}
+
+
+def pod_defaults_json(pod_defaults: PodDefaults | None) -> str | None:
+    """The cluster's pod defaults as recorded on a server's pod template (compact JSON,
+    stable key order); None when there are none."""
+    if pod_defaults is None:
+        return None
+    data = pod_defaults.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if not any(data.values()):
+        return None
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def config_hash(config: str) -> str:
@@ -228,7 +315,9 @@ def _checkov_skips(run: FederatedRun, resources: Resources | None, field: str) -
 # --------------------------------------------------------------------------- server
 
 
-def _server_deployment(run: FederatedRun, config: str) -> Manifest:
+def _server_deployment(
+    run: FederatedRun, config: str, settings: PodSettings, pod_defaults: PodDefaults | None
+) -> Manifest:
     container = _container(
         run,
         "server",
@@ -245,7 +334,7 @@ def _server_deployment(run: FederatedRun, config: str) -> Manifest:
             str(c.STATUS_PORT),
             *_transport_args(run),
         ],
-        run.spec.server.resources,
+        settings,
         None,
     )
     container["ports"] = [
@@ -266,7 +355,7 @@ def _server_deployment(run: FederatedRun, config: str) -> Manifest:
         "kind": "Deployment",
         "metadata": {
             **metadata(run, server_name(run), c.COMPONENT_SERVER),
-            "annotations": _checkov_skips(run, run.spec.server.resources, "spec.server.resources"),
+            "annotations": _checkov_skips(run, settings.resources, "spec.server.resources"),
         },
         "spec": {
             "replicas": 0 if run.spec.suspend else 1,
@@ -274,11 +363,12 @@ def _server_deployment(run: FederatedRun, config: str) -> Manifest:
             "revisionHistoryLimit": 2,
             "selector": {"matchLabels": selector(run)},
             "template": {
-                "metadata": {
-                    "labels": labels(run, c.COMPONENT_SERVER),
-                    "annotations": {c.ANNOTATION_CONFIG_HASH: config_hash(config)},
-                },
-                "spec": _pod_spec(run, container, server_tls_secret_name(run)),
+                "metadata": _template_metadata(
+                    settings, labels(run, c.COMPONENT_SERVER), config, pod_defaults
+                ),
+                "spec": _with_settings(
+                    _pod_spec(run, container, server_tls_secret_name(run)), settings
+                ),
             },
         },
     }
@@ -340,7 +430,9 @@ def _claims(hospital: Hospital) -> list[tuple[str, str, bool]]:
     return out
 
 
-def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifest:
+def _hospital_job(
+    run: FederatedRun, hospital: Hospital, config: str, settings: PodSettings
+) -> Manifest:
     name = hospital_name(run, hospital)
     container = _container(
         run,
@@ -357,10 +449,10 @@ def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifes
             "--state-dir",
             c.STATE_DIR,
             "--termination-log",
-            "/dev/termination-log",
+            c.TERMINATION_LOG,
             *_transport_args(run),
         ],
-        hospital.resources,
+        settings,
         hospital.name,
     )
     pod = _pod_spec(run, container, hospital_auth_secret_name(run, hospital))
@@ -378,30 +470,23 @@ def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifes
     # OnFailure keeps the pod, and with it the emptyDir that holds the default file
     # ledger, across container restarts: a crashed client resumes from the ε it spent.
     pod["restartPolicy"] = "OnFailure"
-    if hospital.node_selector:
-        pod["nodeSelector"] = dict(sorted(hospital.node_selector.items()))
-    if hospital.tolerations:
-        pod["tolerations"] = [
-            t.model_dump(mode="json", by_alias=True, exclude_none=True)
-            for t in hospital.tolerations
-        ]
+    _with_settings(pod, settings)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             **metadata(run, name, c.COMPONENT_HOSPITAL, hospital.name),
             "annotations": _checkov_skips(
-                run, hospital.resources, f"spec.hospitals[{hospital.name}].resources"
+                run, settings.resources, f"spec.hospitals[{hospital.name}].resources"
             ),
         },
         "spec": {
             "backoffLimit": c.JOB_BACKOFF_LIMIT,
             "suspend": run.spec.suspend,
             "template": {
-                "metadata": {
-                    "labels": labels(run, c.COMPONENT_HOSPITAL, hospital.name),
-                    "annotations": {c.ANNOTATION_CONFIG_HASH: config_hash(config)},
-                },
+                "metadata": _template_metadata(
+                    settings, labels(run, c.COMPONENT_HOSPITAL, hospital.name), config
+                ),
                 "spec": pod,
             },
         },
@@ -412,7 +497,10 @@ def _hospital_job(run: FederatedRun, hospital: Hospital, config: str) -> Manifes
 
 
 def render_run(
-    run: FederatedRun, *, operator_namespace: str = c.DEFAULT_OPERATOR_NAMESPACE
+    run: FederatedRun,
+    *,
+    operator_namespace: str = c.DEFAULT_OPERATOR_NAMESPACE,
+    pod_defaults: PodDefaults | None = None,
 ) -> list[Manifest]:
     """Every child object of `run`, in apply order.
 
@@ -425,16 +513,23 @@ def render_run(
     port (9100) admits the operator's pods from that namespace only. The operator passes its
     own (`OperatorConfig.operator_namespace`); pass the release namespace of the chart when
     rendering for a cluster by hand.
+
+    `pod_defaults` are the cluster's pod settings for every run (the chart's `runDefaults`,
+    `OperatorConfig.pod_defaults`): the run's own settings merge over them
+    (:func:`server_pod_settings`, :func:`hospital_pod_settings`). The server's pod template
+    records them (annotation fedrun.io/pod-defaults) so that a Running run keeps the ones
+    it started with.
     """
     config = config_json(run)
     manifests = [
         _config_map(run, config),
-        _server_deployment(run, config),
+        _server_deployment(run, config, server_pod_settings(run, pod_defaults), pod_defaults),
         _server_service(run),
     ]
     for hospital in run.spec.hospitals:
         manifests.append(_service_account(run, hospital))
-        manifests.append(_hospital_job(run, hospital, config))
+        settings = hospital_pod_settings(run, hospital, pod_defaults)
+        manifests.append(_hospital_job(run, hospital, config, settings))
     return manifests + network_policies(run, operator_namespace=operator_namespace)
 
 

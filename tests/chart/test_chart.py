@@ -53,6 +53,7 @@ VALUES_SETS: list[Path | None] = list(CI_VALUES)
 CI = {values_id(p): p for p in CI_VALUES}
 EXAMPLES = sorted((REPO / "examples").glob("federatedrun*.yaml"))
 OPERATOR = "fedrun-operator"  # the release is `fedrun`, so names are not doubled
+LEADER = f"{OPERATOR}-leader"  # the leader election's Role and RoleBinding
 # Kinds of the Prometheus Operator: no schema ships with kubernetes-validate; their
 # contents are checked in test_monitoring.py (promtool, selectors).
 NO_SCHEMA = {"ServiceMonitor", "PrometheusRule"}
@@ -123,7 +124,10 @@ def test_defaults() -> None:
         ("Deployment", OPERATOR),
         ("NetworkPolicy", OPERATOR),
         ("Pod", f"{OPERATOR}-test-metrics"),
+        ("PodDisruptionBudget", OPERATOR),
+        ("Role", f"{OPERATOR}-leader"),
         ("RoleBinding", OPERATOR),
+        ("RoleBinding", f"{OPERATOR}-leader"),
         ("Service", f"{OPERATOR}-metrics"),
         ("ServiceAccount", OPERATOR),
     ]
@@ -159,7 +163,10 @@ def test_objects_carry_the_release_labels() -> None:
         ('image.digest="latest"', "image.digest: Does not match pattern"),
         ('logFormat="xml"', "logFormat: logFormat must be one of"),
         ('watchNamespaces=["Not_A_Namespace"]', "watchNamespaces.0: Does not match pattern"),
-        ("prometheusRule.budgetUsedRatio=1.5", "budgetUsedRatio: Must be less than or equal"),
+        (
+            "prometheusRule.alerts.FedrunRunFailed.withinSeconds=10",
+            "withinSeconds: Must be greater than or equal to 60",
+        ),
         ("healthPort=8080", "metricsPort and healthPort must differ"),
         ('clusterWide="yes"', "clusterWide: Invalid type"),
     ],
@@ -318,7 +325,13 @@ def test_default_rbac_is_the_release_namespace_only(namespace: str) -> None:
     (binding,) = bindings_of(manifests, "RoleBinding", OPERATOR)
     assert binding["metadata"]["namespace"] == namespace
     assert subject(binding) == OPERATOR_SA | {"namespace": namespace}
-    assert find(manifests, "RoleBinding") == [binding]
+    # Besides, only the leader election's Role (tests/chart/test_operator_replicas.py).
+    leader = one(manifests, "RoleBinding", LEADER)
+    assert sorted(b["metadata"]["name"] for b in find(manifests, "RoleBinding")) == [
+        OPERATOR,
+        LEADER,
+    ]
+    assert leader["metadata"]["namespace"] == namespace
     assert rules(one(manifests, "ClusterRole", OPERATOR)) == RUN_RULES
     # The only cluster-wide grant left is kopf's scans (names and schemas, no contents).
     (scan,) = find(manifests, "ClusterRoleBinding")
@@ -338,8 +351,9 @@ def test_cluster_wide_rbac() -> None:
             "name": name,
         }
         assert subject(binding) == OPERATOR_SA
-    assert find(manifests, "RoleBinding") == []
-    assert find(manifests, "Role") == []
+    # No run rule in a namespace: only the leader election's, in the release's.
+    assert [b["metadata"]["name"] for b in find(manifests, "RoleBinding")] == [LEADER]
+    assert [r["metadata"]["name"] for r in find(manifests, "Role")] == [LEADER]
 
 
 def test_namespaced_rbac() -> None:
@@ -347,7 +361,7 @@ def test_namespaced_rbac() -> None:
     watched = yaml.safe_load(CI["watch-namespaces"].read_text(encoding="utf-8"))["watchNamespaces"]
     # The run rules only inside the watched namespaces...
     assert find(manifests, "ClusterRoleBinding", OPERATOR) == []
-    bindings = find(manifests, "RoleBinding")
+    bindings = [b for b in find(manifests, "RoleBinding") if b["metadata"]["name"] != LEADER]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(watched)
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "ClusterRole"
@@ -399,8 +413,12 @@ def test_operator_deployment() -> None:
     manifests = render()
     deployment = one(manifests, "Deployment", OPERATOR)
     spec = deployment["spec"]
-    assert spec["replicas"] == 1  # kopf runs standalone: no peering, one replica
-    assert spec["strategy"] == {"type": "Recreate"}
+    # Replicas elect a leader (tests/chart/test_operator_replicas.py); one stays up throughout.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
     selector = spec["selector"]["matchLabels"]
     assert selector.items() <= spec["template"]["metadata"]["labels"].items()
     pod = spec["template"]["spec"]
@@ -467,7 +485,7 @@ def test_operator_command_line_is_one_fedrun_accepts(
         assert bindings_of(manifests, "ClusterRoleBinding", OPERATOR) == []
     else:
         assert bindings_of(manifests, "ClusterRoleBinding", OPERATOR) != []
-        assert find(manifests, "RoleBinding") == []
+        assert bindings_of(manifests, "RoleBinding", OPERATOR) == []
 
 
 def test_operator_knows_its_namespace() -> None:

@@ -29,6 +29,10 @@ PASSTHROUGH = {
     "podSecurityContext",
     "securityContext",
     "affinity",
+    # A FederatedRun's pod settings: the schema names their fields; the operator checks
+    # the rest with fedrun's own models when it starts.
+    "runDefaults.server",
+    "runDefaults.hospital",
 }
 
 

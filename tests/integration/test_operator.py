@@ -11,13 +11,17 @@ controller fails its Job at its backoffLimit. A run server's status port is stoo
 a small HTTP server whose `/status` the test sets (the shape the real server writes). The
 operator's API calls are read from the real API server's audit log
 (tests/controlplane/audit.py). What only the emulated API can do stays in
-test_operator_emulated.py.
+test_operator_emulated.py. The failover test at the end runs the operator as the chart's
+replicas do instead: `fedrun operator` processes electing a leader (tests/integration/
+replicas.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -34,6 +38,7 @@ from fedrun_core import pki
 from fedrun_core.accounting import epsilon
 from fedrun_core.names import ANNOTATION_CONFIG_HASH
 from fedrun_operator import metrics
+from fedrun_operator.leader import LEASE_API
 from fedrun_render.security import INSECURE_MESSAGE
 from fedrun_render.workloads import config_hash
 from tests.conftest import RELEASE_NS, WATCHED_NS
@@ -59,9 +64,11 @@ from tests.integration.helpers import (
     wait_phase,
     wait_progress,
 )
+from tests.integration.replicas import KOPF_START_S, TIMINGS, OperatorProcess, poll
 from tests.operator_runner import API, PLURAL, run_status, running_operator
 
 RBAC = "rbac.authorization.k8s.io/v1"
+CHART_OPERATOR = "fedrun-operator"  # the session chart's operator objects and ServiceAccount
 # Restarts back off 1 s, 2 s, 4 s... on the node: a crash loop reaches the Job's
 # backoffLimit (3) in about 10 s, and the Job controller takes a moment more.
 CRASH_LOOP_S = 60
@@ -913,3 +920,119 @@ def test_spec_changes_while_running_are_refused(
             cluster.patch(API, PLURAL, cluster.namespace, NAME, {"spec": {"rounds": 50}})
     assert err.value.code == 422
     assert "immutable while the run is Running" in str(err.value)
+
+
+# --------------------------------------------------------------------------- failover
+
+
+@pytest.fixture
+def leader_lease(real_cluster: RealCluster) -> Iterator[str]:
+    """A Lease name of the test's own in the operator's namespace, granted exactly as the
+    chart grants its replicas theirs: the chart's leader Role and RoleBinding, copied with
+    this name (the session's chart operator holds the chart's own Lease)."""
+    lease = f"it-failover-{uuid.uuid4().hex[:8]}"
+    name = f"{CHART_OPERATOR}-leader"
+    role = real_cluster.get(RBAC, "roles", RELEASE_NS, name)
+    binding = real_cluster.get(RBAC, "rolebindings", RELEASE_NS, name)
+    rules = [
+        dict(rule, resourceNames=[lease]) if "resourceNames" in rule else rule
+        for rule in role["rules"]
+    ]
+    meta = {"name": lease, "namespace": RELEASE_NS}
+    real_cluster.create({"apiVersion": RBAC, "kind": "Role", "metadata": meta, "rules": rules})
+    real_cluster.create(
+        {
+            "apiVersion": RBAC,
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": dict(binding["roleRef"], name=lease),
+            "subjects": binding["subjects"],
+        }
+    )
+    try:
+        yield lease
+    finally:
+        for api_version, plural in ((LEASE_API, "leases"), (RBAC, "rolebindings"), (RBAC, "roles")):
+            with contextlib.suppress(ApiError):
+                real_cluster.delete(api_version, plural, RELEASE_NS, lease)
+
+
+def test_of_two_replicas_one_reconciles_and_the_other_takes_over(
+    real_cluster: RealCluster,
+    cluster: RealCluster,
+    leader_lease: str,
+    server: FakeServer,
+    tmp_path: Path,
+) -> None:
+    # Replicas as the chart runs them: `fedrun operator` processes, logged in as the chart's
+    # ServiceAccount, electing a leader through a Lease in the operator's namespace.
+    token = real_cluster.token_for(CHART_OPERATOR, RELEASE_NS)
+    kubeconfig = cluster.plane.kubeconfig_for(
+        tmp_path / "operator.kubeconfig", token=token, namespace=cluster.namespace
+    )
+
+    def replica(name: str) -> OperatorProcess:
+        return OperatorProcess(
+            name,
+            kubeconfig,
+            tmp_path / f"{name}.log",
+            lease=leader_lease,
+            operator_namespace=RELEASE_NS,
+            namespaces=[cluster.namespace],
+            server_url=server.url,
+        )
+
+    def lease() -> dict[str, Any]:
+        spec: dict[str, Any] = real_cluster.get(LEASE_API, "leases", RELEASE_NS, leader_lease)[
+            "spec"
+        ]
+        return spec
+
+    replicas: list[OperatorProcess] = []
+    try:
+        a = replica("replica-a")
+        replicas.append(a)
+        poll(a.is_leader, 30, "replica-a leads")
+        b = replica("replica-b")
+        replicas.append(b)
+        poll(lambda: b.is_leader() is False, 30, "replica-b waits as a standby")
+        cluster.create(run_doc())
+        all_children(cluster)
+
+        def a_works_alone() -> bool:
+            # Never both: the standby has not run a single reconcile.
+            assert b.reconciles() == 0 and b.is_leader() is False, b.log()
+            return a.reconciles() >= 5
+
+        poll(a_works_alone, 30, "replica-a follows the run while replica-b waits")
+
+        # A crash: SIGKILL, no release. replica-b takes the Lease once it expired, and acts.
+        a.kill()
+        killed = time.monotonic()
+        cluster.delete("v1", "configmaps", cluster.namespace, f"{NAME}-config")
+        bound = TIMINGS.takeover_bound_seconds + KOPF_START_S
+        poll(
+            lambda: children(cluster).get(f"ConfigMap/{NAME}-config"),
+            bound,
+            "replica-b restores the ConfigMap replica-a no longer can",
+        )
+        assert time.monotonic() - killed >= TIMINGS.lease_seconds - TIMINGS.retry_seconds
+        assert b.is_leader() and b.reconciles() > 0
+        held = lease()
+        assert held["holderIdentity"].startswith("replica-b_")
+        assert held["leaseTransitions"] == 1
+
+        # A clean stop (SIGTERM, a rolling update): replica-b stops kopf, then releases the
+        # Lease, so the next standby leads at once instead of after the lease expired.
+        c = replica("replica-c")
+        replicas.append(c)
+        poll(lambda: c.is_leader() is False, 30, "replica-c waits as a standby")
+        assert b.stop() == 0, b.log()
+        stopped = time.monotonic()
+        poll(c.is_leader, TIMINGS.lease_seconds, "replica-c leads after the release")
+        assert time.monotonic() - stopped < TIMINGS.lease_seconds - TIMINGS.retry_seconds
+        assert "released Lease" in b.log()
+        assert lease()["holderIdentity"].startswith("replica-c_")
+    finally:
+        for process in replicas:
+            process.stop()

@@ -9,16 +9,23 @@ Everything else the operator's integration tests check runs on a real control pl
 - a FederatedRun stored without the CRD's admission (`EmulatedCluster(admission=False)`):
   a spec change while Running, and a spec the models refuse. A real API server with the
   chart's CRD refuses both writes, so the operator's own defence against them (an old CRD,
-  a forced write) can only be reached here.
+  a forced write) can only be reached here;
+- a network partition between the leading replica and the API server (a relay the test
+  cuts), for leader election: the partitioned leader stops before a standby takes over.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import kmock
+import yaml
 
 from fedrun_operator import metrics
+from fedrun_operator.leader import LEASE_API, LOST_EXIT_CODE
 from tests.integration.helpers import (
     HOSPITALS,
     NAME,
@@ -30,8 +37,12 @@ from tests.integration.helpers import (
     wait_event,
     wait_phase,
 )
+from tests.integration.replicas import KOPF_START_S, TIMINGS, OperatorProcess, Relay, poll
 from tests.kube.cluster import EmulatedCluster
 from tests.operator_runner import API, PLURAL, running_operator
+
+RELEASE = "fedrun-system"  # the operator's namespace, where its replicas' Lease lives
+LEASE = "fedrun-operator"
 
 
 def test_a_spec_change_that_slips_through_is_ignored_with_a_warning(
@@ -94,3 +105,65 @@ def test_a_stored_spec_the_models_refuse_fails_the_run_naming_the_field() -> Non
     assert "spec.rounds" in failed["message"]
     assert "spec.trainng: unknown field (did you mean 'training'?)" in failed["message"]
     assert created == {}  # nothing is created for a run that cannot be carried out
+
+
+def test_a_partitioned_leader_stops_before_a_standby_takes_over(
+    cluster: EmulatedCluster, server: FakeServer, tmp_path: Path
+) -> None:
+    # Two replicas, the leader reaching the API only through a relay that the test cuts: a
+    # real API server cannot be partitioned from one client on demand. The leader must
+    # exit (its renew deadline) before the standby takes the Lease (its lease duration).
+    cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": RELEASE}})
+    url = urlsplit(cluster.url)
+    relay = Relay(url.hostname or "127.0.0.1", url.port or 80)
+    through_relay = tmp_path / "relay.kubeconfig"
+    doc = cluster.kubeconfig_dict()
+    doc["clusters"][0]["cluster"]["server"] = f"{url.scheme}://127.0.0.1:{relay.port}"
+    through_relay.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    common = {
+        "lease": LEASE,
+        "operator_namespace": RELEASE,
+        "namespaces": [cluster.namespace],
+        "server_url": server.url,
+    }
+    leader = OperatorProcess("leader", through_relay, tmp_path / "leader.log", **common)
+    standby = None
+    try:
+        poll(leader.is_leader, 30, "the first replica leads")
+        standby = OperatorProcess("standby", cluster.kubeconfig, tmp_path / "standby.log", **common)
+        poll(lambda: standby.is_leader() is False, 30, "the second replica waits")
+        cluster.create(run_doc())
+        all_children(cluster)
+
+        def leader_works_alone() -> bool:
+            assert standby.reconciles() == 0 and standby.is_leader() is False, standby.log()
+            return leader.reconciles() >= 5
+
+        poll(leader_works_alone, 30, "the leader follows the run, the standby does nothing")
+        relay.cut()
+        cut = time.monotonic()
+
+        def standby_holds_the_lease() -> bool:
+            lease = cluster.get(LEASE_API, "leases", RELEASE, LEASE)
+            if not lease["spec"].get("holderIdentity", "").startswith("standby_"):
+                return False
+            # Taken over: the partitioned leader must be gone already.
+            assert leader.exited() == LOST_EXIT_CODE, leader.log()
+            return True
+
+        poll(standby_holds_the_lease, TIMINGS.takeover_bound_seconds + 5, "the takeover")
+        assert time.monotonic() - cut >= TIMINGS.lease_seconds - 0.5  # not before expiry
+        assert "lost leadership" in leader.log()
+        # The new leader reconciles: a deleted child comes back.
+        cluster.delete("v1", "configmaps", cluster.namespace, f"{NAME}-config")
+        poll(
+            lambda: children(cluster).get(f"ConfigMap/{NAME}-config"),
+            KOPF_START_S,
+            "the new leader restores the ConfigMap",
+        )
+        assert standby.reconciles() > 0
+    finally:
+        relay.cut()
+        for replica in (standby, leader):
+            if replica is not None:
+                replica.stop()

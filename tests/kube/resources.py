@@ -104,4 +104,6 @@ SERVED: tuple[Served, ...] = (
         ("status",),
     ),
     Served("events.k8s.io", "v1", "events", "Event", True, ("ev",)),
+    # The operator replicas' leader election (fedrun_operator.leader).
+    Served("coordination.k8s.io", "v1", "leases", "Lease", True),
 )

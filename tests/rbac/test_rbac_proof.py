@@ -41,12 +41,19 @@ Grant = tuple[str, str, str, str]  # scope (NAMESPACE or CLUSTER), apiGroup, res
 
 def granted(manifests: list[dict[str, Any]]) -> set[Grant]:
     """Every (scope, apiGroup, resource, verb) the rendered bindings give: a ClusterRole's
-    rules bound by a RoleBinding hold in that namespace, by a ClusterRoleBinding everywhere."""
-    roles = {r["metadata"]["name"]: r for r in find(manifests, "ClusterRole")}
+    rules bound by a RoleBinding hold in that namespace, by a ClusterRoleBinding everywhere;
+    a Role's (the replicas' leader Lease) in its namespace. A rule's resourceNames narrow
+    it further; the proof compares verbs on resources, so a grant limited to names counts
+    as used when the operator made that call."""
+    roles = {
+        (r["kind"], r["metadata"]["name"]): r
+        for r in find(manifests, "ClusterRole") + find(manifests, "Role")
+    }
     out: set[Grant] = set()
     for kind, scope in (("RoleBinding", NAMESPACE), ("ClusterRoleBinding", CLUSTER)):
         for binding in find(manifests, kind):
-            for rule in roles[binding["roleRef"]["name"]]["rules"]:
+            ref = binding["roleRef"]
+            for rule in roles[ref["kind"], ref["name"]]["rules"]:
                 for group in rule["apiGroups"]:
                     for resource in rule["resources"]:
                         for verb in rule["verbs"]:
@@ -114,6 +121,10 @@ def test_the_proof_notices_a_missing_and_an_unused_rule() -> None:
     rules = chart_grants()
     dropped = (NAMESPACE, "batch", "jobs", "delete")
     assert dropped in rules  # the chart's real rules, as helm renders them
+    # The leader election's Role (a Role, not a ClusterRole) is read too.
+    assert {
+        (NAMESPACE, "coordination.k8s.io", "leases", v) for v in ("create", "get", "update")
+    } <= rules
     assert (CLUSTER, "", "namespaces", "watch") in rules  # kopf's scan, cluster-wide
     assert (NAMESPACE, "", "namespaces", "watch") not in rules
     calls_made = (rules - {dropped}) | {(NAMESPACE, "", "secrets", "get")}

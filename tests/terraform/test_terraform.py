@@ -517,7 +517,7 @@ def test_hospital_roles_grant_exactly_the_trainers_calls(config: Config) -> None
     sources = "".join(
         p.read_text(encoding="utf-8") for p in (REPO / "trainer" / "fedrun_trainer").rglob("*.py")
     )
-    calls = set(re.findall(r'client\("s3"\)\.(\w+)\(', sources))
+    calls = set(re.findall(r"s3_client\(\w*\)\.(\w+)\(", sources))
     assert calls, "found no boto3 S3 calls in the trainer: has the data path moved?"
     assert calls <= set(S3_CALL_ACTIONS), f"unmapped S3 calls {calls - set(S3_CALL_ACTIONS)}"
     needed = {S3_CALL_ACTIONS[c] for c in calls} | {"s3:ListBucket"}  # NoSuchKey, not 403
@@ -750,7 +750,10 @@ def test_the_terraform_chart_values_render_a_role_binding_in_the_runs_namespace(
     assert done.returncode == 0, done.stderr
     docs = [d for d in yaml.safe_load_all(done.stdout) if d]
     bindings = [d for d in docs if d["kind"] == "RoleBinding"]
-    assert [b["metadata"]["namespace"] for b in bindings] == ["trials"]
+    runs_rules = [b for b in bindings if b["roleRef"]["name"] != "fedrun-operator-leader"]
+    assert [b["metadata"]["namespace"] for b in runs_rules] == ["trials"]
+    leader = [b for b in bindings if b not in runs_rules]  # its own Lease, release namespace
+    assert [b["metadata"]["namespace"] for b in leader] == [release.attr("namespace")]
     cluster_bindings = [d["roleRef"]["name"] for d in docs if d["kind"] == "ClusterRoleBinding"]
     assert cluster_bindings == ["fedrun-operator-scan"], "the operator's rules only in trials"
 

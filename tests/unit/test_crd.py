@@ -253,6 +253,56 @@ BAD: list[tuple[str, Any, str]] = [
     ("spec.hospitals.0.resources", {"requests": {"cpu": "lots"}}, "spec.hospitals"),
     ("spec.hospitals", [], "spec.hospitals"),
     ("spec.server", {"serviceType": "Ingress"}, "spec.server.serviceType"),
+    # Pod settings: nothing that weakens the pod's security exists, fedrun's own labels,
+    # annotations, variables, volumes and mount paths are not for the taking.
+    ("spec.server", {"securityContext": {"privileged": True}}, "spec.server"),
+    ("spec.server", {"hostNetwork": True}, "spec.server"),
+    (
+        "spec.hospitalDefaults",
+        {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]},
+        "spec.hospitalDefaults.volumes",
+    ),
+    ("spec.server.labels", {"fedrun.io/run": "other"}, "spec.server.labels"),
+    ("spec.server.labels", {"bad key": "x"}, "spec.server.labels"),
+    ("spec.server.annotations", {"fedrun.io/config-hash": "x"}, "spec.server.annotations"),
+    ("spec.hospitals.0.env", [{"name": "FEDRUN_HOSPITAL", "value": "b"}], "spec.hospitals[0].env"),
+    (
+        "spec.hospitals.0.env",
+        [{"name": "X", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
+        "spec.hospitals[0].env[0].valueFrom",
+    ),
+    (
+        "spec.hospitalDefaults",
+        {"volumes": [{"name": "state", "emptyDir": {}}]},
+        "spec.hospitalDefaults.volumes",
+    ),
+    (
+        "spec.hospitalDefaults",
+        {"volumes": [{"name": "v", "emptyDir": {}, "secret": {"secretName": "s"}}]},
+        "spec.hospitalDefaults.volumes[0]",
+    ),
+    (
+        "spec.server",
+        {
+            "volumes": [{"name": "v", "emptyDir": {}}],
+            "volumeMounts": [{"name": "v", "mountPath": "/var/lib"}],
+        },
+        "spec.server.volumeMounts",
+    ),
+    (
+        "spec.server",
+        {
+            "volumes": [{"name": "v", "emptyDir": {}}],
+            "volumeMounts": [{"name": "w", "mountPath": "/mnt/w"}],
+        },
+        "spec.server.volumeMounts",
+    ),
+    (
+        "spec.server",
+        {"envFrom": [{"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}]},
+        "spec.server.envFrom[0]",
+    ),
+    ("spec.server", {"priorityClassName": "High"}, "spec.server.priorityClassName"),
     ("metadata.name", "Demo", "metadata.name"),
     ("metadata.name", "x" * 57, "metadata.name"),
 ]

@@ -68,6 +68,7 @@ def test_metrics_parse_with_expected_families_and_types(text: bytes) -> None:
     expected = {
         "fedrun_run_phase": "gauge",
         "fedrun_round_current": "gauge",
+        "fedrun_rounds_planned": "gauge",
         "fedrun_epsilon_spent": "gauge",
         "fedrun_epsilon_target": "gauge",
         "fedrun_auroc": "gauge",
@@ -81,8 +82,8 @@ def test_metrics_parse_with_expected_families_and_types(text: bytes) -> None:
     for name, kind in expected.items():
         assert name in fams, name
         assert fams[name].type == kind
-    # A gauge whose name ends in _total: its samples keep the full name.
-    assert any(s.name == "fedrun_rounds_total" for f in fams.values() for s in f.samples)
+    # Prometheus' convention (promtool check metrics): only counters end in _total.
+    assert [n for n, f in fams.items() if n.endswith("_total") and f.type != "counter"] == []
 
 
 def test_phase_is_one_hot(text: bytes) -> None:
@@ -95,7 +96,7 @@ def test_phase_is_one_hot(text: bytes) -> None:
 def test_round_epsilon_and_model_figures(text: bytes) -> None:
     got = samples(text)
     assert value(got, "fedrun_round_current") == 3.0
-    assert value(got, "fedrun_rounds_total") == 5.0
+    assert value(got, "fedrun_rounds_planned") == 5.0
     assert value(got, "fedrun_epsilon_target") == 1.0
     assert {h: value(got, "fedrun_epsilon_spent", hospital=h) for h in HOSPITALS} == {
         "hospital-a": 0.25,

@@ -40,7 +40,7 @@ import aiohttp
 from fedrun_core import names as c
 from fedrun_core import pki
 from fedrun_core.accounting import PlannedCost, epsilon, planned_cost
-from fedrun_core.api import FederatedRun, SpecError, parse_run
+from fedrun_core.api import FederatedRun, PodDefaults, SpecError, parse_run
 from fedrun_core.states import FINAL_PHASES, Phase, Reason, phase_conditions
 from fedrun_core.times import rfc3339
 from fedrun_operator import metrics
@@ -91,6 +91,28 @@ def _clean_run(body: Mapping[str, Any]) -> Obj:
 
 def _without_suspend(spec: Mapping[str, Any]) -> Obj:
     return {k: v for k, v in spec.items() if k != "suspend"}
+
+
+def applied_pod_defaults(server: Obj | None, current: PodDefaults) -> PodDefaults:
+    """The cluster's pod defaults a running federation was started with.
+
+    Read from the server's pod template (annotation fedrun.io/pod-defaults; none there
+    means it started without any), so that changing the chart's runDefaults never changes,
+    and so restarts, the pods of a Running run. `current` when there is no server, or its
+    record does not parse.
+    """
+    if server is None:
+        return current
+    annotations = (
+        server.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
+    )
+    recorded = annotations.get(c.ANNOTATION_POD_DEFAULTS)
+    if recorded is None:
+        return PodDefaults()
+    try:
+        return PodDefaults.model_validate_json(recorded)
+    except ValueError:
+        return current
 
 
 def applied_run(
@@ -381,6 +403,7 @@ class Reconciler:
         # 1. read: children, pods, server.
         actual: dict[tuple[str, str], Obj | None] = {}
         refused = ""
+        pod_defaults = self.cfg.pod_defaults
         if not first:
             config, deployment = await asyncio.gather(
                 self.kube.get("v1", "ConfigMap", ns, config_name(run)),
@@ -392,14 +415,23 @@ class Reconciler:
                 and _owner_ok(deployment, run)
             ):
                 run, refused = applied_run(run, config, deployment)
-            manifests = render_run(run, operator_namespace=self.cfg.operator_namespace)
+                pod_defaults = applied_pod_defaults(deployment, pod_defaults)
+            manifests = render_run(
+                run,
+                operator_namespace=self.cfg.operator_namespace,
+                pod_defaults=pod_defaults,
+            )
             known = {
                 ("ConfigMap", config_name(run)): config,
                 ("Deployment", server_name(run)): deployment,
             }
             actual = await self._fetch(ns, manifests, known)
         else:
-            manifests = render_run(run, operator_namespace=self.cfg.operator_namespace)
+            manifests = render_run(
+                run,
+                operator_namespace=self.cfg.operator_namespace,
+                pod_defaults=pod_defaults,
+            )
         manifests_by_key = {(m["kind"], m["metadata"]["name"]): m for m in manifests}
         conflicts = [key for key, obj in actual.items() if not _owner_ok(obj, run)]
 

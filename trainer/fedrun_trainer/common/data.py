@@ -166,12 +166,10 @@ def _read_s3(uri: str) -> bytes:
     if not bucket or not key:
         raise DataError(f"{uri}: an S3 URI must look like s3://bucket/key")
     try:
-        client = s3_client(uri)
-    except NoCloudCredentialsError as exc:
-        raise DataError(str(exc)) from None
-    try:
-        obj = client.get_object(Bucket=bucket, Key=key)
+        obj = s3_client(uri).get_object(Bucket=bucket, Key=key)
         body: bytes = obj["Body"].read()
+    except NoCloudCredentialsError as exc:  # fedrun's own message: says where to put them
+        raise DataError(str(exc)) from None
     except Exception as exc:  # botocore's errors are many; name the object and the cause
         # The error code (NoSuchKey, AccessDenied...) is safe to send; the message is not
         # ours to vouch for, so it stays in the detail.

@@ -33,9 +33,11 @@ def metric_families(status: dict[str, Any], history: dict[str, Any]) -> list[Met
     rnd = status.get("round") or {}
     cur = GaugeMetricFamily("fedrun_round_current", "Last completed round.", labels=["run"])
     cur.add_metric([run], float(rnd.get("current", 0)))
-    total = GaugeMetricFamily("fedrun_rounds_total", "Rounds requested.", labels=["run"])
-    total.add_metric([run], float(rnd.get("total", 0)))
-    out += [cur, total]
+    planned = GaugeMetricFamily(
+        "fedrun_rounds_planned", "Rounds requested (spec.rounds).", labels=["run"]
+    )
+    planned.add_metric([run], float(rnd.get("total", 0)))
+    out += [cur, planned]
 
     privacy = status.get("privacy") or {}
     if privacy:
