@@ -128,10 +128,12 @@ format: setup
 typecheck: setup
 	$(BIN)/mypy
 
-## crds: regenerate the CRD from the API models: crds/federatedrun.yaml and the chart's copy
+## crds: regenerate the CRDs from the API models: crds/federatedrun.yaml, crds/privacybudget.yaml and the chart's copies
 crds: setup
 	$(BIN)/python -m fedrun_render.crd > crds/federatedrun.yaml
 	cp crds/federatedrun.yaml charts/fedrun/files/crds/federatedrun.yaml
+	$(BIN)/python -m fedrun_render.crd PrivacyBudget > crds/privacybudget.yaml
+	cp crds/privacybudget.yaml charts/fedrun/files/crds/privacybudget.yaml
 
 ## bench: round overhead vs the compute floor, DP step cost, AUROC on real data
 bench: setup

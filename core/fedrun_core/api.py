@@ -1555,6 +1555,17 @@ class Hospital(PodSettings):
         ),
         json_schema_extra={"pattern": DATA_URI},
     )
+    budget_ref: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN,
+        description=(
+            "The PrivacyBudget (in the run's namespace) of this hospital's dataset: the run "
+            "starts only if its targetEpsilon fits what the budget has left, and every round "
+            "it spends is charged to it (docs/privacy.md)."
+        ),
+    )
 
     @field_validator("name")
     @classmethod

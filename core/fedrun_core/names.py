@@ -17,6 +17,13 @@ SINGULAR: Final = "federatedrun"
 SHORT_NAMES: Final = ("fedrun", "fr")
 CRD_NAME: Final = f"{PLURAL}.{GROUP}"
 
+# The PrivacyBudget resource: one hospital dataset's lifetime budget (fedrun_core.budgets).
+BUDGET_KIND: Final = "PrivacyBudget"
+BUDGET_PLURAL: Final = "privacybudgets"
+BUDGET_SINGULAR: Final = "privacybudget"
+BUDGET_SHORT_NAMES: Final = ("pbudget", "pb")
+BUDGET_CRD_NAME: Final = f"{BUDGET_PLURAL}.{GROUP}"
+
 # Labels on every child object.
 LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"

@@ -51,6 +51,7 @@ def _local(args: argparse.Namespace) -> int:
             data_dir=Path(args.data_dir) if args.data_dir else None,
             progress=not args.no_progress,
             timeout_s=args.timeout,
+            budget_files=tuple(Path(b) for b in args.budget or ()),
         )
     )
 
@@ -141,7 +142,9 @@ def _operator(args: argparse.Namespace) -> int:
 def _budget(args: argparse.Namespace) -> int:
     from fedrun_cli.budget import print_budget
 
-    return print_budget(Path(args.file), rows=args.rows)
+    return print_budget(
+        Path(args.file), rows=args.rows, budget_files=[Path(b) for b in args.budget or []]
+    )
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -231,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="give up after this many seconds (default: from the spec)",
+    )
+    p.add_argument(
+        "--budget",
+        action="append",
+        metavar="B.yaml",
+        help="a PrivacyBudget file a hospital's budgetRef names (repeat for more): the run "
+        "starts only if each admits it, and charges what it spends there (docs/privacy.md)",
     )
     p.set_defaults(func=_local)
 
@@ -329,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="training rows per hospital (default: read each hospital's data)",
     )
+    p.add_argument(
+        "--budget",
+        action="append",
+        metavar="B.yaml",
+        help="a PrivacyBudget file (repeat for more): show what the run would reserve from "
+        "each hospital's budget (spec.hospitals[].budgetRef) and what it would leave",
+    )
     p.set_defaults(func=_budget)
 
     p = sub.add_parser(
@@ -371,9 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     interactive = ("local", "budget", "check", "schema", "validate")
     setup_logging(args.log_format or ("text" if args.command in interactive else "json"))
     from fedrun_core.api import SpecError
+    from fedrun_core.budgets import BudgetFileError
 
     try:
         code: int = args.func(args)
+    except BudgetFileError as err:
+        sys.stderr.write(f"fedrun: {err}\n")
+        return EXIT_USAGE
     except SpecError as err:  # its text names the file: "invalid FederatedRun in F:" or
         sys.stderr.write(f"fedrun: {err}\n")  # "cannot read F: ..."
         return EXIT_USAGE

@@ -40,6 +40,7 @@ from fedrun_core import names as c
 from fedrun_core.api import FederatedRun, load_run, pvc_claim
 from fedrun_core.states import FINAL_PHASES, HospitalState, Phase, Reason, failed_status
 from fedrun_core.times import now_rfc3339
+from fedrun_local.budgets import BudgetBook
 from fedrun_render.identity import secure
 from fedrun_render.workloads import render_run
 
@@ -55,6 +56,8 @@ class LocalOptions:
     data_dir: Path | None = None
     progress: bool = True
     timeout_s: float | None = None
+    #: PrivacyBudget files the run's hospitals charge (their ``budgetRef``s), see budgets.py.
+    budget_files: tuple[Path, ...] = ()
 
 
 def free_port() -> int:
@@ -510,24 +513,41 @@ def run_local(opts: LocalOptions) -> int:
         from fedrun_render.security import INSECURE_MESSAGE
 
         sys.stderr.write(f"fedrun local: warning: {INSECURE_MESSAGE}\n")
+    run = with_uid(run)  # the key of the run's charges, as the API server's uid would be
+    book = BudgetBook.open(run, opts.budget_files)
+    refusals = book.reserve()
+    if refusals:
+        sys.stderr.write(
+            "fedrun local: the run cannot start (BudgetUnavailable):\n"
+            + "".join(f"  {r}\n" for r in refusals)
+        )
+        return 1
     out = opts.out
     if out.exists():
         shutil.rmtree(out)
     cluster = LocalCluster.create(run, out)
     started = time.monotonic()
     view = local_report.ProgressView(run, enabled=opts.progress)
+    status: dict[str, Any] = {}
+
+    def on_status(current: dict[str, Any]) -> None:
+        view.update(current)
+        book.charge(current)  # round by round: a run stopped half-way has charged its spend
+
     try:
         cluster.start()
         view.start()
-        status = cluster.wait(opts.timeout_s or default_timeout(run), on_status=view.update)
+        status = cluster.wait(opts.timeout_s or default_timeout(run), on_status=on_status)
         history = cluster.history() or {}
     except KeyboardInterrupt:
         view.stop()
         cluster.stop()
+        book.charge(status or (cluster.status() or {}), final=True)
         return 130
     finally:
         view.stop()
         cluster.stop()
+    book.charge(status, final=True)
     elapsed = time.monotonic() - started
     status_path = local_report.write_outputs(out, status, history)
     local_report.print_summary(run, status, history, out, elapsed, status_path)

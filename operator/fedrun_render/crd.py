@@ -18,12 +18,23 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from fedrun_core import api
+from fedrun_core import api, budgets
 from fedrun_core import names as c
 
-__all__ = ["build_crd", "crd_yaml", "main", "openapi_schema", "to_structural"]
+__all__ = [
+    "build_budget_crd",
+    "build_crd",
+    "crd_yaml",
+    "main",
+    "openapi_schema",
+    "to_structural",
+]
 
 HEADER = "# Generated from fedrun_core.api by `python -m fedrun_render.crd`. Do not edit.\n"
+BUDGET_HEADER = (
+    "# Generated from fedrun_core.budgets by `python -m fedrun_render.crd PrivacyBudget`. "
+    "Do not edit.\n"
+)
 
 # JSON Schema keywords copied as they are; anything else is refused so that nothing the
 # API server would reject (or silently ignore) slips into the CRD.
@@ -117,28 +128,47 @@ def _model_schema(model: type[BaseModel], *, defaults: bool) -> dict[str, Any]:
     return to_structural(schema, defs, defaults=defaults)
 
 
-def openapi_schema() -> dict[str, Any]:
-    """The CRD's `openAPIV3Schema` for FederatedRun."""
-    spec = _model_schema(api.FederatedRunSpec, defaults=True)
-    status = _model_schema(api.FederatedRunStatus, defaults=False)
-    spec["description"] = api.FederatedRunSpec.__doc__ or ""
-    status["description"] = api.FederatedRunStatus.__doc__ or ""
+def _object_schema(
+    kind: str,
+    resource: type[BaseModel],
+    spec_model: type[BaseModel],
+    status_model: type[BaseModel],
+) -> dict[str, Any]:
+    """The `openAPIV3Schema` of a resource with a spec (defaults applied by the API server)
+    and a status (written by fedrun only, so without defaults)."""
+    spec = _model_schema(spec_model, defaults=True)
+    status = _model_schema(status_model, defaults=False)
+    spec["description"] = spec_model.__doc__ or ""
+    status["description"] = status_model.__doc__ or ""
     return {
         "type": "object",
-        "description": api.FederatedRun.__doc__ or "",
+        "description": resource.__doc__ or "",
         "required": ["spec"],
         "properties": {
             "apiVersion": {
                 "type": "string",
-                "description": "Versioned schema of this object: fedrun.io/v1alpha1.",
+                "description": f"Versioned schema of this object: {c.API_VERSION}.",
             },
-            "kind": {"type": "string", "description": "FederatedRun."},
+            "kind": {"type": "string", "description": f"{kind}."},
             "metadata": {"type": "object"},
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": api.ROOT_VALIDATIONS,
     }
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The CRD's `openAPIV3Schema` for FederatedRun."""
+    schema = _object_schema(c.KIND, api.FederatedRun, api.FederatedRunSpec, api.FederatedRunStatus)
+    schema["x-kubernetes-validations"] = api.ROOT_VALIDATIONS
+    return schema
+
+
+def budget_openapi_schema() -> dict[str, Any]:
+    """The PrivacyBudget CRD's `openAPIV3Schema`."""
+    return _object_schema(
+        c.BUDGET_KIND, budgets.PrivacyBudget, budgets.BudgetSpec, budgets.BudgetStatus
+    )
 
 
 PRINTER_COLUMNS: list[dict[str, str]] = [
@@ -149,38 +179,74 @@ PRINTER_COLUMNS: list[dict[str, str]] = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
+BUDGET_PRINTER_COLUMNS: list[dict[str, str]] = [
+    {"name": "Hospital", "type": "string", "jsonPath": ".spec.hospital"},
+    {"name": "Dataset", "type": "string", "jsonPath": ".spec.dataset.uri"},
+    {"name": "Limit", "type": "number", "jsonPath": ".spec.epsilon"},
+    {"name": "Spent", "type": "number", "jsonPath": ".status.spent"},
+    {"name": "Reserved", "type": "number", "jsonPath": ".status.reserved"},
+    {"name": "Remaining", "type": "number", "jsonPath": ".status.remaining"},
+    {"name": "Runs", "type": "integer", "jsonPath": ".status.runs"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
 
-def build_crd() -> dict[str, Any]:
-    """The whole CustomResourceDefinition (apiextensions.k8s.io/v1) as a dict."""
+
+def _crd(
+    kind: str,
+    plural: str,
+    singular: str,
+    short_names: tuple[str, ...],
+    schema: dict[str, Any],
+    columns: list[dict[str, str]],
+) -> dict[str, Any]:
+    """A namespaced CustomResourceDefinition of fedrun's group, one served version with a
+    status subresource."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": c.CRD_NAME,
+            "name": f"{plural}.{c.GROUP}",
             "labels": {c.LABEL_PART_OF: c.PART_OF},
         },
         "spec": {
             "group": c.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": c.KIND,
-                "listKind": f"{c.KIND}List",
-                "plural": c.PLURAL,
-                "singular": c.SINGULAR,
-                "shortNames": list(c.SHORT_NAMES),
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
             },
             "versions": [
                 {
                     "name": c.VERSION,
                     "served": True,
                     "storage": True,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "schema": {"openAPIV3Schema": schema},
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "additionalPrinterColumns": columns,
                 }
             ],
         },
     }
+
+
+def build_crd() -> dict[str, Any]:
+    """The FederatedRun CustomResourceDefinition (apiextensions.k8s.io/v1) as a dict."""
+    return _crd(c.KIND, c.PLURAL, c.SINGULAR, c.SHORT_NAMES, openapi_schema(), PRINTER_COLUMNS)
+
+
+def build_budget_crd() -> dict[str, Any]:
+    """The PrivacyBudget CustomResourceDefinition (apiextensions.k8s.io/v1) as a dict."""
+    return _crd(
+        c.BUDGET_KIND,
+        c.BUDGET_PLURAL,
+        c.BUDGET_SINGULAR,
+        c.BUDGET_SHORT_NAMES,
+        budget_openapi_schema(),
+        BUDGET_PRINTER_COLUMNS,
+    )
 
 
 class _Dumper(yaml.SafeDumper):
@@ -190,15 +256,21 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
-def crd_yaml() -> str:
-    """The CRD as YAML text, byte-for-byte reproducible."""
-    body = yaml.dump(build_crd(), Dumper=_Dumper, sort_keys=True, width=100, allow_unicode=True)
-    return HEADER + body
+def crd_yaml(kind: str = c.KIND) -> str:
+    """The CRD of ``kind`` (FederatedRun or PrivacyBudget) as YAML text, byte-for-byte
+    reproducible."""
+    budget = kind == c.BUDGET_KIND
+    crd = build_budget_crd() if budget else build_crd()
+    body = yaml.dump(crd, Dumper=_Dumper, sort_keys=True, width=100, allow_unicode=True)
+    return (BUDGET_HEADER if budget else HEADER) + body
 
 
 def main() -> None:
-    """Write the CRD to standard output."""
-    sys.stdout.write(crd_yaml())
+    """Write a CRD to standard output: FederatedRun's, or the kind named by the argument."""
+    kind = sys.argv[1] if len(sys.argv) > 1 else c.KIND
+    if kind not in (c.KIND, c.BUDGET_KIND):
+        sys.exit(f"usage: python -m fedrun_render.crd [{c.KIND}|{c.BUDGET_KIND}]")
+    sys.stdout.write(crd_yaml(kind))
 
 
 if __name__ == "__main__":

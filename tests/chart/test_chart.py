@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from fedrun_core.names import DEFAULT_OPERATOR_NAMESPACE
 from fedrun_operator.config import OPERATOR_NAMESPACE_ENV
 from fedrun_operator.metrics import render as render_metrics
 from fedrun_render import security
-from fedrun_render.crd import build_crd, crd_yaml
+from fedrun_render.crd import build_budget_crd, build_crd, crd_yaml
 from fedrun_render.workloads import render_run
 
 from .tools import (
@@ -121,6 +121,7 @@ def test_defaults() -> None:
         ("ClusterRole", f"{OPERATOR}-scan"),
         ("ClusterRoleBinding", f"{OPERATOR}-scan"),
         ("CustomResourceDefinition", "federatedruns.fedrun.io"),
+        ("CustomResourceDefinition", "privacybudgets.fedrun.io"),
         ("Deployment", OPERATOR),
         ("NetworkPolicy", OPERATOR),
         ("Pod", f"{OPERATOR}-test-metrics"),
@@ -247,21 +248,23 @@ def test_chart_crd_file_is_generated_from_the_models() -> None:
     )
 
 
-def test_rendered_crd_is_the_generated_one() -> None:
-    generated = build_crd()
-    rendered = one(render(), "CustomResourceDefinition")
+@pytest.mark.parametrize("build", [build_crd, build_budget_crd])
+def test_rendered_crd_is_the_generated_one(build: Callable[[], dict[str, Any]]) -> None:
+    generated = build()
+    rendered = one(render(), "CustomResourceDefinition", generated["metadata"]["name"])
     assert rendered["spec"] == generated["spec"]
     assert rendered["metadata"]["name"] == generated["metadata"]["name"]
     assert generated["metadata"]["labels"].items() <= rendered["metadata"]["labels"].items()
 
 
-def test_crds_keep_and_enabled() -> None:
-    kept = one(render(), "CustomResourceDefinition")["metadata"]["annotations"]
+@pytest.mark.parametrize("crd", ["federatedruns.fedrun.io", "privacybudgets.fedrun.io"])
+def test_crds_keep_and_enabled(crd: str) -> None:
+    kept = one(render(), "CustomResourceDefinition", crd)["metadata"]["annotations"]
     assert kept == {
         "helm.sh/resource-policy": "keep",
         "argocd.argoproj.io/sync-options": "Delete=false",
     }
-    unkept = one(render(sets=("crds.keep=false",)), "CustomResourceDefinition")
+    unkept = one(render(sets=("crds.keep=false",)), "CustomResourceDefinition", crd)
     assert "annotations" not in unkept["metadata"]
     assert find(render(CI["no-crds"]), "CustomResourceDefinition") == []
 

@@ -7,6 +7,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -90,21 +91,26 @@ def test_fedrun_local_cli_writes_status_report_and_table(tmp_path, capsys, monke
     data = write_demo_hospitals(tmp_path / "data", n_per_hospital=(600, 600, 600), seed=5)
     doc = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
     doc["spec"]["rounds"] = 2
+    doc["spec"]["hospitals"][0]["budgetRef"] = "hospital-a-stroke"
     run_file = tmp_path / "run.yaml"
     run_file.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    out = tmp_path / "out"
-
-    code = fedrun_main(
-        [
-            "local",
-            str(run_file),
-            "--out",
-            str(out),
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--no-progress",
-        ]
+    budget_file = tmp_path / "budget.yaml"
+    budget_file.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "fedrun.io/v1alpha1",
+                "kind": "PrivacyBudget",
+                "metadata": {"name": "hospital-a-stroke"},
+                "spec": {"hospital": "hospital-a", "dataset": {"label": "demo"}, "epsilon": 1.5},
+            }
+        ),
+        encoding="utf-8",
     )
+    out = tmp_path / "out"
+    argv = ["local", str(run_file), "--out", str(out), "--data-dir", str(tmp_path / "data")]
+    argv += ["--no-progress", "--budget", str(budget_file)]
+
+    code = fedrun_main(argv)
 
     assert code == 0
     status = json.loads((out / "status.json").read_text(encoding="utf-8"))
@@ -115,6 +121,22 @@ def test_fedrun_local_cli_writes_status_report_and_table(tmp_path, capsys, monke
     printed = capsys.readouterr().out
     assert "hospital-a" in printed and "Succeeded" in printed and "AUROC" in printed
     assert len(data) == 3
+
+    # The hospital's budget was charged what the run spent there, and the reservation given
+    # back; the lifetime figure is that run's ε (one run: composed = summed).
+    budget = yaml.safe_load(budget_file.read_text(encoding="utf-8"))
+    (entry,) = budget["status"]["charges"]
+    spent_a = next(h for h in status["privacy"]["hospitals"] if h["name"] == "hospital-a")
+    assert entry["state"] == "Released" and entry["history"] == spent_a["history"]
+    assert budget["status"]["spent"] == pytest.approx(spent_a["epsilon"], abs=5e-5)  # 4 places
+    assert budget["status"]["reserved"] == 0.0
+
+    # A second run of ε = 1 no longer fits in what is left of 1.5: refused before anything
+    # starts, with the figures, and nothing charged.
+    assert fedrun_main([*argv[:3], str(tmp_path / "out2"), *argv[4:]]) == 1
+    assert "the run needs ε=1 but the budget has 0." in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+    assert yaml.safe_load(budget_file.read_text(encoding="utf-8"))["status"] == budget["status"]
 
 
 def test_fedrun_local_refuses_a_bad_spec_naming_the_field(tmp_path, capsys):

@@ -73,7 +73,7 @@ def defaults_installed() -> tuple[str, str]:
     manifests = render()
     deployment = one(manifests, "Deployment", "fedrun-operator")
     [container] = deployment["spec"]["template"]["spec"]["containers"]
-    crd = one(manifests, "CustomResourceDefinition")
+    crd = one(manifests, "CustomResourceDefinition", "federatedruns.fedrun.io")
     [version] = crd["spec"]["versions"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     return str(container["image"]), str(spec["properties"]["image"]["default"])

@@ -1,16 +1,17 @@
 """The ``fedrun`` command's edges: wrong flags, wrong files, no cloud, `validate`, `--version`.
 
+main() points the root logger at the captured stderr; test_cli's `keep_root_logger` puts it
+back after each test there, and here too (imported below).
+
 Each case is one a new user met: it must end in one clear line (or one line per bad field)
 and the documented exit code, never a traceback, a doubled prefix or a wait on the network.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -20,19 +21,11 @@ import yaml
 
 from fedrun_cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 
+from .test_cli import keep_root_logger  # noqa: F401  (autouse)
+
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "examples" / "federatedrun-local.yaml"
 CLUSTER = ROOT / "examples" / "federatedrun.yaml"  # its hospitals read s3:// tables
-
-
-@pytest.fixture(autouse=True)
-def keep_root_logger() -> Iterator[None]:
-    """main() points the root logger at the (captured) stderr: put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _write(tmp_path: Path, doc: Any, name: str = "run.yaml") -> Path:
@@ -241,3 +234,34 @@ def test_validate_runs_as_a_command() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{LOCAL}: FederatedRun stroke-demo: valid\n"
+
+
+def test_budget_shows_what_each_privacy_budget_would_leave_or_why_it_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = _example()
+    doc["spec"]["hospitals"][0]["budgetRef"] = "a-budget"
+    doc["spec"]["hospitals"][1]["budgetRef"] = "b-budget"
+    run = _write(tmp_path, doc)
+    budgets = []
+    for name, hospital, limit in (("a-budget", "hospital-a", 2.5), ("b-budget", "hospital-b", 0.4)):
+        budget = {
+            "apiVersion": "fedrun.io/v1alpha1",
+            "kind": "PrivacyBudget",
+            "metadata": {"name": name},
+            "spec": {"hospital": hospital, "dataset": {"label": "demo"}, "epsilon": limit},
+        }
+        budgets += ["--budget", str(_write(tmp_path, budget, f"{name}.yaml"))]
+    assert main(["budget", str(run), "--rows", "500", *budgets]) == EXIT_FAILED
+    out = capsys.readouterr().out
+    assert "budget a-budget: lifetime ε=2.5" in out
+    assert "this run reserves ε=1 and would leave 1.500" in out
+    assert "refused (BudgetUnavailable): the run needs ε=1 but the budget has 0.4 of 0.4" in out
+    assert main(["budget", str(run), "--rows", "500", *budgets[:2]]) == EXIT_FAILED
+    assert "budget b-budget: not given (pass its file with --budget)" in capsys.readouterr().out
+    budgets[1] = str(tmp_path / "gone.yaml")
+    assert main(["budget", str(run), "--rows", "500", *budgets]) == EXIT_USAGE
+    assert (
+        capsys.readouterr().err
+        == f"fedrun: cannot read {tmp_path / 'gone.yaml'}: No such file or directory\n"
+    )

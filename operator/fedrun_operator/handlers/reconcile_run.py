@@ -155,6 +155,25 @@ def applied_run(
     return parse_run(body), message
 
 
+#: Why a run that names a PrivacyBudget is refused on a cluster (for now).
+BUDGET_REF_REFUSED = (
+    "names a PrivacyBudget, which this operator does not charge yet (only `fedrun local "
+    "--budget` does, docs/privacy.md): the run is refused rather than run uncharged; remove "
+    "budgetRef to run it under its own targetEpsilon only"
+)
+
+
+def _refuse_budget_refs(run: FederatedRun) -> None:
+    """A budget the operator cannot charge must not look enforced: refuse the run (SpecError)."""
+    problems = [
+        f"spec.hospitals[{i}].budgetRef: {BUDGET_REF_REFUSED}"
+        for i, h in enumerate(run.spec.hospitals)
+        if h.budget_ref is not None
+    ]
+    if problems:
+        raise SpecError(problems)
+
+
 @dataclass(frozen=True)
 class ServerRead:
     """One read of a run server's ``/status``: the validated report, or why there is none."""
@@ -393,6 +412,7 @@ class Reconciler:
         ns, name = meta.get("namespace", c.DEFAULT_NAMESPACE), meta["name"]
         try:
             run = parse_run(_clean_run(body))
+            _refuse_budget_refs(run)
         except SpecError as err:
             return await self._refuse(body, prev, err, now)
 
