@@ -116,8 +116,9 @@ def heavy_scope(nodeid: str) -> str:
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Under pytest-xdist (``make test`` runs ``-n 2``), the heavy tests run one after the
-    other in one worker, in collection order, while the other worker takes the rest.
+    """Under pytest-xdist (``pytest -n 2``; ``make test`` runs one process), the heavy tests
+    run one after the other in one worker, in collection order, while the other worker takes
+    the rest.
 
     A federation of real processes keeps both cores busy: two at once on a 2-core machine
     slow each other past their join and round deadlines. The control plane is started once

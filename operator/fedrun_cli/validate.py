@@ -1,12 +1,13 @@
-"""``fedrun validate FILE...``: would a cluster with fedrun's chart accept these runs?
+"""``fedrun validate FILE...``: would a cluster with fedrun's chart accept these objects?
 
-Each FederatedRun in the files (multi-document YAML is fine; documents of other kinds are
-listed as skipped) is checked twice:
+Each FederatedRun and PrivacyBudget in the files (multi-document YAML is fine; documents of
+other kinds are listed as skipped) is checked twice:
 
 - as kube-apiserver would check it (``fedrun_render.admission``): the generated CRD's
   OpenAPI schema with strict field validation, its defaults, and every CEL rule;
-- as fedrun itself parses it (``fedrun_core.api``): the same rules from their Python side,
-  plus the checks CEL cannot express (categories unique after normalisation, alias targets).
+- as fedrun itself parses it (``fedrun_core.api``, ``fedrun_core.budgets``): the same rules
+  from their Python side, plus the checks CEL cannot express (categories unique after
+  normalisation, alias targets).
 
 Nothing is sent anywhere: no cluster is needed. Exit code 0 when every run passes both;
 1 when any file holds an invalid run, cannot be read or is not YAML, or when no file holds
@@ -15,25 +16,31 @@ a run at all (a file without one, e.g. an Argo CD Application beside the runs, i
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
+from pydantic import ValidationError
 
 from fedrun_core import names as c
 from fedrun_core.api import SpecError, parse_run, yaml_problem
+from fedrun_core.budgets import PrivacyBudget
 
 __all__ = ["problems_in", "validate_files"]
 
 
-def _is_run(doc: Any) -> bool:
-    return (
-        isinstance(doc, dict)
-        and doc.get("kind") == c.KIND
-        and str(doc.get("apiVersion", "")).split("/")[0] == c.GROUP
-    )
+KINDS = (c.KIND, c.BUDGET_KIND)
+
+
+def _kind(doc: Any) -> str | None:
+    """The fedrun kind of a document (FederatedRun, PrivacyBudget), None for anything else."""
+    if not isinstance(doc, dict) or str(doc.get("apiVersion", "")).split("/")[0] != c.GROUP:
+        return None
+    kind = doc.get("kind")
+    return kind if kind in KINDS else None
 
 
 def _describe(doc: Any) -> str:
@@ -45,13 +52,31 @@ def _describe(doc: Any) -> str:
     return f"{doc.get('kind', 'an object without kind')} {name or '(no name)'}"
 
 
-def problems_in(doc: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(the API server's problems, fedrun's problems) with one FederatedRun document.
+@functools.cache
+def _budget_admission() -> Any:
+    from fedrun_render.admission import Admission
+    from fedrun_render.crd import build_budget_crd
 
-    Both lists are empty for a valid run. Each problem starts with its field's path.
+    return Admission(build_budget_crd())
+
+
+def problems_in(doc: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(the API server's problems, fedrun's problems) with one FederatedRun or
+    PrivacyBudget document.
+
+    Both lists are empty for a valid object. Each problem starts with its field's path.
     """
     from fedrun_render.admission import admit
 
+    if _kind(doc) == c.BUDGET_KIND:
+        server = _budget_admission().admit(doc)
+        try:
+            PrivacyBudget.model_validate(doc)
+            return server, []
+        except ValidationError as err:
+            return server, [
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+            ]
     server = admit(doc)
     try:
         parse_run(doc)
@@ -62,7 +87,7 @@ def problems_in(doc: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def _check_file(path: Path, out: TextIO) -> tuple[bool, int]:
-    """(whether nothing in the file failed, how many FederatedRuns it holds)."""
+    """(whether nothing in the file failed, how many fedrun objects it holds)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
@@ -80,13 +105,13 @@ def _check_file(path: Path, out: TextIO) -> tuple[bool, int]:
     ok = True
     for index, doc in enumerate(docs, start=1):
         where = f"{path}" + (f" (document {index})" if len(docs) > 1 else "")
-        if not _is_run(doc):
-            out.write(f"{where}: {_describe(doc)}: not a FederatedRun, skipped\n")
+        if _kind(doc) is None:
+            out.write(f"{where}: {_describe(doc)}: not a FederatedRun or PrivacyBudget, skipped\n")
             continue
         runs += 1
         server, ours = problems_in(doc)
         if not server and not ours:
-            out.write(f"{where}: FederatedRun {doc['metadata'].get('name')}: valid\n")
+            out.write(f"{where}: {_describe(doc)}: valid\n")
             continue
         ok = False
         out.write(f"{where}: {_describe(doc)}: invalid\n")
@@ -99,12 +124,13 @@ def _check_file(path: Path, out: TextIO) -> tuple[bool, int]:
             out.write("  fedrun refuses it:\n")
             out.writelines(f"    {p}\n" for p in only_ours)
     if runs == 0:
-        out.write(f"{path}: no FederatedRun in it\n")
+        out.write(f"{path}: no FederatedRun or PrivacyBudget in it\n")
     return ok, runs
 
 
 def validate_files(files: Sequence[str], out: TextIO | None = None) -> int:
-    """Check every FederatedRun in ``files``; print one verdict per run; 0 if all are valid.
+    """Check every FederatedRun and PrivacyBudget in ``files``; print one verdict per object;
+    0 if all are valid.
 
     Returns 2 (and prints why) when the API server's side cannot run here, because the
     `validate` extra (jsonschema, cel-python) is not installed.
@@ -120,6 +146,6 @@ def validate_files(files: Sequence[str], out: TextIO | None = None) -> int:
         return 2
     results = [_check_file(Path(f), out) for f in files]
     if not any(runs for _, runs in results):
-        out.write("no FederatedRun found: nothing was validated\n")
+        out.write("no FederatedRun or PrivacyBudget found: nothing was validated\n")
         return 1
     return 0 if all(ok for ok, _ in results) else 1

@@ -204,7 +204,9 @@ def test_validate_checks_every_run_in_a_multi_document_file(
     path.write_text(yaml.safe_dump_all([config, good, bad]), encoding="utf-8")
     assert main(["validate", str(path)]) == EXIT_FAILED
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"{path} (document 1): ConfigMap x: not a FederatedRun, skipped"
+    assert (
+        out[0] == f"{path} (document 1): ConfigMap x: not a FederatedRun or PrivacyBudget, skipped"
+    )
     assert out[1] == f"{path} (document 2): FederatedRun stroke-demo: valid"
     assert out[2] == f"{path} (document 3): FederatedRun Not-A-Name: invalid"
 
@@ -213,7 +215,10 @@ def test_validate_checks_every_run_in_a_multi_document_file(
     ("text", "expected"),
     [
         ("kind: [", "not valid YAML at line 1, column 8"),
-        ("apiVersion: v1\nkind: ConfigMap\n", "no FederatedRun found: nothing was validated"),
+        (
+            "apiVersion: v1\nkind: ConfigMap\n",
+            "no FederatedRun or PrivacyBudget found: nothing was validated",
+        ),
     ],
 )
 def test_validate_fails_on_files_it_cannot_judge(
@@ -265,3 +270,22 @@ def test_budget_shows_what_each_privacy_budget_would_leave_or_why_it_refuses(
         capsys.readouterr().err
         == f"fedrun: cannot read {tmp_path / 'gone.yaml'}: No such file or directory\n"
     )
+
+
+def test_validate_checks_privacy_budgets_as_well(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    budget = {
+        "apiVersion": "fedrun.io/v1alpha1",
+        "kind": "PrivacyBudget",
+        "metadata": {"name": "a-budget"},
+        "spec": {"hospital": "hospital-a", "dataset": {"label": "demo"}, "epsilon": 8},
+    }
+    bad = {**budget, "metadata": {"name": "b-budget"}, "spec": {**budget["spec"], "delta": 0.01}}
+    path = tmp_path / "budgets.yaml"
+    path.write_text(yaml.safe_dump_all([budget, bad]), encoding="utf-8")
+    assert main(["validate", str(path)]) == EXIT_FAILED
+    out = capsys.readouterr().out
+    assert f"{path} (document 1): PrivacyBudget a-budget: valid" in out
+    assert f"{path} (document 2): PrivacyBudget b-budget: invalid" in out
+    assert "spec.delta: 0.01 is greater than the maximum of 0.001" in out
