@@ -49,6 +49,7 @@ __all__ = [
     "FederatedRun",
     "FederatedRunSpec",
     "FederatedRunStatus",
+    "History",
     "Hospital",
     "HospitalPrivacyStatus",
     "HospitalStatus",
@@ -1838,6 +1839,10 @@ class RoundStatus(_Status):
     total: int = Field(0, ge=0, description="Rounds requested (spec.rounds).")
 
 
+#: An accountant history [[σ, q, steps], ...] (Opacus' RDPAccountant.history) as stored.
+History = list[Annotated[list[float], Field(min_length=3, max_length=3)]]
+
+
 class HospitalPrivacyStatus(_Status):
     """Privacy spent by one hospital."""
 
@@ -1894,7 +1899,7 @@ class HospitalPrivacyStatus(_Status):
     steps_per_round: int | None = Field(
         None, ge=0, description="DP-SGD steps one round takes (local epochs × batches)."
     )
-    history: list[Annotated[list[float], Field(min_length=3, max_length=3)]] = Field(
+    history: History = Field(
         default_factory=list,
         description=(
             "The accountant history [[σ, q, steps], ...] (Opacus' RDPAccountant.history), one "
@@ -1907,7 +1912,7 @@ class CarriedPrivacy(_Status):
     """One hospital's accountant history from before a resume."""
 
     name: str = Field(description="Hospital name.")
-    history: list[Annotated[list[float], Field(min_length=3, max_length=3)]] = Field(
+    history: History = Field(
         default_factory=list, description="[[σ, q, steps], ...] spent before the resume."
     )
 

@@ -48,7 +48,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,6 +59,8 @@ from fedrun_core.accounting import EPSILON_SLACK, collapse, epsilon
 from fedrun_core.api import (
     DNS1123_LABEL,
     Condition,
+    FederatedRun,
+    History,
     ObjectMeta,
     Rule,
     _Spec,
@@ -78,6 +80,7 @@ __all__ = [
     "PrivacyBudget",
     "Refused",
     "admit",
+    "admit_run",
     "budget_yaml",
     "charge",
     "committed_epsilon",
@@ -100,7 +103,6 @@ MAX_BUDGET_DELTA = 1e-3
 MAX_CHARGES = 500
 
 ChargeState = Literal["Reserved", "Released"]
-History = list[Annotated[list[float], Field(min_length=3, max_length=3)]]
 
 
 class DatasetRef(_Spec):
@@ -329,6 +331,28 @@ def admit(
         updated=now,
     )
     return Admitted([*charges, new], changed=True)
+
+
+def admit_run(
+    spec: BudgetSpec,
+    charges: Sequence[Charge],
+    run: FederatedRun,
+    hospital: str,
+    now: datetime,
+) -> Admitted | Refused:
+    """:func:`admit` for ``run`` at ``hospital``: its name, namespace, uid (``(not applied
+    yet)`` for a run without one), targetEpsilon and δ."""
+    return admit(
+        spec,
+        charges,
+        run=run.name,
+        namespace=run.metadata.namespace,
+        uid=run.metadata.uid or "(not applied yet)",
+        hospital=hospital,
+        target_epsilon=run.spec.privacy.target_epsilon,
+        delta=run.spec.privacy.delta,
+        now=now,
+    )
 
 
 def _merged(old: Sequence[Sequence[float]], new: Sequence[Sequence[float]]) -> History:

@@ -19,7 +19,7 @@ from fedrun_core.budgets import (
     BudgetFileError,
     PrivacyBudget,
     Refused,
-    admit,
+    admit_run,
     parse_budget,
     summarize,
 )
@@ -57,17 +57,7 @@ def _budget_lines(
         f"{before.spent:.3f} composed ({before.summed:.3f} if added) over {before.runs} "
         f"run(s), {before.reserved:.3f} held for running ones"
     )
-    decision = admit(
-        spec,
-        charges,
-        run=run.name,
-        namespace=run.metadata.namespace,
-        uid=run.metadata.uid or "(not applied yet)",
-        hospital=hospital.name,
-        target_epsilon=run.spec.privacy.target_epsilon,
-        delta=run.spec.privacy.delta,
-        now=now,
-    )
+    decision = admit_run(spec, charges, run, hospital.name, now)
     if isinstance(decision, Refused):
         return f"{head}\n      refused ({decision.reason}): {decision.message}\n", False
     after = summarize(spec, decision.charges)

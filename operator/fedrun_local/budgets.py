@@ -29,7 +29,7 @@ from fedrun_core.budgets import (
     Charge,
     PrivacyBudget,
     Refused,
-    admit,
+    admit_run,
     budget_yaml,
     charge,
     parse_budget,
@@ -131,17 +131,7 @@ class BudgetBook:
                 budget: PrivacyBudget, hospital: str = hospital, refused: list[Refused] = refused
             ) -> list[Charge]:
                 charges = budget.status.charges if budget.status else []
-                got = admit(
-                    budget.spec,
-                    charges,
-                    run=self.run.name,
-                    namespace=self.run.metadata.namespace,
-                    uid=uid,
-                    hospital=hospital,
-                    target_epsilon=self.run.spec.privacy.target_epsilon,
-                    delta=self.run.spec.privacy.delta,
-                    now=now,
-                )
+                got = admit_run(budget.spec, charges, self.run, hospital, now)
                 if isinstance(got, Refused):
                     refused.append(got)
                     return list(charges)
