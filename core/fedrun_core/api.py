@@ -2020,6 +2020,20 @@ class HospitalStatus(_Status):
     )
 
 
+class RunBudgetStatus(_Status):
+    """A hospital's PrivacyBudget as this run stands with it (``budgetRef``)."""
+
+    hospital: str = Field(max_length=63, description="The hospital that names the budget.")
+    name: str = Field(max_length=253, description="The PrivacyBudget's name.")
+    state: Literal["Waiting", "Reserved", "Released"] = Field(
+        description=(
+            "Waiting: not admitted yet (BudgetUnavailable); Reserved: ε held for the run; "
+            "Released: the run ended and gave back what it did not spend."
+        )
+    )
+    reserved: float = Field(0.0, ge=0, description="ε reserved (the run's targetEpsilon).")
+
+
 class FederatedRunStatus(_Status):
     """Observed state of a run, written only by the operator (or `fedrun local`)."""
 
@@ -2045,6 +2059,9 @@ class FederatedRunStatus(_Status):
     metrics: MetricsStatus | None = Field(None, description="Latest round's metrics.")
     hospitals: list[HospitalStatus] = Field(default_factory=list, description="Per-hospital state.")
     mlflow_run_id: str | None = Field(None, description="MLflow run holding params and metrics.")
+    budgets: list[RunBudgetStatus] = Field(
+        default_factory=list, max_length=64, description="The PrivacyBudgets the run charges."
+    )
     message: str | None = Field(None, description="Human-readable summary of the phase.")
 
 

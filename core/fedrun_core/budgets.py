@@ -13,7 +13,13 @@ reservation
     The ε a run may still spend: its ``spec.privacy.targetEpsilon``, which the run's own
     stop rule (the hospital's, the server's and the operator's) already never lets it
     exceed, at the run's δ. Held while the run is ``Reserved`` (admitted, not finished);
-    given back (the state becomes ``Released``) when it ends.
+    given back (the state becomes ``Released``) when it ends. A run that ended unseen (it
+    was deleted mid-round) is released with one more round at its plan (*next round*)
+    charged on top of its history; when even that is unknown its state becomes
+    ``Unsettled`` and its whole reservation stays committed.
+next round
+    ``[σ, q, steps]`` of one more round of the run at this hospital, from the run's plan:
+    what a round in flight may have spent before anyone recorded it.
 history
     Opacus' accountant history ``[(σ, q, steps), ...]`` of the run at this hospital: what
     the run has actually spent, charged round by round. It stays after release.
@@ -87,6 +93,7 @@ __all__ = [
     "composed_epsilon",
     "parse_budget",
     "release",
+    "release_unseen",
     "summarize",
     "summed_epsilon",
     "withdraw",
@@ -102,7 +109,9 @@ MAX_BUDGET_DELTA = 1e-3
 #: split (a new dataset version) — the status object has to stay small.
 MAX_CHARGES = 500
 
-ChargeState = Literal["Reserved", "Released"]
+ChargeState = Literal["Reserved", "Released", "Unsettled"]
+#: States whose whole reservation counts as committed.
+HELD: tuple[ChargeState, ...] = ("Reserved", "Unsettled")
 
 
 class DatasetRef(_Spec):
@@ -166,13 +175,24 @@ class Charge(_Status):
     run: str = Field(max_length=253, description="The run's name.")
     namespace: str = Field(max_length=63, description="The run's namespace.")
     uid: str = Field(min_length=1, max_length=128, description="The run's uid: the charge's key.")
-    state: ChargeState = Field(description="Reserved while the run may spend; then Released.")
+    state: ChargeState = Field(
+        description=(
+            "Reserved while the run may spend; then Released (Unsettled: it ended unseen "
+            "and its reservation stays committed)."
+        )
+    )
     reserved: float = Field(ge=0, description="ε held for the run (its targetEpsilon).")
     delta: float = Field(gt=0, le=MAX_BUDGET_DELTA, description="The run's δ.")
     history: History = Field(
         default_factory=list, description="The run's accountant history here [[σ, q, steps]]."
     )
     spent: float = Field(0.0, ge=0, description="The run's own ε at the budget's δ.")
+    next_round: list[float] | None = Field(
+        None,
+        min_length=3,
+        max_length=3,
+        description="[σ, q, steps] of one more round here (the plan), for an unseen end.",
+    )
     updated: datetime | None = Field(None, description="When the charge last changed.")
 
 
@@ -227,17 +247,20 @@ def committed_epsilon(charges: Sequence[Charge], delta: float) -> float:
     """The ceiling on the lifetime ε whatever the unfinished runs still do: the released
     charges' histories composed, plus every reservation still held."""
     released = [ch.history for ch in charges if ch.state == "Released"]
-    held = math.fsum(ch.reserved for ch in charges if ch.state == "Reserved")
+    held = math.fsum(ch.reserved for ch in charges if ch.state in HELD)
     return composed_epsilon(released, delta) + held
 
 
 def summarize(spec: BudgetSpec, charges: Sequence[Charge]) -> BudgetStatus:
-    """The budget's status figures for ``charges`` (conditions left empty for the caller)."""
-    histories = [ch.history for ch in charges]
+    """The budget's status figures for ``charges`` (conditions left empty for the caller).
+
+    An Unsettled charge counts as its whole reservation in ``spent`` and ``summed``."""
+    histories = [ch.history for ch in charges if ch.state != "Unsettled"]
+    unsettled = math.fsum(ch.reserved for ch in charges if ch.state == "Unsettled")
     committed = committed_epsilon(charges, spec.delta)
     return BudgetStatus(
-        spent=composed_epsilon(histories, spec.delta),
-        summed=summed_epsilon(histories, spec.delta),
+        spent=composed_epsilon(histories, spec.delta) + unsettled,
+        summed=summed_epsilon(histories, spec.delta) + unsettled,
         reserved=math.fsum(ch.reserved for ch in charges if ch.state == "Reserved"),
         committed=committed,
         remaining=spec.epsilon - committed,
@@ -370,9 +393,12 @@ def charge(
     uid: str,
     history: Sequence[Sequence[float]],
     now: datetime,
+    next_round: Sequence[float] | None = None,
 ) -> list[Charge]:
     """Record the run ``uid``'s history so far (idempotent; a shorter reading never lowers
-    what was charged). Raises KeyError for a run that holds no charge here."""
+    what was charged) and, when given, its *next round*. Raises KeyError for a run that
+    holds no charge here."""
+    nxt = [float(x) for x in next_round] if next_round is not None else None
     out: list[Charge] = []
     found = False
     for ch in charges:
@@ -381,14 +407,16 @@ def charge(
             continue
         found = True
         merged = _merged(collapse(_entries(ch.history)), collapse(_entries(history)))
-        if merged == ch.history:
+        nxt = nxt if nxt is not None else ch.next_round
+        if merged == ch.history and nxt == ch.next_round:
             out.append(ch)
             continue
         out.append(
             ch.model_copy(
                 update={
                     "history": merged,
-                    "spent": epsilon(_entries(merged), spec.delta),
+                    "spent": epsilon(_entries(merged), spec.delta) if merged else 0.0,
+                    "next_round": nxt,
                     "updated": now,
                 }
             )
@@ -409,6 +437,39 @@ def release(charges: Sequence[Charge], uid: str, now: datetime) -> list[Charge]:
         else ch
         for ch in charges
     ]
+
+
+def release_unseen(
+    spec: BudgetSpec, charges: Sequence[Charge], uid: str, now: datetime
+) -> list[Charge]:
+    """The run ``uid`` ended without its end being recorded (deleted mid-round): what a
+    round in flight may have spent is charged too.
+
+    Its history gets one more round (its *next round*) and is released; without a next
+    round it becomes Unsettled, its whole reservation committed for good. Idempotent: only
+    a Reserved charge changes.
+    """
+    out: list[Charge] = []
+    for ch in charges:
+        if ch.uid != uid or ch.state != "Reserved":
+            out.append(ch)
+            continue
+        if ch.next_round is None:
+            out.append(ch.model_copy(update={"state": "Unsettled", "updated": now}))
+            continue
+        joined = collapse([*_entries(ch.history), *_entries([ch.next_round])])
+        history = [[sigma, q, float(n)] for sigma, q, n in joined]
+        out.append(
+            ch.model_copy(
+                update={
+                    "state": "Released",
+                    "history": history,
+                    "spent": epsilon(_entries(history), spec.delta),
+                    "updated": now,
+                }
+            )
+        )
+    return out
 
 
 def withdraw(charges: Sequence[Charge], uid: str) -> list[Charge]:

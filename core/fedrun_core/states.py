@@ -67,6 +67,8 @@ class ConditionType(StrEnum):
     INSECURE = "Insecure"
     #: The server's reported (σ, q) disagree with what the spec implies.
     ACCOUNTING_MISMATCH = "AccountingMismatch"
+    #: A hospital's PrivacyBudget cannot admit the run (yet): it waits, Pending.
+    BUDGET_UNAVAILABLE = "BudgetUnavailable"
 
 
 #: One condition per phase a run can be in but Pending, in this order, always all present.
@@ -118,6 +120,8 @@ class Reason(StrEnum):
     FORBIDDEN = "Forbidden"
     EXPIRED = "Expired"
     INSECURE_TRANSPORT = "InsecureTransport"
+    BUDGET_UNAVAILABLE = "BudgetUnavailable"
+    BUDGET_RESERVED = "BudgetReserved"
 
 
 def not_reason(ctype: str) -> str:

@@ -30,6 +30,7 @@ from fedrun_core.budgets import (
     committed_epsilon,
     composed_epsilon,
     release,
+    release_unseen,
     summarize,
     summed_epsilon,
 )
@@ -165,6 +166,35 @@ def test_charges_only_grow_and_release_returns_the_unspent_part() -> None:
     assert release(done, "u1", NOW) == done
     with pytest.raises(KeyError):
         charge(SPEC, done, "nobody", [[1.0, 0.1, 1]], NOW)
+
+
+def test_a_run_that_ends_unseen_is_charged_one_more_round_of_its_plan() -> None:
+    held = _admit([], "u1", 2.0)
+    assert isinstance(held, Admitted)
+    charged = charge(SPEC, held.charges, "u1", [[1.2, 0.05, 40]], NOW, [1.2, 0.05, 20])
+    assert charged[0].next_round == [1.2, 0.05, 20.0]
+    later = charge(SPEC, charged, "u1", [[1.2, 0.05, 60]], NOW)  # no new plan: kept
+    assert later[0].next_round == [1.2, 0.05, 20.0]
+    gone = release_unseen(SPEC, later, "u1", NOW)
+    assert gone[0].state == "Released"
+    assert gone[0].history == [[1.2, 0.05, 80.0]]  # 60 recorded + the round in flight
+    assert gone[0].spent == pytest.approx(epsilon([(1.2, 0.05, 80)], SPEC.delta))
+    assert release_unseen(SPEC, gone, "u1", NOW) == gone  # idempotent
+    assert release(gone, "u1", NOW) == gone
+
+
+def test_a_run_that_ends_unseen_without_a_plan_keeps_its_whole_reservation() -> None:
+    held = _admit([], "u1", 1.5)
+    assert isinstance(held, Admitted)
+    charged = charge(SPEC, held.charges, "u1", [[1.2, 0.05, 40]], NOW)
+    gone = release_unseen(SPEC, charged, "u1", NOW)
+    assert gone[0].state == "Unsettled"
+    status = summarize(SPEC, gone)
+    assert status.committed == pytest.approx(1.5)
+    assert status.spent == pytest.approx(1.5)  # unknown spend counts as all of it
+    assert status.reserved == 0.0
+    refused = _admit(gone, "u2", 3.0)
+    assert isinstance(refused, Refused)  # 1.5 + 3.0 > 4.0
 
 
 def test_summary_shows_composed_beside_summed() -> None:
