@@ -16,7 +16,6 @@ a run at all (a file without one, e.g. an Argo CD Application beside the runs, i
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,12 +51,10 @@ def _describe(doc: Any) -> str:
     return f"{doc.get('kind', 'an object without kind')} {name or '(no name)'}"
 
 
-@functools.cache
 def _budget_admission() -> Any:
-    from fedrun_render.admission import Admission
-    from fedrun_render.crd import build_budget_crd
+    from fedrun_render.admission import budget_admission
 
-    return Admission(build_budget_crd())
+    return budget_admission()
 
 
 def problems_in(doc: dict[str, Any]) -> tuple[list[str], list[str]]:

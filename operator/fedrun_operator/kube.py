@@ -42,6 +42,7 @@ _PLURALS = {
     "Job": "jobs",
     "NetworkPolicy": "networkpolicies",
     c.KIND: c.PLURAL,
+    c.BUDGET_KIND: c.BUDGET_PLURAL,
 }
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -277,6 +278,14 @@ class Kube:
             {"status": status},
             content_type="application/merge-patch+json",
         )
+
+    async def replace_status(self, obj: Obj) -> Obj:
+        """PUT ``obj``'s status subresource (an update): the API server refuses it with 409
+        (:class:`ConflictError`) unless ``metadata.resourceVersion`` is still current, which
+        makes a read-decide-write of one object safe against concurrent writers."""
+        meta = obj["metadata"]
+        path = path_of(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        return await self.request("update", "PUT", path + "/status", obj)
 
     async def delete(
         self,

@@ -39,6 +39,7 @@ log = logging.getLogger("fedrun.operator")
 # else is read again when the operator starts (see `configure` and `login`).
 POLL_SECONDS = OperatorConfig.from_env().poll_seconds
 RESOURCE = (c.GROUP, c.VERSION, c.PLURAL)
+BUDGET_RESOURCE = (c.GROUP, c.VERSION, c.BUDGET_PLURAL)
 _MEMO_KEY = "reconciler"
 _metrics_ports: set[int] = set()  # /metrics is served once per process, whoever starts it
 
@@ -136,13 +137,36 @@ async def follow(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.delete(*RESOURCE, optional=True)
-def on_delete(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    """Forget a deleted run's metrics; its children go with it (ownerReferences)."""
+async def on_delete(body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    """Release what a deleted run still holds at its PrivacyBudgets and forget its metrics;
+    its children go with it (ownerReferences). A run deleted while no operator watched is
+    released by its budget's sweep when the next operator starts."""
     reconciler: Reconciler | None = memo.get(_MEMO_KEY)
     uid = str(meta.get("uid") or meta.get("name"))
     if reconciler is not None:
+        await reconciler.settle_deleted(body)
         reconciler.forget(uid)
     metrics.forget_run(str(meta.get("namespace")), str(meta.get("name")))
+
+
+# Budgets are followed with a watch-event handler only: kopf keeps no state on an object
+# for those, whereas a timer or an on.delete handler would have it add a finalizer and
+# annotations, and the operator may not patch budgets (their spec is the data owner's).
+@kopf.on.event(*BUDGET_RESOURCE)
+async def on_budget_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A PrivacyBudget was listed (the operator started), created, changed or deleted:
+    its gauges, and the release of reservations whose run is gone (deleted while no
+    operator watched); a deleted budget's series are dropped."""
+    body = event.get("object") or {}
+    if event.get("type") == "DELETED":
+        meta, spec = body.get("metadata", {}), body.get("spec", {})
+        metrics.forget_budget(
+            str(meta.get("namespace")), str(meta.get("name")), str(spec.get("hospital"))
+        )
+        return
+    reconciler: Reconciler | None = memo.get(_MEMO_KEY)
+    if reconciler is not None:
+        await reconciler.budgets.sweep(body)
 
 
 def run(namespaces: list[str], health_port: int) -> None:

@@ -169,6 +169,44 @@ _PER_RUN: tuple[Gauge, ...] = (
 )
 
 
+_BUDGET_LABELS = ["namespace", "budget", "hospital"]
+BUDGET_EPSILON_LIMIT = Gauge(
+    "fedrun_operator_budget_epsilon_limit",
+    "A PrivacyBudget's lifetime ε (spec.epsilon).",
+    _BUDGET_LABELS,
+    registry=REGISTRY,
+)
+BUDGET_EPSILON_SPENT = Gauge(
+    "fedrun_operator_budget_epsilon_spent",
+    "A PrivacyBudget's lifetime ε spent: every run's accountant history composed (RDP).",
+    _BUDGET_LABELS,
+    registry=REGISTRY,
+)
+BUDGET_EPSILON_COMMITTED = Gauge(
+    "fedrun_operator_budget_epsilon_committed",
+    "A PrivacyBudget's ε committed: spent by ended runs plus the reservations of running ones.",
+    _BUDGET_LABELS,
+    registry=REGISTRY,
+)
+
+
+def observe_budget(
+    namespace: str, name: str, hospital: str, limit: float, spent: float, committed: float
+) -> None:
+    """Set one PrivacyBudget's series (called whenever the operator reads or writes it)."""
+    labels = (namespace, name, hospital)
+    BUDGET_EPSILON_LIMIT.labels(*labels).set(limit)
+    BUDGET_EPSILON_SPENT.labels(*labels).set(spent)
+    BUDGET_EPSILON_COMMITTED.labels(*labels).set(committed)
+
+
+def forget_budget(namespace: str, name: str, hospital: str) -> None:
+    """Drop a deleted PrivacyBudget's series."""
+    for gauge in (BUDGET_EPSILON_LIMIT, BUDGET_EPSILON_SPENT, BUDGET_EPSILON_COMMITTED):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, name, hospital)
+
+
 def observe_run(
     namespace: str,
     run: str,

@@ -108,6 +108,9 @@ class Decision:
     events: list[Event] = field(default_factory=list)
     stop: bool = False  # final or suspended: server to zero replicas, active Jobs suspended
     delete_run: bool = False  # ttlSecondsAfterFinished has passed
+    #: Per hospital, the accountant history behind the ε the operator enforces (what the
+    #: run's PrivacyBudgets are charged); empty for a run already final.
+    histories: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- privacy
@@ -139,6 +142,7 @@ class PrivacyView:
     spent: dict[str, float] = field(default_factory=dict)
     after_next: dict[str, float] = field(default_factory=dict)
     mismatches: dict[str, str] = field(default_factory=dict)
+    histories: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
 
 
 def _differs(value: float, expected: float) -> bool:
@@ -200,8 +204,13 @@ def privacy_status(
         steps = sum(n for _, _, n in history)
         plan = planned.get(h.name)
         own = epsilon(history, p.delta) if history else 0.0
+        charged = history
         if plan is not None and steps:
-            own = max(own, epsilon([(plan[0], plan[1], steps)], p.delta))
+            by_plan = epsilon([(plan[0], plan[1], steps)], p.delta)
+            if by_plan > own:
+                own, charged = by_plan, [(plan[0], plan[1], steps)]
+        if charged:
+            view.histories[h.name] = charged
         enforced = own if rdp else 0.0
         eps = max(enforced, float(entry.get("epsilon") or 0.0))
         eps = max(eps, float(previous.get(h.name, {}).get("epsilon") or 0.0))
@@ -242,7 +251,7 @@ def privacy_status(
     }
     if prev.get("privacy", {}).get("carried"):
         block["carried"] = prev["privacy"]["carried"]
-    return PrivacyView(block, view.spent, view.after_next, view.mismatches)
+    return PrivacyView(block, view.spent, view.after_next, view.mismatches, view.histories)
 
 
 def _steps_per_round(run: FederatedRun, history: list[tuple[float, float, int]]) -> int:
@@ -537,7 +546,7 @@ def decide(
     stop = (phase in FINAL_PHASES and (phase != Phase.SUCCEEDED or succeeded_grace_s <= 0)) or (
         phase == Phase.SUSPENDED
     )
-    return Decision(status=status, events=events, stop=stop)
+    return Decision(status=status, events=events, stop=stop, histories=pv.histories)
 
 
 def _mismatch_condition(prev: Obj, message: str, now: datetime, generation: int | None) -> Obj:

@@ -195,6 +195,14 @@ def fedrun_admission() -> Admission:
     return Admission(build_crd())
 
 
+@functools.cache
+def budget_admission() -> Admission:
+    """The PrivacyBudget CRD's admission, built from the operator's models."""
+    from .crd import build_budget_crd
+
+    return Admission(build_budget_crd())
+
+
 def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
     """Problems kube-apiserver would report for this FederatedRun (strict field validation)."""
     return fedrun_admission().admit(obj, old)

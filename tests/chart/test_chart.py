@@ -274,8 +274,10 @@ def test_crds_keep_and_enabled(crd: str) -> None:
 # What the operator does (its contract, fedrun_operator/kube.py and kopf 1.45): one rule
 # per resource, exactly these verbs. The integration tests' recorded calls prove it.
 RUN_RULES = {
-    ("fedrun.io", "federatedruns"): ["list", "watch", "patch", "delete"],
+    ("fedrun.io", "federatedruns"): ["get", "list", "watch", "patch", "delete"],
     ("fedrun.io", "federatedruns/status"): ["patch"],
+    ("fedrun.io", "privacybudgets"): ["get", "list", "watch"],
+    ("fedrun.io", "privacybudgets/status"): ["update"],
     ("", "configmaps"): ["get", "create", "patch"],
     ("", "services"): ["get", "create", "patch"],
     ("", "serviceaccounts"): ["get", "create", "patch"],

@@ -884,6 +884,82 @@ def test_operator_restart_mid_run_creates_no_duplicates_and_loses_nothing(
     assert after["privacy"]["epsilonSpent"] > before["privacy"]["epsilonSpent"]
 
 
+def test_a_budgeted_run_reserves_is_charged_and_releases_on_a_real_api_server(
+    cluster: RealCluster, operator: Operator, server: FakeServer
+) -> None:
+    """The real API server with the chart's PrivacyBudget CRD and RBAC: the run reserves
+    before its children exist, is charged what it spends and gives back the rest at its
+    end (the emulated API's tests cover the races and restarts: test_operator_budgets.py)."""
+    ns, budget = cluster.namespace, "hospital-b-stroke"
+    cluster.create(
+        {
+            "apiVersion": API,
+            "kind": "PrivacyBudget",
+            "metadata": {"name": budget},
+            "spec": {
+                "hospital": "hospital-b",
+                "dataset": {"label": "stroke-2026"},
+                "epsilon": 3.0,
+                "delta": 1e-5,
+            },
+        }
+    )
+    doc = run_doc()
+    doc["spec"]["hospitals"][1]["budgetRef"] = budget
+
+    def stored() -> dict[str, Any]:
+        status: dict[str, Any] = cluster.get(API, "privacybudgets", ns, budget).get("status") or {}
+        return status
+
+    with operator(server_url=server.url):
+        cluster.create(doc)
+        all_children(cluster)
+        held = cluster.wait_for(
+            lambda: stored().get("reserved") and stored(), timeout=30, what="reservation"
+        )
+        server.set("Running", current=2, steps=20)
+        cluster.wait_for(
+            lambda: stored()["charges"][0]["history"] == [[4.0, 0.1, 20.0]],
+            timeout=30,
+            what="charge",
+        )
+        server.set("Succeeded", current=5, steps=50, reason="RoundsCompleted")
+        wait_phase(cluster, "Succeeded")
+        ended = cluster.wait_for(
+            lambda: (s := stored())["charges"][0]["state"] == "Released" and s,
+            timeout=30,
+            what="release",
+        )
+        series = f'{{budget="{budget}",hospital="hospital-b",namespace="{ns}"}}'
+        cluster.wait_for(
+            lambda: (
+                f"fedrun_operator_budget_epsilon_limit{series} 3.0" in metrics.render().decode()
+            ),
+            timeout=30,
+            what="the budget's gauges",
+        )
+    assert held["reserved"] == 1.0 and held["remaining"] == pytest.approx(2.0)
+    assert ended["reserved"] == 0
+    assert ended["spent"] == pytest.approx(epsilon([(4.0, 0.1, 50)], 1e-5))
+    assert run_status(cluster, NAME)["budgets"] == [
+        {"hospital": "hospital-b", "name": budget, "state": "Released", "reserved": 1.0}
+    ]
+    # The budget's spec is the data owner's: the operator reads and watches budgets and
+    # writes their status only, with a PUT that carries the resourceVersion it read (no
+    # finalizer, no annotation: kopf patches nothing on a budget).
+    on_budgets = {
+        (call.verb, call.rbac_resource)
+        for call in operator_calls(cluster)
+        if call.resource == "privacybudgets"
+    }
+    assert on_budgets == {
+        ("get", "privacybudgets"),
+        ("list", "privacybudgets"),
+        ("watch", "privacybudgets"),
+        ("update", "privacybudgets/status"),
+    }
+
+
 def test_deleting_the_run_removes_its_children_and_metrics(
     cluster: RealCluster, operator: Operator
 ) -> None:

@@ -107,22 +107,6 @@ def test_a_stored_spec_the_models_refuse_fails_the_run_naming_the_field() -> Non
     assert created == {}  # nothing is created for a run that cannot be carried out
 
 
-def test_a_run_naming_a_privacy_budget_is_refused_until_the_operator_charges_budgets(
-    cluster: EmulatedCluster,
-) -> None:
-    """The CRD admits budgetRef (fedrun local charges it); the operator cannot yet, and a
-    budget that is not charged must not look enforced: the run fails naming the field."""
-    doc = run_doc()
-    doc["spec"]["hospitals"][1]["budgetRef"] = "hospital-b-stroke"
-    with running_operator(cluster.kubeconfig):
-        cluster.create(doc)
-        failed = wait_phase(cluster, "Failed")
-        created = children(cluster)
-    assert condition(failed, "Failed")["reason"] == "InvalidSpec"
-    assert "spec.hospitals[1].budgetRef: names a PrivacyBudget" in failed["message"]
-    assert created == {}
-
-
 def test_a_partitioned_leader_stops_before_a_standby_takes_over(
     cluster: EmulatedCluster, server: FakeServer, tmp_path: Path
 ) -> None:

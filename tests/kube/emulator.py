@@ -36,7 +36,7 @@ import attrs
 import kmock
 from kmock._internal.rendering import Response, StreamingError  # kmock is pinned (==0.8)
 
-from fedrun_render.admission import Admission, fedrun_admission
+from fedrun_render.admission import Admission, budget_admission, fedrun_admission
 
 from . import errors, tables
 from .patching import (
@@ -48,7 +48,7 @@ from .patching import (
     apply_patch,
     spec_part,
 )
-from .resources import FEDERATED_RUNS, SERVED, Served
+from .resources import FEDERATED_RUNS, PRIVACY_BUDGETS, SERVED, Served
 from .routing import parse_request
 from .selectors import SelectorError, field_matcher, label_matcher
 
@@ -148,9 +148,12 @@ class FedrunEmulator(kmock.KubernetesEmulator):
             )
         if self.admission:
             self._admissions[FEDERATED_RUNS] = fedrun_admission()
+            self._admissions[PRIVACY_BUDGETS] = budget_admission()
         for name in PRELOADED_NAMESPACES:
             self._insert(self._served("", "namespaces"), {"metadata": {"name": name}})
-        self._insert(self._served("apiextensions.k8s.io", "customresourcedefinitions"), _crd())
+        crds = self._served("apiextensions.k8s.io", "customresourcedefinitions")
+        self._insert(crds, _crd())
+        self._insert(crds, _crd(budget=True))
         self._base_payloads = len(self._payloads)  # reactions beyond these come from tests
 
     # ------------------------------------------------------------------ public API
@@ -789,11 +792,12 @@ def _seen_as(change: _Change, served: Served, matches: Callable[[Obj], bool]) ->
     return {"type": "DELETED", "object": change.obj} if was_matching else None
 
 
-def _crd() -> Obj:
-    """The FederatedRun CRD as a cluster holds it after `helm install` (Established)."""
-    from fedrun_render.crd import build_crd
+def _crd(*, budget: bool = False) -> Obj:
+    """The FederatedRun (or PrivacyBudget) CRD as a cluster holds it after `helm install`
+    (Established)."""
+    from fedrun_render.crd import build_budget_crd, build_crd
 
-    crd = build_crd()
+    crd = build_budget_crd() if budget else build_crd()
     crd["status"] = {
         "acceptedNames": crd["spec"]["names"],
         "storedVersions": [v["name"] for v in crd["spec"]["versions"] if v.get("storage")],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedrun_render.crd import build_crd
+from fedrun_render.crd import build_budget_crd, build_crd
 
 # Every verb a resource's own endpoint answers (RBAC's names for them).
 VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
@@ -81,9 +81,11 @@ class Served:
 
 
 FEDERATED_RUNS = Served.from_crd(build_crd())
+PRIVACY_BUDGETS = Served.from_crd(build_budget_crd())
 
 SERVED: tuple[Served, ...] = (
     FEDERATED_RUNS,
+    PRIVACY_BUDGETS,
     Served("", "v1", "configmaps", "ConfigMap", True, ("cm",)),
     Served("", "v1", "services", "Service", True, ("svc",), ("status",)),
     Served("", "v1", "serviceaccounts", "ServiceAccount", True, ("sa",)),

@@ -10,7 +10,7 @@ import datetime
 import re
 from typing import Any
 
-from .resources import FEDERATED_RUNS, Served
+from .resources import FEDERATED_RUNS, PRIVACY_BUDGETS, Served
 
 _STEP = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
 
@@ -63,6 +63,11 @@ def _columns(served: Served) -> list[dict[str, Any]]:
         from fedrun_render.crd import build_crd
 
         return list(build_crd()["spec"]["versions"][0].get("additionalPrinterColumns", []))
+    if served == PRIVACY_BUDGETS:
+        from fedrun_render.crd import build_budget_crd
+
+        crd = build_budget_crd()
+        return list(crd["spec"]["versions"][0].get("additionalPrinterColumns", []))
     return [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
 
 

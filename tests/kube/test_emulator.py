@@ -693,7 +693,10 @@ def test_discovery_describes_the_served_resources(cluster: EmulatedCluster) -> N
         r["name"] for r in cluster.request("GET", "/apis/apps/v1")["resources"]
     }
     crds = cluster.list("apiextensions.k8s.io/v1", "customresourcedefinitions")
-    assert [c["metadata"]["name"] for c in crds] == ["federatedruns.fedrun.io"]
+    assert [c["metadata"]["name"] for c in crds] == [
+        "federatedruns.fedrun.io",
+        "privacybudgets.fedrun.io",
+    ]
     assert refused(lambda: cluster.request("GET", "/apis/nothing.io/v1")).code == 404
 
 

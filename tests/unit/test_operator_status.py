@@ -406,3 +406,23 @@ def test_a_run_the_operator_ends_shows_who_never_joined() -> None:
     assert rows[names[0]]["message"] == "never connected before the run ended"
     assert rows[names[1]]["state"] == "Pending"  # it had joined: its message says what happened
     assert rows[names[2]]["state"] == "Training"
+
+
+def test_the_history_a_budget_is_charged_is_the_one_behind_the_enforced_epsilon() -> None:
+    """Decision.histories: the server's history, or the spec's plan over the same steps
+    when the plan costs more (a server that reports a larger σ cannot lower the charge)."""
+    run = make_run()
+    srv = server_status(run, current=2, steps=20)
+    honest = decide(
+        run, created(run), Observation(now=T0, server=srv, hospitals=jobs(run)), epsilon
+    )
+    assert honest.histories == {h.name: [(4.0, 0.1, 20)] for h in run.spec.hospitals}
+    plan = (1.0, 0.1, 10)  # the spec implies less noise than the server says it used
+    planned = {h.name: plan for h in run.spec.hospitals}
+    seen = Observation(now=T0, server=srv, hospitals=jobs(run), planned=planned)
+    stricter = decide(run, created(run), seen, epsilon)
+    assert stricter.histories == {h.name: [(1.0, 0.1, 20)] for h in run.spec.hospitals}
+    row = stricter.status["privacy"]["hospitals"][0]
+    assert row["epsilonOperator"] == pytest.approx(epsilon([(1.0, 0.1, 20)], 1e-5), rel=1e-5)
+    final = decide(run, stricter.status | {"phase": "Succeeded"}, seen, epsilon)
+    assert final.histories == {}  # a final run is charged nothing more

@@ -41,14 +41,22 @@ from fedrun_core import names as c
 from fedrun_core import pki
 from fedrun_core.accounting import PlannedCost, epsilon, planned_cost
 from fedrun_core.api import FederatedRun, PodDefaults, SpecError, parse_run
-from fedrun_core.states import FINAL_PHASES, Phase, Reason, phase_conditions
+from fedrun_core.states import (
+    FINAL_PHASES,
+    ConditionType,
+    Phase,
+    Reason,
+    condition,
+    phase_conditions,
+)
 from fedrun_core.times import rfc3339
-from fedrun_operator import metrics
+from fedrun_operator import budgets, metrics
 from fedrun_operator.children import Action, owned_by, plan_child
 from fedrun_operator.config import OperatorConfig
 from fedrun_operator.kube import ConflictError, ForbiddenError, Kube
 from fedrun_operator.server_report import MAX_REPORT_BYTES, ReportError, clip, parse_report
 from fedrun_operator.status import (
+    Decision,
     Event,
     HospitalObservation,
     Observation,
@@ -153,25 +161,6 @@ def applied_run(
         "ignored (only spec.suspend may change): create a new FederatedRun instead"
     )
     return parse_run(body), message
-
-
-#: Why a run that names a PrivacyBudget is refused on a cluster (for now).
-BUDGET_REF_REFUSED = (
-    "names a PrivacyBudget, which this operator does not charge yet (only `fedrun local "
-    "--budget` does, docs/privacy.md): the run is refused rather than run uncharged; remove "
-    "budgetRef to run it under its own targetEpsilon only"
-)
-
-
-def _refuse_budget_refs(run: FederatedRun) -> None:
-    """A budget the operator cannot charge must not look enforced: refuse the run (SpecError)."""
-    problems = [
-        f"spec.hospitals[{i}].budgetRef: {BUDGET_REF_REFUSED}"
-        for i, h in enumerate(run.spec.hospitals)
-        if h.budget_ref is not None
-    ]
-    if problems:
-        raise SpecError(problems)
 
 
 @dataclass(frozen=True)
@@ -334,6 +323,8 @@ class Reconciler:
         self.phases: dict[str, str] = {}  # uid -> phase, for fedrun_operator_runs
         # uid -> (the status a reconcile found, the status it wrote): see reconcile().
         self._written: dict[str, tuple[Obj, Obj]] = {}
+        self.budgets = budgets.BudgetKeeper(kube)
+        self._charged: dict[str, str] = {}  # uid -> what was last charged to its budgets
 
     async def http(self) -> aiohttp.ClientSession:
         """The session for reading run servers' /status."""
@@ -358,6 +349,7 @@ class Reconciler:
         """Drop what is kept about a deleted run."""
         self._locks.pop(uid, None)
         self._written.pop(uid, None)
+        self._charged.pop(uid, None)
         self.progress.pop(uid, None)
         self.phases.pop(uid, None)
         metrics.count_phases(list(self.phases.values()))
@@ -412,13 +404,21 @@ class Reconciler:
         ns, name = meta.get("namespace", c.DEFAULT_NAMESPACE), meta["name"]
         try:
             run = parse_run(_clean_run(body))
-            _refuse_budget_refs(run)
         except SpecError as err:
             return await self._refuse(body, prev, err, now)
 
         first = not prev.get("phase")
         prev_phase = prev.get("phase", "")
         final = prev_phase in FINAL_PHASES
+
+        # 0. a run that names PrivacyBudgets holds a reservation at each before any child.
+        charges_budgets = bool(budgets.refs(run))
+        admitted_now = False
+        if charges_budgets and not final and not budgets.admitted(prev):
+            refusals = await self.budgets.reserve(run, now)
+            if refusals:
+                return await self._wait_for_budget(run, prev, refusals, now)
+            admitted_now = first = True  # nothing of the run exists yet
 
         # 1. read: children, pods, server.
         actual: dict[tuple[str, str], Obj | None] = {}
@@ -501,6 +501,8 @@ class Reconciler:
             run, prev, obs, epsilon, succeeded_grace_s=self.cfg.succeeded_grace_seconds
         )
         outcome = Outcome(status=decision.status, events=list(decision.events))
+        if charges_budgets:
+            await self._settle_budgets(run, decision, planned, now, admitted_now, outcome)
 
         # 3. write.
         if decision.delete_run:
@@ -533,6 +535,117 @@ class Reconciler:
             await self.kube.patch_status(c.API_VERSION, c.KIND, ns, name, decision.status)
         self._observe(run, decision.status, now)
         return outcome
+
+    async def _wait_for_budget(
+        self, run: FederatedRun, prev: Obj, refusals: list[budgets.Refusal], now: datetime
+    ) -> Outcome:
+        """Some budget cannot admit the run: it stays Pending with ``BudgetUnavailable`` and
+        nothing of it is created; the follow-up timer asks again (a raised limit, an ended
+        run's release or a new budget admits it)."""
+        generation = run.metadata.generation
+        message = clip(
+            "waiting for privacy budget: " + "; ".join(refusal.text for refusal in refusals)
+        )
+        previous = prev.get("conditions", [])
+        stamp = rfc3339(now)
+        status: Obj = {
+            "phase": Phase.PENDING,
+            "message": message,
+            "observedGeneration": generation,
+            "conditions": [
+                *phase_conditions(
+                    Phase.PENDING, Reason.BUDGET_UNAVAILABLE, message, stamp, generation, previous
+                ),
+                condition(
+                    ConditionType.BUDGET_UNAVAILABLE,
+                    True,
+                    refusals[0].refused.reason,
+                    message,
+                    stamp,
+                    generation,
+                    previous,
+                ),
+            ],
+            "round": {"current": 0, "total": run.spec.rounds},
+            "progress": f"0/{run.spec.rounds}",
+            "budgets": budgets.budget_rows(run, "Waiting"),
+        }
+        status = {k: v for k, v in status.items() if v is not None}
+        outcome = Outcome(status=status)
+        if status != prev:
+            await self.kube.patch_status(
+                c.API_VERSION, c.KIND, run.metadata.namespace, run.name, status
+            )
+        was_waiting = any(
+            x.get("type") == ConditionType.BUDGET_UNAVAILABLE and x.get("status") == "True"
+            for x in previous
+        )
+        if not was_waiting:
+            outcome.events.append(Event("Warning", Reason.BUDGET_UNAVAILABLE, message))
+        self._observe(run, status, now)
+        return outcome
+
+    async def _settle_budgets(
+        self,
+        run: FederatedRun,
+        decision: Decision,
+        planned: Mapping[str, PlannedCost],
+        now: datetime,
+        admitted_now: bool,
+        outcome: Outcome,
+    ) -> None:
+        """Charge the run's budgets what it has spent (only when that changed), release them
+        once it is final, and say so in ``status`` (``budgets``, ``BudgetUnavailable=False``)."""
+        uid = run.metadata.uid or run.name
+        status = decision.status
+        final = status.get("phase") in FINAL_PHASES
+        if final and budgets.released(status):
+            return  # released on an earlier pass
+        spent = {name: [list(e) for e in h] for name, h in decision.histories.items()}
+        nxt = budgets.next_rounds(planned)
+        end: budgets.End = "seen" if final else None
+        key = json.dumps([spent, nxt, end], sort_keys=True)
+        if self._charged.get(uid) != key and (spent or nxt or end):
+            await self.budgets.settle(run, spent, nxt, now, end)
+            self._charged[uid] = key
+        status["budgets"] = budgets.budget_rows(run, "Released" if final else "Reserved")
+        names = ", ".join(sorted(set(budgets.refs(run).values())))
+        message = (
+            f"reserved ε={run.spec.privacy.target_epsilon:g} at PrivacyBudget {names}"
+            if not final
+            else f"released the unspent part of the reservation at PrivacyBudget {names}"
+        )
+        held = condition(
+            ConditionType.BUDGET_UNAVAILABLE,
+            False,
+            Reason.BUDGET_RESERVED,
+            message,
+            rfc3339(now),
+            run.metadata.generation,
+            status.get("conditions", []),
+        )
+        status["conditions"] = [
+            *(x for x in status.get("conditions", []) if x.get("type") != held["type"]),
+            held,
+        ]
+        if admitted_now:
+            outcome.events.append(Event("Normal", Reason.BUDGET_RESERVED, message))
+
+    async def settle_deleted(self, body: Mapping[str, Any]) -> None:
+        """A deleted run: release what it still holds at its budgets. A run deleted before
+        it ended is charged one more round at its plan (it may have been mid-round)."""
+        status = dict(body.get("status") or {})
+        if not status.get("budgets") or budgets.released(status):
+            return
+        try:
+            run = parse_run(_clean_run(body))
+        except SpecError:
+            return
+        if not budgets.admitted(status):  # it waited: take back any half-made reservation
+            await self.budgets.withdraw(run)
+            return
+        end: budgets.End = "seen" if status.get("phase") in FINAL_PHASES else "unseen"
+        await self.budgets.settle(run, {}, {}, datetime.now(UTC), end)
 
     async def _fetch(
         self, ns: str, manifests: list[Obj], known: dict[tuple[str, str], Obj | None]
