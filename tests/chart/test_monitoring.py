@@ -31,6 +31,7 @@ from .tools import (
     promtool,
     render,
     run,
+    template_args,
     tool_env,
 )
 
@@ -41,6 +42,7 @@ RUNBOOKS = REPO / "docs" / "runbooks.md"
 ALERTS = {
     "FedrunRunFailed",
     "FedrunPrivacyBudgetWillStopRun",
+    "FedrunPrivacyBudgetNearlySpent",
     "FedrunTooFewHospitals",
     "FedrunRoundStalled",
     "FedrunOperatorDown",
@@ -72,7 +74,7 @@ def write_rules(tmp_path: Path, sets: tuple[str, ...] = ()) -> Path:
 # --------------------------------------------------------------------------- alerts
 
 
-def test_the_alerts_are_the_six_asked_for() -> None:
+def test_the_alerts_are_the_seven_asked_for() -> None:
     assert {r["alert"] for r in alert_rules()} == ALERTS
 
 
@@ -117,6 +119,7 @@ def test_promtool_test_rules(tmp_path: Path) -> None:
     "sets",
     [
         ("prometheusRule.alerts.FedrunRunFailed.withinSeconds=7200",),
+        ("prometheusRule.alerts.FedrunPrivacyBudgetNearlySpent.threshold=0.95",),
         ('prometheusRule.alerts.FedrunTooFewHospitals.for="1m"',),
         ('prometheusRule.alerts.FedrunRoundStalled.for="10m"',),
         ('prometheusRule.alerts.FedrunOperatorDown.for="10m"',),
@@ -130,6 +133,79 @@ def test_the_unit_tests_notice_a_changed_rule(tmp_path: Path, sets: tuple[str, .
     done = run(promtool(), "test", "rules", RULES_TEST.name, cwd=tmp_path, check=False)
     assert done.returncode != 0
     assert "FAILED" in done.stdout + done.stderr
+
+
+BUDGET_THRESHOLD = "prometheusRule.alerts.FedrunPrivacyBudgetNearlySpent.threshold"
+
+
+def budget_series(name: str, namespace: str, budget: str, value: float) -> dict[str, str]:
+    """One per-budget series as the operator's scrape labels it, constant for 5 minutes."""
+    labels = (
+        'job="fedrun-operator-metrics", instance="10.244.1.7:8080", '
+        'pod="fedrun-operator-6d5f8b7c9-x2x7k", service="fedrun-operator-metrics", '
+        'endpoint="metrics", container="operator", '
+        f'namespace="{namespace}", budget="{budget}", hospital="hospital-a"'
+    )
+    return {"series": f"fedrun_operator_budget_epsilon_{name}{{{labels}}}", "values": f"{value}x5"}
+
+
+@pytest.mark.parametrize(
+    ("threshold", "spent", "fires"),
+    [(0.6, 3.5, True), (0.6, 2.5, False), (0.95, 4.5, False), (0.95, 4.9, True)],
+)
+def test_budget_alert_fires_above_the_threshold_the_values_set(
+    tmp_path: Path, threshold: float, spent: float, fires: bool
+) -> None:
+    """`prometheusRule.alerts.FedrunPrivacyBudgetNearlySpent.threshold` is the alert's bound
+    (rules_test.yaml covers the default, 0.8): a budget of 5 with `spent` spent."""
+    write_rules(tmp_path, (f"{BUDGET_THRESHOLD}={threshold}",))
+    labels = {"namespace": "research", "budget": "hospital-a-stroke", "hospital": "hospital-a"}
+    [rule] = [r for r in alert_rules() if r["alert"] == "FedrunPrivacyBudgetNearlySpent"]
+    annotations = {
+        "summary": f"PrivacyBudget research/hospital-a-stroke (hospital hospital-a) has spent "
+        f"{spent / 5 * 100:.4g}% of its lifetime ε.",
+        "description": rule["annotations"]["description"].replace(
+            "{{ $labels.namespace }}", "research"
+        ),
+        "runbook_url": rule["annotations"]["runbook_url"],
+    }
+    expected = [{"exp_labels": {"severity": "warning", **labels}, "exp_annotations": annotations}]
+    case = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    budget_series("spent", "research", "hospital-a-stroke", spent),
+                    budget_series("limit", "research", "hospital-a-stroke", 5),
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "2m",
+                        "alertname": "FedrunPrivacyBudgetNearlySpent",
+                        "exp_alerts": expected if fires else [],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "threshold_test.yaml").write_text(yaml.safe_dump(case, sort_keys=False))
+    out = run(promtool(), "test", "rules", "threshold_test.yaml", cwd=tmp_path).stdout
+    assert "SUCCESS" in out
+
+
+def test_budget_threshold_must_be_a_fraction() -> None:
+    for bad in ("0", "1.5", '"0.9"'):
+        done = subprocess.run(
+            template_args(MONITORING, sets=(f"{BUDGET_THRESHOLD}={bad}",)),
+            capture_output=True,
+            text=True,
+            env=tool_env(),
+            check=False,
+        )
+        assert done.returncode != 0, bad
+        assert "FedrunPrivacyBudgetNearlySpent.threshold" in done.stderr, bad
 
 
 def test_every_alert_is_tested_firing_and_not_firing() -> None:
@@ -175,6 +251,21 @@ def test_per_run_joins_survive_the_scrape_target_labels() -> None:
         assert sorted(reduced) == sorted(names), (
             f"{rule['alert']}: a per-run operand is not reduced"
         )
+
+
+def test_per_budget_joins_survive_the_scrape_target_labels() -> None:
+    # As for runs: every per-budget operand is reduced to (namespace, budget, hospital)
+    # before the one-to-one join, and the alert carries just those labels.
+    budget_rules = [r for r in alert_rules() if "fedrun_operator_budget_" in r["expr"]]
+    assert [r["alert"] for r in budget_rules] == ["FedrunPrivacyBudgetNearlySpent"]
+    for rule in budget_rules:
+        assert "on (namespace, budget, hospital)" in rule["expr"]
+        names = re.findall(r"fedrun_operator_budget_\w+", rule["expr"])
+        reduced = re.findall(
+            r"max by \(namespace, budget, hospital\) \((fedrun_operator_budget_\w+)", rule["expr"]
+        )
+        expected = ["fedrun_operator_budget_epsilon_limit", "fedrun_operator_budget_epsilon_spent"]
+        assert sorted(names) == sorted(reduced) == expected
 
 
 def test_operator_alerts_select_the_scrape_the_service_monitor_makes() -> None:
