@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fedrun_cli.demo_data import write_demo_hospitals
 from fedrun_cli.main import main as fedrun_main
 from fedrun_core.api import FederatedRunStatus
+from fedrun_core.budgets import composed_epsilon
 from fedrun_trainer.common.privacy import load_ledger
 
 from .conftest import EXAMPLE, example_run
@@ -101,7 +102,7 @@ def test_fedrun_local_cli_writes_status_report_and_table(tmp_path, capsys, monke
                 "apiVersion": "fedrun.io/v1alpha1",
                 "kind": "PrivacyBudget",
                 "metadata": {"name": "hospital-a-stroke"},
-                "spec": {"hospital": "hospital-a", "dataset": {"label": "demo"}, "epsilon": 1.5},
+                "spec": {"hospital": "hospital-a", "dataset": {"label": "demo"}, "epsilon": 2.2},
             }
         ),
         encoding="utf-8",
@@ -131,12 +132,22 @@ def test_fedrun_local_cli_writes_status_report_and_table(tmp_path, capsys, monke
     assert budget["status"]["spent"] == pytest.approx(spent_a["epsilon"], abs=5e-5)  # 4 places
     assert budget["status"]["reserved"] == 0.0
 
-    # A second run of ε = 1 no longer fits in what is left of 1.5: refused before anything
-    # starts, with the figures, and nothing charged.
-    assert fedrun_main([*argv[:3], str(tmp_path / "out2"), *argv[4:]]) == 1
+    # A second run of ε = 1 fits (1 spent + 1 reserved ≤ 2.2); both runs' histories are then
+    # composed, which is less than adding their ε's.
+    assert fedrun_main([*argv[:3], str(tmp_path / "out2"), *argv[4:]]) == 0
+    capsys.readouterr()
+    two = yaml.safe_load(budget_file.read_text(encoding="utf-8"))["status"]
+    assert [c["state"] for c in two["charges"]] == ["Released", "Released"]
+    histories = [c["history"] for c in two["charges"]]
+    assert two["spent"] == pytest.approx(composed_epsilon(histories, 1e-5), abs=5e-5)
+    assert two["spent"] < two["summed"] == pytest.approx(sum(c["spent"] for c in two["charges"]))
+
+    # A third no longer fits in what is left: refused before anything starts, with the
+    # figures, and nothing charged.
+    assert fedrun_main([*argv[:3], str(tmp_path / "out3"), *argv[4:]]) == 1
     assert "the run needs ε=1 but the budget has 0." in capsys.readouterr().err
-    assert not (tmp_path / "out2").exists()
-    assert yaml.safe_load(budget_file.read_text(encoding="utf-8"))["status"] == budget["status"]
+    assert not (tmp_path / "out3").exists()
+    assert yaml.safe_load(budget_file.read_text(encoding="utf-8"))["status"] == two
 
 
 def test_fedrun_local_refuses_a_bad_spec_naming_the_field(tmp_path, capsys):
