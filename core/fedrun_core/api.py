@@ -2062,6 +2062,16 @@ class FederatedRunStatus(_Status):
     budgets: list[RunBudgetStatus] = Field(
         default_factory=list, max_length=64, description="The PrivacyBudgets the run charges."
     )
+    secret_set: str | None = Field(
+        None,
+        max_length=16,
+        pattern=r"^[a-z0-9]*$",
+        description=(
+            "The run's current set of TLS and node-key Secrets: empty for the first "
+            "(<run>-server-tls, <run>-<hospital>-auth), a suffix of the names for a set made "
+            "later from new material (whenever the server had to be created again)."
+        ),
+    )
     message: str | None = Field(None, description="Human-readable summary of the phase.")
 
 

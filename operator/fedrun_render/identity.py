@@ -42,14 +42,21 @@ def hospital_name(run: FederatedRun, hospital: Hospital | str) -> str:
     return f"{run.name}-{name}"
 
 
-def server_tls_secret_name(run: FederatedRun) -> str:
-    """Name of the server's TLS Secret: `<run>-server-tls` (made by the operator)."""
-    return f"{server_name(run)}-tls"
+def _in_set(name: str, secret_set: str) -> str:
+    return f"{name}-{secret_set}" if secret_set else name
 
 
-def hospital_auth_secret_name(run: FederatedRun, hospital: Hospital | str) -> str:
-    """Name of a hospital's node-key Secret: `<run>-<hospital>-auth` (made by the operator)."""
-    return f"{hospital_name(run, hospital)}-auth"
+def server_tls_secret_name(run: FederatedRun, secret_set: str = "") -> str:
+    """Name of the server's TLS Secret: `<run>-server-tls`, or `<run>-server-tls-<set>` for
+    a run whose material is the *secret set* `secret_set` (see fedrun_render.security)."""
+    return _in_set(f"{server_name(run)}-tls", secret_set)
+
+
+def hospital_auth_secret_name(
+    run: FederatedRun, hospital: Hospital | str, secret_set: str = ""
+) -> str:
+    """Name of a hospital's node-key Secret: `<run>-<hospital>-auth[-<set>]`."""
+    return _in_set(f"{hospital_name(run, hospital)}-auth", secret_set)
 
 
 def server_address(run: FederatedRun) -> str:

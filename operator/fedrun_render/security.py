@@ -83,8 +83,11 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def secret_manifests(run: FederatedRun, material: RunMaterial) -> list[Manifest]:
-    """The run's Secrets: `<run>-server-tls`, then `<run>-<hospital>-auth` in spec order.
+def secret_manifests(
+    run: FederatedRun, material: RunMaterial, secret_set: str = ""
+) -> list[Manifest]:
+    """The run's Secrets: `<run>-server-tls`, then `<run>-<hospital>-auth` in spec order,
+    each name ending `-<secret_set>` when one is given (the operator's material sets).
 
     They are owned by the run (deleted with it) and immutable: material is made once per
     run, and a new run is the only rotation. Raises ValueError when `material` does not hold
@@ -109,7 +112,7 @@ def secret_manifests(run: FederatedRun, material: RunMaterial) -> list[Manifest]
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {
-                **metadata(run, server_tls_secret_name(run), c.COMPONENT_SERVER),
+                **metadata(run, server_tls_secret_name(run, secret_set), c.COMPONENT_SERVER),
                 "annotations": dict(expiry),
             },
             "type": "kubernetes.io/tls",
@@ -126,7 +129,7 @@ def secret_manifests(run: FederatedRun, material: RunMaterial) -> list[Manifest]
                 "metadata": {
                     **metadata(
                         run,
-                        hospital_auth_secret_name(run, hospital),
+                        hospital_auth_secret_name(run, hospital, secret_set),
                         c.COMPONENT_HOSPITAL,
                         hospital,
                     ),

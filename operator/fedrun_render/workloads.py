@@ -316,7 +316,11 @@ def _checkov_skips(run: FederatedRun, resources: Resources | None, field: str) -
 
 
 def _server_deployment(
-    run: FederatedRun, config: str, settings: PodSettings, pod_defaults: PodDefaults | None
+    run: FederatedRun,
+    config: str,
+    settings: PodSettings,
+    pod_defaults: PodDefaults | None,
+    secret_set: str = "",
 ) -> Manifest:
     container = _container(
         run,
@@ -367,7 +371,7 @@ def _server_deployment(
                     settings, labels(run, c.COMPONENT_SERVER), config, pod_defaults
                 ),
                 "spec": _with_settings(
-                    _pod_spec(run, container, server_tls_secret_name(run)), settings
+                    _pod_spec(run, container, server_tls_secret_name(run, secret_set)), settings
                 ),
             },
         },
@@ -431,7 +435,7 @@ def _claims(hospital: Hospital) -> list[tuple[str, str, bool]]:
 
 
 def _hospital_job(
-    run: FederatedRun, hospital: Hospital, config: str, settings: PodSettings
+    run: FederatedRun, hospital: Hospital, config: str, settings: PodSettings, secret_set: str = ""
 ) -> Manifest:
     name = hospital_name(run, hospital)
     container = _container(
@@ -455,7 +459,7 @@ def _hospital_job(
         settings,
         hospital.name,
     )
-    pod = _pod_spec(run, container, hospital_auth_secret_name(run, hospital))
+    pod = _pod_spec(run, container, hospital_auth_secret_name(run, hospital, secret_set))
     for volume_name, claim, read_only in _claims(hospital):
         pod["volumes"].append(
             {
@@ -501,6 +505,7 @@ def render_run(
     *,
     operator_namespace: str = c.DEFAULT_OPERATOR_NAMESPACE,
     pod_defaults: PodDefaults | None = None,
+    secret_set: str = "",
 ) -> list[Manifest]:
     """Every child object of `run`, in apply order.
 
@@ -519,17 +524,22 @@ def render_run(
     (:func:`server_pod_settings`, :func:`hospital_pod_settings`). The server's pod template
     records them (annotation fedrun.io/pod-defaults) so that a Running run keeps the ones
     it started with.
+
+    `secret_set` names the run's current material set: the pods mount the Secrets of that
+    set (:func:`fedrun_render.security.secret_manifests` with the same `secret_set`).
     """
     config = config_json(run)
     manifests = [
         _config_map(run, config),
-        _server_deployment(run, config, server_pod_settings(run, pod_defaults), pod_defaults),
+        _server_deployment(
+            run, config, server_pod_settings(run, pod_defaults), pod_defaults, secret_set
+        ),
         _server_service(run),
     ]
     for hospital in run.spec.hospitals:
         manifests.append(_service_account(run, hospital))
         settings = hospital_pod_settings(run, hospital, pod_defaults)
-        manifests.append(_hospital_job(run, hospital, config, settings))
+        manifests.append(_hospital_job(run, hospital, config, settings, secret_set))
     return manifests + network_policies(run, operator_namespace=operator_namespace)
 
 

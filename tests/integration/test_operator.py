@@ -668,14 +668,17 @@ def test_drift_is_repaired(cluster: RealCluster, operator: Operator) -> None:
     assert repaired[f"Service/{NAME}-server"]["spec"]["ports"]
 
 
-def test_a_deleted_server_is_recreated_and_the_secrets_are_kept(
+def test_a_deleted_server_is_recreated_with_a_whole_new_secret_set(
     cluster: RealCluster, operator: Operator
 ) -> None:
+    """The operator cannot read the Secrets that exist, so it never builds on them: the
+    recreated server gets a new set made from one material, and the hospitals' Jobs are
+    replaced to mount theirs (the old set stays, unused, until the run is deleted)."""
     ns = cluster.namespace
     with operator():
         cluster.create(run_doc())
         kids = all_children(cluster)
-        secrets = run_secrets(cluster)
+        first = run_secrets(cluster)
         tries = secret_creates(cluster)
         uid = kids[f"Deployment/{NAME}-server"]["metadata"]["uid"]
         cluster.delete("apps/v1", "deployments", ns, f"{NAME}-server")
@@ -688,11 +691,32 @@ def test_a_deleted_server_is_recreated_and_the_secrets_are_kept(
             what="server Deployment recreated",
         )
         wait_event(cluster, "Warning", "ChildRecreated")
-        # The pass that recreated the server tried every Secret first, before the
-        # Deployment, and kept each one that exists (409).
-        retried = [c for c in operator_calls(cluster) if c.resource == "secrets"][tries:]
-    assert [(c.verb, c.code) for c in retried] == [("create", 409)] * (1 + len(HOSPITALS))
-    assert run_secrets(cluster) == secrets
+        secret_set = run_status(cluster, NAME)["secretSet"]
+        assert secret_set
+        auth = {h: f"{HOSPITAL_SECRETS[h]}-{secret_set}" for h in HOSPITALS}
+
+        def mounts() -> dict[str, str]:
+            out = {}
+            for key, obj in children(cluster).items():
+                if key.startswith(("Deployment/", "Job/")):
+                    volumes = obj["spec"]["template"]["spec"].get("volumes", [])
+                    out[key] = next(v["secret"]["secretName"] for v in volumes if "secret" in v)
+            return out
+
+        expected = {
+            f"Deployment/{NAME}-server": f"{SERVER_SECRET}-{secret_set}",
+            **{f"Job/{NAME}-{h}": name for h, name in auth.items()},
+        }
+        cluster.wait_for(lambda: mounts() == expected, timeout=60, what="Jobs on the new set")
+        made = [c for c in operator_calls(cluster) if c.resource == "secrets"][tries:]
+    assert [(c.verb, c.code) for c in made] == [("create", 201)] * (1 + len(HOSPITALS))
+    now = run_secrets(cluster)
+    assert {k: v for k, v in now.items() if k in first} == first  # the old set, untouched
+    server = secret_data(now[f"{SERVER_SECRET}-{secret_set}"])
+    for hospital, name in auth.items():
+        node = secret_data(now[name])
+        assert node["ca.crt"] == server["ca.crt"] != secret_data(first[SERVER_SECRET])["ca.crt"]
+        assert node["node.pub"] == server[f"{hospital}.pub"]
 
 
 def test_hand_edited_service_account_service_and_policy_are_set_back(

@@ -5,7 +5,8 @@ Everything else the operator's integration tests check runs on a real control pl
 (test_operator.py). These stay here because they need the emulator:
 
 - answers a real server does not give on demand: a 429 and a 503 injected into the
-  operator's Job creates (the retries and their metric);
+  operator's Job creates (the retries and their metric), and an error answered to one
+  Secret create after the write, which stops a pass half-way through a run's Secrets;
 - a FederatedRun stored without the CRD's admission (`EmulatedCluster(admission=False)`):
   a spec change while Running, and a spec the models refuse. A real API server with the
   chart's CRD refuses both writes, so the operator's own defence against them (an old CRD,
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import kmock
@@ -27,13 +29,17 @@ import yaml
 from fedrun_operator import metrics
 from fedrun_operator.leader import LEASE_API, LOST_EXIT_CODE
 from tests.integration.helpers import (
+    EXPECTED,
+    HOSPITAL_SECRETS,
     HOSPITALS,
     NAME,
+    SERVER_SECRET,
     FakeServer,
     all_children,
     children,
     condition,
     run_doc,
+    secret_data,
     wait_event,
     wait_phase,
 )
@@ -167,3 +173,48 @@ def test_a_partitioned_leader_stops_before_a_standby_takes_over(
         for replica in (standby, leader):
             if replica is not None:
                 replica.stop()
+
+
+def mounted_secrets(kids: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The Secret each pod template of the run mounts, by "Kind/name" of its owner."""
+    out = {}
+    for key, obj in kids.items():
+        if key.startswith(("Deployment/", "Job/")):
+            volumes = obj["spec"]["template"]["spec"].get("volumes", [])
+            (name,) = [v["secret"]["secretName"] for v in volumes if "secret" in v]
+            out[key] = name
+    return out
+
+
+def test_a_pass_stopped_half_way_through_the_secrets_leaves_no_mixed_set(
+    cluster: EmulatedCluster,
+) -> None:
+    """The first pass stops after writing some of the run's Secrets (its third create is
+    answered with an error after the write, as when an operator dies mid-pass). The next
+    pass makes a whole new set from one material under new names, and every pod mounts a
+    Secret of that set: no hospital is left with a key the server does not know."""
+    secrets = kmock.resource("", "v1", "secrets")
+    cluster.call(lambda e: e[kmock.method.POST, secrets][2:3] << 422)
+    with running_operator(cluster.kubeconfig):
+        cluster.create(run_doc())
+        kids = cluster.wait_for(
+            lambda: (k := children(cluster)).keys() >= EXPECTED and k, timeout=30, what="kids"
+        )
+        status = wait_phase(cluster, "Pending")
+    secret_set = status["secretSet"]
+    assert secret_set  # not the first pass's (unsuffixed) set
+    stored = {s["metadata"]["name"]: s for s in cluster.list("v1", "secrets", cluster.namespace)}
+    server_name = f"{NAME}-server-tls-{secret_set}"
+    auth = {h: f"{NAME}-{h}-auth-{secret_set}" for h in HOSPITALS}
+    assert mounted_secrets(kids) == {
+        f"Deployment/{NAME}-server": server_name,
+        **{f"Job/{NAME}-{h}": name for h, name in auth.items()},
+    }
+    server = secret_data(stored[server_name])
+    for hospital, name in auth.items():
+        node = secret_data(stored[name])
+        assert node["ca.crt"] == server["ca.crt"], hospital
+        assert node["node.pub"] == server[f"{hospital}.pub"], hospital
+    # What the stopped pass left is not mounted by anything: three of its four Secrets.
+    left = {n for n in stored if not n.endswith(f"-{secret_set}")}
+    assert left == {SERVER_SECRET, HOSPITAL_SECRETS[HOSPITALS[0]], HOSPITAL_SECRETS[HOSPITALS[1]]}

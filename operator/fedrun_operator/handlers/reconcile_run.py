@@ -12,9 +12,15 @@ restarted mid-run picks up where the last one stopped and creates no duplicates.
    and suspend Jobs still running; patch the status; post the Events.
 
 A secure run's TLS and node-key Secrets (:func:`fedrun_render.security.secret_manifests`)
-are created, from new material, whenever the server Deployment is about to be created, and
-before it and the Jobs (their pods mount them). The operator only creates Secrets, never
-reads them (least privilege): one that exists already (409) is kept, and none is repaired.
+are created whenever the server Deployment is about to be created, before it and the Jobs
+(their pods mount them), as one *secret set*: every Secret of the set from one new
+material, all named with the set's suffix, which is recorded in ``status.secretSet``
+before the first of them is created. The run's first pass takes the empty suffix; any
+later material (the server Deployment was deleted, or a first pass stopped half-way) takes
+a new random one, so a set is never mixed with Secrets an earlier pass left, and the pods
+are rendered to mount the recorded set (Jobs whose template names another set are
+replaced). The operator only creates Secrets, never reads or deletes them (least
+privilege): sets no longer mounted stay until the run is deleted with them.
 
 The operator touches only children it made: an object whose controller ownerReference is
 not this run (by uid) is never patched, replaced or scaled. Finding one where a child
@@ -30,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -324,6 +331,7 @@ class Reconciler:
         # uid -> (the status a reconcile found, the status it wrote): see reconcile().
         self._written: dict[str, tuple[Obj, Obj]] = {}
         self.budgets = budgets.BudgetKeeper(kube)
+        self._secret_sets: dict[str, str] = {}  # uid -> the secret set this process recorded
         self._charged: dict[str, str] = {}  # uid -> what was last charged to its budgets
 
     async def http(self) -> aiohttp.ClientSession:
@@ -350,6 +358,7 @@ class Reconciler:
         self._locks.pop(uid, None)
         self._written.pop(uid, None)
         self._charged.pop(uid, None)
+        self._secret_sets.pop(uid, None)
         self.progress.pop(uid, None)
         self.phases.pop(uid, None)
         metrics.count_phases(list(self.phases.values()))
@@ -421,6 +430,7 @@ class Reconciler:
             admitted_now = first = True  # nothing of the run exists yet
 
         # 1. read: children, pods, server.
+        secret_set = self._secret_sets.get(run.metadata.uid or name, prev.get("secretSet") or "")
         actual: dict[tuple[str, str], Obj | None] = {}
         refused = ""
         pod_defaults = self.cfg.pod_defaults
@@ -436,10 +446,13 @@ class Reconciler:
             ):
                 run, refused = applied_run(run, config, deployment)
                 pod_defaults = applied_pod_defaults(deployment, pod_defaults)
+            if deployment is None and not final:
+                secret_set = await self._new_secret_set(run, prev, first)
             manifests = render_run(
                 run,
                 operator_namespace=self.cfg.operator_namespace,
                 pod_defaults=pod_defaults,
+                secret_set=secret_set,
             )
             known = {
                 ("ConfigMap", config_name(run)): config,
@@ -447,10 +460,12 @@ class Reconciler:
             }
             actual = await self._fetch(ns, manifests, known)
         else:
+            secret_set = await self._new_secret_set(run, prev, first)
             manifests = render_run(
                 run,
                 operator_namespace=self.cfg.operator_namespace,
                 pod_defaults=pod_defaults,
+                secret_set=secret_set,
             )
         manifests_by_key = {(m["kind"], m["metadata"]["name"]): m for m in manifests}
         conflicts = [key for key, obj in actual.items() if not _owner_ok(obj, run)]
@@ -517,7 +532,9 @@ class Reconciler:
             if decision.stop:  # a Succeeded run's processes first get time to end
                 await self._stop(ns, run, actual, first)
         else:
-            found = await self._apply(ns, run, manifests_by_key, actual, first, outcome, now)
+            found = await self._apply(
+                ns, run, manifests_by_key, actual, first, outcome, now, secret_set
+            )
             if found:
                 # Someone else's object holds a child's name: the run fails, and what it
                 # did create is stopped.
@@ -671,6 +688,7 @@ class Reconciler:
         first: bool,
         outcome: Outcome,
         now: datetime,
+        secret_set: str,
     ) -> list[tuple[str, str]]:
         """Create what is missing and set drifted children back (in render order).
 
@@ -726,7 +744,7 @@ class Reconciler:
         late = [k for k in manifests if k[0] in ("Deployment", "Job")]
         server_missing = first or actual.get(("Deployment", server_name(run))) is None
         secrets = (
-            [self._create_secrets(ns, run, now, outcome)]
+            [self._create_secrets(ns, run, now, outcome, secret_set)]
             if server_missing and not security.is_insecure(run)
             else []
         )
@@ -736,16 +754,36 @@ class Reconciler:
         await asyncio.gather(*(one(k, manifests[k]) for k in late))
         return conflicts
 
-    async def _create_secrets(
-        self, ns: str, run: FederatedRun, now: datetime, outcome: Outcome
-    ) -> None:
-        """Create the run's Secrets that do not exist yet: the server's, then each hospital's.
+    async def _new_secret_set(self, run: FederatedRun, prev: Obj, first: bool) -> str:
+        """Name the material set the Secrets about to be created belong to, and record it in
+        the run's status before any of them exists (see the module docstring).
 
-        The material is new on every call, so it is made only when the server is about to
-        be created. A Secret that exists (409) comes from an earlier pass and is kept:
-        Secrets are immutable, rotation is a new run, and the operator may not read them.
-        If an earlier pass stopped half-way, the ones created now do not match the ones kept
-        (docs/operator.md); server first, then hospitals, keeps that window small.
+        The run's very first pass takes the empty set (names without a suffix); any later
+        one, or a first pass repeated after a failure, a new random suffix, so a set is
+        always made whole from one material and never mixed with Secrets left by an earlier
+        pass. An insecure run has no Secrets: its set stays as it is.
+        """
+        uid = run.metadata.uid or run.name
+        current = self._secret_sets.get(uid, prev.get("secretSet") or "")
+        if security.is_insecure(run):
+            return current
+        earlier = not first or "secretSet" in prev or uid in self._secret_sets
+        new = secrets.token_hex(3) if earlier else ""
+        await self.kube.patch_status(
+            c.API_VERSION, c.KIND, run.metadata.namespace, run.name, {"secretSet": new}
+        )
+        self._secret_sets[uid] = new
+        return new
+
+    async def _create_secrets(
+        self, ns: str, run: FederatedRun, now: datetime, outcome: Outcome, secret_set: str
+    ) -> None:
+        """Create the run's Secrets of the set ``secret_set``: the server's, then each
+        hospital's, all from one new material.
+
+        The set is new (:meth:`_new_secret_set`), so none of its Secrets exists unless this
+        pass's own create was retried after a lost answer: that one (409) holds this same
+        material and is kept. Secrets are immutable and never read back by the operator.
         """
         material = pki.generate(
             run.name,
@@ -754,26 +792,12 @@ class Reconciler:
             now=now,
             valid_for=pki.lifetime(run.spec.active_deadline_seconds),
         )
-        created: list[str] = []
-        kept: list[str] = []
-        for secret in security.secret_manifests(run, material):
-            name = secret["metadata"]["name"]
+        for secret in security.secret_manifests(run, material, secret_set):
             try:
                 await self.kube.create(secret)
             except ConflictError:
-                kept.append(name)
                 continue
-            created.append(name)
-            outcome.created.append(f"Secret/{name}")
-        if created and kept:
-            log.warning(
-                "Secrets %s existed already and %s were created now: unless a retried create "
-                "made the first ones, their keys do not match and TLS or node authentication "
-                "will fail; the fix is a new run",
-                ", ".join(kept),
-                ", ".join(created),
-                extra={"run": run.name},
-            )
+            outcome.created.append(f"Secret/{secret['metadata']['name']}")
 
     async def _stop(
         self, ns: str, run: FederatedRun, actual: dict[tuple[str, str], Obj | None], first: bool
