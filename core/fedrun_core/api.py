@@ -1716,6 +1716,27 @@ class FederatedRunSpec(_Spec):
             refuses=_example_spec(names=("a", "a")),
             scope="hospitals",
         ),
+        Rule(
+            "!self.hospitals.exists(h, has(h.budgetRef)) || !has(self.privacy) || "
+            "((!has(self.privacy.enabled) || self.privacy.enabled) && "
+            "(!has(self.privacy.accountant) || self.privacy.accountant == 'rdp'))",
+            "a hospital's budgetRef needs privacy.enabled and the rdp accountant: a budget "
+            "composes RDP histories, and a run without DP would spend without bound",
+            lambda s: (
+                not any(h.budget_ref for h in s.hospitals)
+                or (s.privacy.enabled and s.privacy.accountant == "rdp")
+            ),
+            accepts={
+                **_example_spec(),
+                "hospitals": [{"name": "a", "dataUri": "/d/a.csv", "budgetRef": "a-stroke"}],
+            },
+            refuses={
+                **_example_spec(),
+                "hospitals": [{"name": "a", "dataUri": "/d/a.csv", "budgetRef": "a-stroke"}],
+                "privacy": {"accountant": "prv"},
+            },
+            field="privacy",
+        ),
     )
     model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
 
@@ -2025,13 +2046,16 @@ class RunBudgetStatus(_Status):
 
     hospital: str = Field(max_length=63, description="The hospital that names the budget.")
     name: str = Field(max_length=253, description="The PrivacyBudget's name.")
-    state: Literal["Waiting", "Reserved", "Released"] = Field(
+    state: Literal["Waiting", "Reserved", "Released", "Unsettled"] = Field(
         description=(
             "Waiting: not admitted yet (BudgetUnavailable); Reserved: ε held for the run; "
-            "Released: the run ended and gave back what it did not spend."
+            "Released: the run ended and gave back what it did not spend; Unsettled: it "
+            "ended without a final history from its server, and its whole reservation "
+            "stays spent."
         )
     )
     reserved: float = Field(0.0, ge=0, description="ε reserved (the run's targetEpsilon).")
+    delta: float | None = Field(None, gt=0, lt=1, description="The run's δ when it was admitted.")
 
 
 class FederatedRunStatus(_Status):

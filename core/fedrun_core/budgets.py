@@ -13,13 +13,9 @@ reservation
     The ε a run may still spend: its ``spec.privacy.targetEpsilon``, which the run's own
     stop rule (the hospital's, the server's and the operator's) already never lets it
     exceed, at the run's δ. Held while the run is ``Reserved`` (admitted, not finished);
-    given back (the state becomes ``Released``) when it ends. A run that ended unseen (it
-    was deleted mid-round) is released with one more round at its plan (*next round*)
-    charged on top of its history; when even that is unknown its state becomes
-    ``Unsettled`` and its whole reservation stays committed.
-next round
-    ``[σ, q, steps]`` of one more round of the run at this hospital, from the run's plan:
-    what a round in flight may have spent before anyone recorded it.
+    given back (the state becomes ``Released``) when it ends with its final history
+    charged. A run that ended *unseen* (deleted, or ended while its server could not be
+    read) becomes ``Unsettled`` instead: its whole reservation stays committed.
 history
     Opacus' accountant history ``[(σ, q, steps), ...]`` of the run at this hospital: what
     the run has actually spent, charged round by round. It stays after release.
@@ -51,10 +47,10 @@ concurrency, so two runs racing for one budget are decided one after the other).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,6 +69,7 @@ from fedrun_core.api import (
     _Status,
     rules_schema,
 )
+from fedrun_core.states import Phase, Reason
 
 __all__ = [
     "BUDGET_KIND",
@@ -91,6 +88,7 @@ __all__ = [
     "charge",
     "committed_epsilon",
     "composed_epsilon",
+    "final_history_is_whole",
     "parse_budget",
     "release",
     "release_unseen",
@@ -187,12 +185,6 @@ class Charge(_Status):
         default_factory=list, description="The run's accountant history here [[σ, q, steps]]."
     )
     spent: float = Field(0.0, ge=0, description="The run's own ε at the budget's δ.")
-    next_round: list[float] | None = Field(
-        None,
-        min_length=3,
-        max_length=3,
-        description="[σ, q, steps] of one more round here (the plan), for an unseen end.",
-    )
     updated: datetime | None = Field(None, description="When the charge last changed.")
 
 
@@ -305,13 +297,11 @@ def admit(
 ) -> Admitted | Refused:
     """Reserve ``target_epsilon`` for the run ``uid`` at ``hospital``, if it fits.
 
-    A run already charged (by uid) keeps what it has, whatever its state: an operator that
-    restarts, or a pass that repeats, never reserves twice. Refused when the budget is for
-    another hospital, the run's δ exceeds the budget's, or ``committed + target`` exceeds
-    the limit (beyond the accountant's relative slack).
+    Refused when the budget is for another hospital or the run's δ exceeds the budget's;
+    then a run already charged (by uid) keeps what it has, whatever its state: an operator
+    that restarts, or a pass that repeats, never reserves twice. Otherwise refused when
+    ``committed + target`` exceeds the limit (beyond the accountant's relative slack).
     """
-    if any(ch.uid == uid for ch in charges):
-        return Admitted(list(charges), changed=False)
     committed = committed_epsilon(charges, spec.delta)
     remaining = spec.epsilon - committed
     if hospital != spec.hospital:
@@ -328,6 +318,8 @@ def admit(
             target_epsilon,
             remaining,
         )
+    if any(ch.uid == uid for ch in charges):
+        return Admitted(list(charges), changed=False)
     if len(charges) >= MAX_CHARGES:
         return Refused(
             "BudgetUnavailable",
@@ -378,27 +370,19 @@ def admit_run(
     )
 
 
-def _merged(old: Sequence[Sequence[float]], new: Sequence[Sequence[float]]) -> History:
-    """The longer of two readings of one run's history, per (σ, q): steps never go back."""
-    steps: dict[tuple[float, float], int] = {}
-    for reading in (old, new):
-        for sigma, q, n in _entries(reading):
-            steps[(sigma, q)] = max(steps.get((sigma, q), 0), n)
-    return [[sigma, q, float(n)] for (sigma, q), n in steps.items() if n > 0]
-
-
 def charge(
     spec: BudgetSpec,
     charges: Sequence[Charge],
     uid: str,
     history: Sequence[Sequence[float]],
     now: datetime,
-    next_round: Sequence[float] | None = None,
 ) -> list[Charge]:
-    """Record the run ``uid``'s history so far (idempotent; a shorter reading never lowers
-    what was charged) and, when given, its *next round*. Raises KeyError for a run that
-    holds no charge here."""
-    nxt = [float(x) for x in next_round] if next_round is not None else None
+    """Record the run ``uid``'s history so far: the reading that costs more of the one
+    charged and ``history`` (idempotent; a reading that costs less, an older one or one in
+    another (σ, q) form, never lowers what was charged, and two forms of one spending are
+    never added up). Raises KeyError for a run that holds no charge here."""
+    reading = [[sigma, q, float(n)] for sigma, q, n in collapse(_entries(history))]
+    cost = epsilon(_entries(reading), spec.delta) if reading else 0.0
     out: list[Charge] = []
     found = False
     for ch in charges:
@@ -406,28 +390,18 @@ def charge(
             out.append(ch)
             continue
         found = True
-        merged = _merged(collapse(_entries(ch.history)), collapse(_entries(history)))
-        nxt = nxt if nxt is not None else ch.next_round
-        if merged == ch.history and nxt == ch.next_round:
+        if cost <= ch.spent or reading == ch.history:
             out.append(ch)
             continue
-        out.append(
-            ch.model_copy(
-                update={
-                    "history": merged,
-                    "spent": epsilon(_entries(merged), spec.delta) if merged else 0.0,
-                    "next_round": nxt,
-                    "updated": now,
-                }
-            )
-        )
+        out.append(ch.model_copy(update={"history": reading, "spent": cost, "updated": now}))
     if not found:
         raise KeyError(f"run {uid} holds no charge on this budget")
     return out
 
 
 def release(charges: Sequence[Charge], uid: str, now: datetime) -> list[Charge]:
-    """The run ``uid`` has ended: its reservation is given back, its history stays.
+    """The run ``uid`` has ended and its final history is charged: its reservation is
+    given back, its history stays.
 
     Idempotent; a uid without a charge leaves the list as it is.
     """
@@ -439,37 +413,43 @@ def release(charges: Sequence[Charge], uid: str, now: datetime) -> list[Charge]:
     ]
 
 
-def release_unseen(
-    spec: BudgetSpec, charges: Sequence[Charge], uid: str, now: datetime
-) -> list[Charge]:
-    """The run ``uid`` ended without its end being recorded (deleted mid-round): what a
-    round in flight may have spent is charged too.
+def release_unseen(charges: Sequence[Charge], uid: str, now: datetime) -> list[Charge]:
+    """The run ``uid`` ended without a final history anyone recorded (it was deleted, or it
+    ended while its server could not be read): it becomes Unsettled, and its whole
+    reservation stays committed for good.
 
-    Its history gets one more round (its *next round*) and is released; without a next
-    round it becomes Unsettled, its whole reservation committed for good. Idempotent: only
-    a Reserved charge changes.
+    Its charged history may lag what its hospitals spent by any number of rounds (rounds can
+    be quicker than the operator's look), and no run spends more than its reservation: so
+    the reservation is the only bound that holds. Idempotent: only a Reserved charge changes.
     """
-    out: list[Charge] = []
-    for ch in charges:
-        if ch.uid != uid or ch.state != "Reserved":
-            out.append(ch)
-            continue
-        if ch.next_round is None:
-            out.append(ch.model_copy(update={"state": "Unsettled", "updated": now}))
-            continue
-        joined = collapse([*_entries(ch.history), *_entries([ch.next_round])])
-        history = [[sigma, q, float(n)] for sigma, q, n in joined]
-        out.append(
-            ch.model_copy(
-                update={
-                    "state": "Released",
-                    "history": history,
-                    "spent": epsilon(_entries(history), spec.delta),
-                    "updated": now,
-                }
-            )
-        )
-    return out
+    return [
+        ch.model_copy(update={"state": "Unsettled", "updated": now})
+        if ch.uid == uid and ch.state == "Reserved"
+        else ch
+        for ch in charges
+    ]
+
+
+def final_history_is_whole(status: Mapping[str, Any]) -> bool:
+    """Whether a final run's status accounts for everything its hospitals spent, so its
+    charges may be released on it (else :func:`release_unseen`).
+
+    Only a run that ended between rounds: Succeeded, or stopped for budget before a round
+    (BudgetExhausted, but not ``BudgetExceeded``: there a hospital or the server
+    misreported). A Failed run may have failed mid-round, after hospitals trained a round
+    the server never recorded.
+    """
+    phase, reason = status.get("phase"), status.get("reason") or _true_reason(status)
+    if phase == Phase.SUCCEEDED:
+        return True
+    return phase == Phase.BUDGET_EXHAUSTED and reason != Reason.BUDGET_EXCEEDED
+
+
+def _true_reason(status: Mapping[str, Any]) -> str:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == status.get("phase") and cond.get("status") == "True":
+            return str(cond.get("reason") or "")
+    return ""
 
 
 def withdraw(charges: Sequence[Charge], uid: str) -> list[Charge]:

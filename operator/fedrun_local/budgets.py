@@ -32,8 +32,10 @@ from fedrun_core.budgets import (
     admit_run,
     budget_yaml,
     charge,
+    final_history_is_whole,
     parse_budget,
     release,
+    release_unseen,
     summarize,
     withdraw,
 )
@@ -148,7 +150,9 @@ class BudgetBook:
 
     def charge(self, status: Mapping[str, Any], *, final: bool = False) -> None:
         """Charge each hospital's history in the run's ``status`` (the server's, as the
-        operator reads it); with ``final``, also release the reservations."""
+        operator reads it); with ``final``, also release the reservations, or, when the run
+        did not end between rounds (it failed, or was interrupted), leave them Unsettled:
+        its whole reservation stays spent (fedrun_core.budgets.final_history_is_whole)."""
         now = datetime.now(UTC)
         uid = self.run.metadata.uid or ""
         histories = {
@@ -168,6 +172,10 @@ class BudgetBook:
                     # A history that does not read as one: keep the whole reservation held
                     # (never release on a figure that cannot be checked).
                     return charges
-                return release(charges, uid, now) if final else charges
+                if not final:
+                    return charges
+                if final_history_is_whole(status):
+                    return release(charges, uid, now)
+                return release_unseen(charges, uid, now)
 
             self._update(hospital, change)

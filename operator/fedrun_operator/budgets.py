@@ -17,10 +17,15 @@ after a restart changes nothing (idempotent per uid).
 
 What is charged: per hospital, the accountant history behind the ε the operator enforces
 (``fedrun_operator.status.Decision.histories``): the server's reported history, carried
-across suspends, or the spec's plan over the same steps when that costs more. With it
-goes the *next round*
-(σ, q, steps per round of the plan), which a run deleted mid-round is charged on top of
-its history (:func:`fedrun_core.budgets.release_unseen`).
+across suspends, or the spec's plan over the same steps when that costs more. A run that
+ends with a final history read from its server is released; one that ends *unseen*
+(deleted, or final while its server could not be read) is Unsettled: its whole
+reservation stays committed (:func:`fedrun_core.budgets.release_unseen`).
+
+A run's budget terms (which budgets, its targetEpsilon and δ) are fixed at admission and
+recorded in ``status.budgets``; a run whose spec names other terms afterwards (edited
+while Pending or Suspended) is failed, not run on terms nobody reserved
+(:func:`terms_changed`).
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from fedrun_core import names as c
-from fedrun_core.accounting import PlannedCost
 from fedrun_core.api import FederatedRun, History
 from fedrun_core.budgets import (
     Admitted,
@@ -60,9 +64,10 @@ Obj = dict[str, Any]
 #: Read-decide-write attempts of one budget before the reconcile gives up (kopf retries it).
 MAX_ATTEMPTS = 60
 
-#: How a run ended, for :meth:`BudgetKeeper.settle`: None while it runs; "seen" when the
-#: operator recorded its final status; "unseen" when it disappeared first (deleted).
-End = Literal["seen", "unseen"] | None
+#: How a run ended, for :meth:`BudgetKeeper.settle`: None while it runs; "seen" when its
+#: final history was read from its server; "unseen" otherwise (deleted, or ended while its
+#: server could not be read); "withdrawn" when nothing of it was ever created.
+End = Literal["seen", "unseen", "withdrawn"] | None
 
 Change = Callable[[PrivacyBudget, list[Charge]], "list[Charge] | Refused"]
 
@@ -96,26 +101,54 @@ def budget_rows(run: FederatedRun, state: str) -> list[Obj]:
             "name": name,
             "state": state,
             "reserved": run.spec.privacy.target_epsilon,
+            "delta": run.spec.privacy.delta,
         }
         for hospital, name in refs(run).items()
     ]
 
 
-def admitted(status: Mapping[str, Any]) -> bool:
-    """Whether the run's status says its budgets admitted it (Reserved or Released)."""
+def recorded(status: Mapping[str, Any]) -> dict[str, str]:
+    """Hospital → budget, as the run's status recorded them at admission."""
+    return {str(r.get("hospital")): str(r.get("name")) for r in status.get("budgets") or []}
+
+
+def terms_changed(run: FederatedRun, status: Mapping[str, Any]) -> str:
+    """Why the run's spec no longer matches the budget terms it was admitted on (its
+    budgets, targetEpsilon and δ, as ``status.budgets`` recorded them); empty when it does."""
     rows = status.get("budgets") or []
-    return bool(rows) and all(r.get("state") in ("Reserved", "Released") for r in rows)
+    if not rows or not admitted(status):
+        return ""
+    now = {(r["hospital"], r["name"], r["reserved"], r["delta"]) for r in budget_rows(run, "")}
+    then = {
+        (
+            r.get("hospital"),
+            r.get("name"),
+            r.get("reserved"),
+            r.get("delta", run.spec.privacy.delta),
+        )
+        for r in rows
+    }
+    if now == then:
+        return ""
+    return (
+        "spec.privacy or spec.hospitals[].budgetRef changed after the run was admitted at its "
+        "PrivacyBudgets (admitted: "
+        + ", ".join(f"{h} at {n} with ε={e:g}" for h, n, e, _ in sorted(then, key=str))
+        + "); a run keeps the terms it reserved: create a new FederatedRun instead"
+    )
+
+
+def admitted(status: Mapping[str, Any]) -> bool:
+    """Whether the run's status says its budgets admitted it (Reserved, or settled since)."""
+    rows = status.get("budgets") or []
+    return bool(rows) and all(r.get("state") in ("Reserved", "Released", "Unsettled") for r in rows)
 
 
 def released(status: Mapping[str, Any]) -> bool:
-    """Whether the run's status says its budgets were released (it ended)."""
+    """Whether the run's status says its budgets were settled (it ended): Released, or
+    Unsettled when it ended unseen."""
     rows = status.get("budgets") or []
-    return bool(rows) and all(r.get("state") == "Released" for r in rows)
-
-
-def next_rounds(planned: Mapping[str, PlannedCost]) -> dict[str, list[float]]:
-    """Per hospital, ``[σ, q, steps]`` of one more round, from the spec's plan."""
-    return {name: [float(s), float(q), float(n)] for name, (s, q, n) in planned.items() if n > 0}
+    return bool(rows) and all(r.get("state") in ("Released", "Unsettled") for r in rows)
 
 
 def _budget(obj: Mapping[str, Any]) -> PrivacyBudget:
@@ -129,6 +162,16 @@ def _budget(obj: Mapping[str, Any]) -> PrivacyBudget:
             "status": obj.get("status") or None,
         }
     )
+
+
+def _trial(run: FederatedRun, hospital: str, now: datetime) -> Change:
+    """A change that decides the run's admission at a budget and writes nothing."""
+
+    def decide(budget: PrivacyBudget, charges: list[Charge]) -> list[Charge] | Refused:
+        got = admit_run(budget.spec, charges, run, hospital, now)
+        return got if isinstance(got, Refused) else charges
+
+    return decide
 
 
 # --------------------------------------------------------------------------- I/O
@@ -204,7 +247,7 @@ class BudgetKeeper:
     async def sweep(self, obj: Mapping[str, Any]) -> None:
         """One look at a budget: export its gauges, and release each reservation whose run
         no longer exists (by name and uid: deleted while no operator watched) as a run that
-        ended unseen (one more round charged)."""
+        ended unseen (Unsettled)."""
         try:
             budget = _budget(obj)
         except ValidationError:
@@ -225,7 +268,7 @@ class BudgetKeeper:
             )
 
             def gone(b: PrivacyBudget, charges: list[Charge], uid: str = held.uid) -> list[Charge]:
-                return release_unseen(b.spec, charges, uid, now)
+                return release_unseen(charges, uid, now)
 
             await self.update(ns, budget.metadata.name, gone)
 
@@ -235,8 +278,15 @@ class BudgetKeeper:
         what was reserved here. Returns the refusal, or nothing when every budget admitted
         the run. Idempotent per run uid."""
         ns, uid = run.metadata.namespace, run.metadata.uid or run.name
+        ordered = sorted(refs(run).items(), key=lambda item: (item[1], item[0]))
+        # First only read: a run that some budget refuses writes nothing anywhere (a run
+        # waiting for budget asks every poll; a race lost after this is handled below).
+        for hospital, name in ordered:
+            seen = await self.update(ns, name, _trial(run, hospital, now))
+            if seen is not None:
+                return [Refusal(hospital, name, seen)]
         done: list[str] = []
-        for hospital, name in sorted(refs(run).items(), key=lambda item: (item[1], item[0])):
+        for hospital, name in ordered:
 
             def admit(
                 budget: PrivacyBudget, charges: list[Charge], hospital: str = hospital
@@ -252,55 +302,54 @@ class BudgetKeeper:
             done.append(name)
         return []
 
-    async def withdraw(self, run: FederatedRun) -> None:
-        """Take back the run's reservations that charged nothing (a run that never started)."""
-        ns, uid = run.metadata.namespace, run.metadata.uid or run.name
-        for name in sorted(set(refs(run).values())):
-            await self.update(ns, name, lambda _b, charges: withdraw(charges, uid))
-
     async def settle(
         self,
         run: FederatedRun,
         spent: Mapping[str, Sequence[Sequence[float]]],
-        next_round: Mapping[str, Sequence[float]],
         now: datetime,
         end: End = None,
-    ) -> None:
-        """Charge each budget the hospital's history in ``spent`` (and its next round); when
-        the run has ended (``end``), release its reservations too."""
+        names: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Charge each budget the hospital's history in ``spent``; when the run has ended
+        (``end``), release its reservations too (Unsettled when unseen, withdrawn when it
+        never started). ``names``: hospital → budget (default: the run's ``budgetRef``s).
+
+        Returns whether every budget took the change (False: one was missing, unreadable or
+        held no charge for the run; it is logged, and the caller tries again later).
+        """
         ns, uid = run.metadata.namespace, run.metadata.uid or run.name
-        for hospital, name in refs(run).items():
+        ok = True
+        for hospital, name in (refs(run) if names is None else names).items():
             history: History = [[float(x) for x in e] for e in spent.get(hospital, [])]
-            nxt = next_round.get(hospital)
+            missing: list[str] = []
 
             def change(
                 budget: PrivacyBudget,
                 charges: list[Charge],
                 history: History = history,
-                nxt: Sequence[float] | None = nxt,
-                name: str = name,
+                missing: list[str] = missing,
             ) -> list[Charge] | Refused:
                 if not any(ch.uid == uid for ch in charges):
-                    log.warning(
-                        "PrivacyBudget %s lists no charge for run %s: not charged",
-                        name,
-                        run.name,
-                        extra={"run": run.name},
-                    )
+                    missing.append("no charge")
                     return charges
-                if history or nxt is not None:
-                    charges = charge(budget.spec, charges, uid, history, now, nxt)
+                if history:
+                    charges = charge(budget.spec, charges, uid, history, now)
                 if end == "seen":
                     return release(charges, uid, now)
                 if end == "unseen":
-                    return release_unseen(budget.spec, charges, uid, now)
+                    return release_unseen(charges, uid, now)
+                if end == "withdrawn":
+                    return withdraw(charges, uid)
                 return charges
 
             refused = await self.update(ns, name, change)
-            if refused is not None:
+            if refused is not None or missing:
+                ok = False
                 log.warning(
-                    "cannot charge PrivacyBudget %s: %s",
+                    "cannot charge PrivacyBudget %s for run %s: %s",
                     name,
-                    refused.message,
+                    run.name,
+                    refused.message if refused is not None else "it lists no charge for the run",
                     extra={"run": run.name},
                 )
+        return ok

@@ -668,19 +668,15 @@ def test_drift_is_repaired(cluster: RealCluster, operator: Operator) -> None:
     assert repaired[f"Service/{NAME}-server"]["spec"]["ports"]
 
 
-def test_a_deleted_server_is_recreated_with_a_whole_new_secret_set(
+def test_a_deleted_server_is_recreated_on_a_secret_set_the_operator_can_vouch_for(
     cluster: RealCluster, operator: Operator
 ) -> None:
-    """The operator cannot read the Secrets that exist, so it never builds on them: the
-    recreated server gets a new set made from one material, and the hospitals' Jobs are
-    replaced to mount theirs (the old set stays, unused, until the run is deleted)."""
+    """The operator cannot read Secrets. A set it made whole itself is kept when the server
+    is recreated (every create answers 409); after a restart it cannot tell, so it makes a
+    whole new set and moves the server and every hospital Job to it."""
     ns = cluster.namespace
-    with operator():
-        cluster.create(run_doc())
-        kids = all_children(cluster)
-        first = run_secrets(cluster)
-        tries = secret_creates(cluster)
-        uid = kids[f"Deployment/{NAME}-server"]["metadata"]["uid"]
+
+    def recreated(uid: str) -> None:
         cluster.delete("apps/v1", "deployments", ns, f"{NAME}-server")
         cluster.wait_for(
             lambda: (
@@ -690,19 +686,37 @@ def test_a_deleted_server_is_recreated_with_a_whole_new_secret_set(
             timeout=30,
             what="server Deployment recreated",
         )
+
+    def mounts() -> dict[str, str]:
+        out = {}
+        for key, obj in children(cluster).items():
+            if key.startswith(("Deployment/", "Job/")):
+                volumes = obj["spec"]["template"]["spec"].get("volumes", [])
+                out[key] = next(v["secret"]["secretName"] for v in volumes if "secret" in v)
+        return out
+
+    with operator():
+        cluster.create(run_doc())
+        kids = all_children(cluster)
+        first = run_secrets(cluster)
+        tries = secret_creates(cluster)
+        recreated(kids[f"Deployment/{NAME}-server"]["metadata"]["uid"])
         wait_event(cluster, "Warning", "ChildRecreated")
+        # The pass that recreated the server tried every Secret of its whole set first,
+        # before the Deployment, and kept each one (409).
+        retried = [c for c in operator_calls(cluster) if c.resource == "secrets"][tries:]
+        assert [(c.verb, c.code) for c in retried] == [("create", 409)] * (1 + len(HOSPITALS))
+        assert run_secrets(cluster) == first
+        assert run_status(cluster, NAME)["secretSet"] == ""
+        uid = children(cluster)[f"Deployment/{NAME}-server"]["metadata"]["uid"]
+    tries = secret_creates(cluster)
+    with operator():  # a new operator: it did not make the set, so it does not build on it
+        recreated(uid)
+        cluster.wait_for(
+            lambda: run_status(cluster, NAME).get("secretSet"), timeout=30, what="a new set"
+        )
         secret_set = run_status(cluster, NAME)["secretSet"]
-        assert secret_set
         auth = {h: f"{HOSPITAL_SECRETS[h]}-{secret_set}" for h in HOSPITALS}
-
-        def mounts() -> dict[str, str]:
-            out = {}
-            for key, obj in children(cluster).items():
-                if key.startswith(("Deployment/", "Job/")):
-                    volumes = obj["spec"]["template"]["spec"].get("volumes", [])
-                    out[key] = next(v["secret"]["secretName"] for v in volumes if "secret" in v)
-            return out
-
         expected = {
             f"Deployment/{NAME}-server": f"{SERVER_SECRET}-{secret_set}",
             **{f"Job/{NAME}-{h}": name for h, name in auth.items()},
@@ -966,7 +980,13 @@ def test_a_budgeted_run_reserves_is_charged_and_releases_on_a_real_api_server(
     assert ended["reserved"] == 0
     assert ended["spent"] == pytest.approx(epsilon([(4.0, 0.1, 50)], 1e-5))
     assert run_status(cluster, NAME)["budgets"] == [
-        {"hospital": "hospital-b", "name": budget, "state": "Released", "reserved": 1.0}
+        {
+            "hospital": "hospital-b",
+            "name": budget,
+            "state": "Released",
+            "reserved": 1.0,
+            "delta": 1e-5,
+        }
     ]
     # The budget's spec is the data owner's: the operator reads and watches budgets and
     # writes their status only, with a PUT that carries the resourceVersion it read (no

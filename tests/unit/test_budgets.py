@@ -29,6 +29,7 @@ from fedrun_core.budgets import (
     charge,
     committed_epsilon,
     composed_epsilon,
+    final_history_is_whole,
     release,
     release_unseen,
     summarize,
@@ -168,33 +169,42 @@ def test_charges_only_grow_and_release_returns_the_unspent_part() -> None:
         charge(SPEC, done, "nobody", [[1.0, 0.1, 1]], NOW)
 
 
-def test_a_run_that_ends_unseen_is_charged_one_more_round_of_its_plan() -> None:
-    held = _admit([], "u1", 2.0)
+def test_a_reading_in_another_form_is_charged_only_if_it_costs_more() -> None:
+    """The operator may charge the server's history or the plan's over the same steps
+    (another σ): the dearer reading stands, and the two are never added up."""
+    held = _admit([], "u1", 3.0)
     assert isinstance(held, Admitted)
-    charged = charge(SPEC, held.charges, "u1", [[1.2, 0.05, 40]], NOW, [1.2, 0.05, 20])
-    assert charged[0].next_round == [1.2, 0.05, 20.0]
-    later = charge(SPEC, charged, "u1", [[1.2, 0.05, 60]], NOW)  # no new plan: kept
-    assert later[0].next_round == [1.2, 0.05, 20.0]
-    gone = release_unseen(SPEC, later, "u1", NOW)
-    assert gone[0].state == "Released"
-    assert gone[0].history == [[1.2, 0.05, 80.0]]  # 60 recorded + the round in flight
-    assert gone[0].spent == pytest.approx(epsilon([(1.2, 0.05, 80)], SPEC.delta))
-    assert release_unseen(SPEC, gone, "u1", NOW) == gone  # idempotent
-    assert release(gone, "u1", NOW) == gone
+    reported = charge(SPEC, held.charges, "u1", [[1.2, 0.05, 40]], NOW)
+    by_plan = charge(SPEC, reported, "u1", [[1.0, 0.05, 40]], NOW)  # less noise: dearer
+    assert by_plan[0].history == [[1.0, 0.05, 40.0]]
+    assert by_plan[0].spent == pytest.approx(epsilon([(1.0, 0.05, 40)], SPEC.delta))
+    back = charge(SPEC, by_plan, "u1", [[1.2, 0.05, 40]], NOW)  # cheaper again: kept
+    assert back == by_plan
 
 
-def test_a_run_that_ends_unseen_without_a_plan_keeps_its_whole_reservation() -> None:
+def test_a_run_that_ends_unseen_keeps_its_whole_reservation() -> None:
     held = _admit([], "u1", 1.5)
     assert isinstance(held, Admitted)
     charged = charge(SPEC, held.charges, "u1", [[1.2, 0.05, 40]], NOW)
-    gone = release_unseen(SPEC, charged, "u1", NOW)
+    gone = release_unseen(charged, "u1", NOW)
     assert gone[0].state == "Unsettled"
+    assert release_unseen(gone, "u1", NOW) == gone  # idempotent
+    assert release(gone, "u1", NOW) == gone  # and final
     status = summarize(SPEC, gone)
     assert status.committed == pytest.approx(1.5)
     assert status.spent == pytest.approx(1.5)  # unknown spend counts as all of it
     assert status.reserved == 0.0
     refused = _admit(gone, "u2", 3.0)
     assert isinstance(refused, Refused)  # 1.5 + 3.0 > 4.0
+
+
+def test_a_budget_for_another_hospital_refuses_even_a_run_it_holds() -> None:
+    """Two hospitals of one run naming one budget: the second is refused, not taken for
+    the first's charge."""
+    held = _admit([], "u1", 1.0)
+    assert isinstance(held, Admitted)
+    other = _admit(held.charges, "u1", 1.0, hospital="hospital-b")
+    assert isinstance(other, Refused) and other.reason == "BudgetMismatch"
 
 
 def test_summary_shows_composed_beside_summed() -> None:
@@ -303,3 +313,22 @@ def test_the_crd_and_the_models_refuse_the_same_budgets(
     assert problems and all(p.startswith(field) for p in problems), problems
     with pytest.raises(ValidationError):
         PrivacyBudget.model_validate(doc)
+
+
+@pytest.mark.parametrize(
+    ("phase", "reason", "whole"),
+    [
+        ("Succeeded", "RoundsCompleted", True),
+        ("BudgetExhausted", "BudgetWouldBeExceeded", True),
+        ("BudgetExhausted", "BudgetExhausted", True),
+        ("BudgetExhausted", "BudgetExceeded", False),  # someone misreported
+        ("Failed", "DeadlineExceeded", False),  # possibly mid-round
+        ("Failed", "TooFewHospitals", False),
+        ("Running", "Training", False),  # interrupted
+    ],
+)
+def test_only_a_run_that_ended_between_rounds_is_released_on_its_history(
+    phase: str, reason: str, whole: bool
+) -> None:
+    status = {"phase": phase, "conditions": [{"type": phase, "status": "True", "reason": reason}]}
+    assert final_history_is_whole(status) is whole

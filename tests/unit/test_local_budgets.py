@@ -48,8 +48,9 @@ def _status(path: Path) -> dict[str, Any]:
     return status
 
 
-def _server_status(**histories: list[list[float]]) -> dict[str, Any]:
-    return {"privacy": {"hospitals": [{"name": h, "history": v} for h, v in histories.items()]}}
+def _server_status(phase: str = "Running", **histories: list[list[float]]) -> dict[str, Any]:
+    rows = [{"name": h, "history": v} for h, v in histories.items()]
+    return {"phase": phase, "privacy": {"hospitals": rows}}
 
 
 def test_a_run_is_reserved_charged_as_it_goes_and_released_at_the_end(tmp_path: Path) -> None:
@@ -68,7 +69,7 @@ def test_a_run_is_reserved_charged_as_it_goes_and_released_at_the_end(tmp_path: 
     assert mid["spent"] == pytest.approx(epsilon([(2.3, 0.05, 40)], 1e-5))
     assert mid["reserved"] == 1.0  # still held in full while the run goes
 
-    book.charge(_server_status(**{"hospital-a": [[2.3, 0.05, 60]]}), final=True)
+    book.charge(_server_status("Succeeded", **{"hospital-a": [[2.3, 0.05, 60]]}), final=True)
     done = _status(path)
     assert done["charges"][0]["state"] == "Released"
     assert done["reserved"] == 0.0
@@ -126,3 +127,16 @@ def test_a_budget_file_with_a_wrong_field_is_named(tmp_path: Path) -> None:
     path.write_text(path.read_text(encoding="utf-8").replace("epsilon: 3.0", "epsilon: -1"))
     with pytest.raises(BudgetFileError, match=rf"invalid PrivacyBudget in {path}:\n  spec.epsilon"):
         BudgetBook.open(_run(tmp_path, {0: "a-budget"}), [path])
+
+
+def test_a_run_that_fails_keeps_its_whole_reservation_spent(tmp_path: Path) -> None:
+    """A failed (or interrupted) run may have stopped mid-round, after its hospitals trained
+    a round its server never recorded: its charge is Unsettled, the reservation kept."""
+    run = _run(tmp_path, {0: "a-budget"})
+    path = _budget(tmp_path, "a-budget", "hospital-a", 3.0)
+    book = BudgetBook.open(run, [path])
+    assert book.reserve() == []
+    book.charge(_server_status("Failed", **{"hospital-a": [[2.3, 0.05, 20]]}), final=True)
+    done = _status(path)
+    assert done["charges"][0]["state"] == "Unsettled"
+    assert done["committed"] == 1.0 and done["remaining"] == 2.0

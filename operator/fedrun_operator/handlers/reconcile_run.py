@@ -15,11 +15,13 @@ A secure run's TLS and node-key Secrets (:func:`fedrun_render.security.secret_ma
 are created whenever the server Deployment is about to be created, before it and the Jobs
 (their pods mount them), as one *secret set*: every Secret of the set from one new
 material, all named with the set's suffix, which is recorded in ``status.secretSet``
-before the first of them is created. The run's first pass takes the empty suffix; any
-later material (the server Deployment was deleted, or a first pass stopped half-way) takes
-a new random one, so a set is never mixed with Secrets an earlier pass left, and the pods
-are rendered to mount the recorded set (Jobs whose template names another set are
-replaced). The operator only creates Secrets, never reads or deletes them (least
+before the first of them is created. The run's first pass takes the empty suffix. When
+the server Deployment must be created again, a set this operator process made whole is
+kept if every one of its Secrets still exists (each create answers 409); any other case (a
+pass that stopped half-way, a Secret deleted by hand, a restarted operator that cannot tell)
+makes a new set under a new random suffix, so a set is never mixed with Secrets an earlier
+pass left, and the pods are rendered to mount the recorded set (Jobs whose template names
+another set are replaced). The operator only creates Secrets, never reads or deletes them (least
 privilege): sets no longer mounted stay until the run is deleted with them.
 
 The operator touches only children it made: an object whose controller ownerReference is
@@ -48,6 +50,7 @@ from fedrun_core import names as c
 from fedrun_core import pki
 from fedrun_core.accounting import PlannedCost, epsilon, planned_cost
 from fedrun_core.api import FederatedRun, PodDefaults, SpecError, parse_run
+from fedrun_core.budgets import final_history_is_whole
 from fedrun_core.states import (
     FINAL_PHASES,
     ConditionType,
@@ -76,6 +79,10 @@ from fedrun_render.workloads import config_hash, render_run
 log = logging.getLogger("fedrun.operator")
 
 Obj = dict[str, Any]
+
+
+class SecretSetTakenError(RuntimeError):
+    """A run's secret set holds Secrets this pass did not make: a new set is needed."""
 
 
 @dataclass
@@ -332,6 +339,7 @@ class Reconciler:
         self._written: dict[str, tuple[Obj, Obj]] = {}
         self.budgets = budgets.BudgetKeeper(kube)
         self._secret_sets: dict[str, str] = {}  # uid -> the secret set this process recorded
+        self._complete_sets: dict[str, str] = {}  # uid -> a set this process made whole
         self._charged: dict[str, str] = {}  # uid -> what was last charged to its budgets
 
     async def http(self) -> aiohttp.ClientSession:
@@ -359,6 +367,7 @@ class Reconciler:
         self._written.pop(uid, None)
         self._charged.pop(uid, None)
         self._secret_sets.pop(uid, None)
+        self._complete_sets.pop(uid, None)
         self.progress.pop(uid, None)
         self.phases.pop(uid, None)
         metrics.count_phases(list(self.phases.values()))
@@ -420,7 +429,11 @@ class Reconciler:
         prev_phase = prev.get("phase", "")
         final = prev_phase in FINAL_PHASES
 
-        # 0. a run that names PrivacyBudgets holds a reservation at each before any child.
+        # 0. a run that names PrivacyBudgets holds a reservation at each before any child,
+        # and keeps the terms it was admitted on.
+        changed = "" if final else budgets.terms_changed(run, prev)
+        if changed:
+            return await self._refuse_changed_terms(body, run, prev, changed, now)
         charges_budgets = bool(budgets.refs(run))
         admitted_now = False
         if charges_budgets and not final and not budgets.admitted(prev):
@@ -517,7 +530,7 @@ class Reconciler:
         )
         outcome = Outcome(status=decision.status, events=list(decision.events))
         if charges_budgets:
-            await self._settle_budgets(run, decision, planned, now, admitted_now, outcome)
+            await self._settle_budgets(run, decision, prev, obs, first, now, admitted_now, outcome)
 
         # 3. write.
         if decision.delete_run:
@@ -606,32 +619,49 @@ class Reconciler:
         self,
         run: FederatedRun,
         decision: Decision,
-        planned: Mapping[str, PlannedCost],
+        prev: Obj,
+        obs: Observation,
+        first: bool,
         now: datetime,
         admitted_now: bool,
         outcome: Outcome,
     ) -> None:
         """Charge the run's budgets what it has spent (only when that changed), release them
-        once it is final, and say so in ``status`` (``budgets``, ``BudgetUnavailable=False``)."""
+        once it is final, and say so in ``status`` (``budgets``, ``BudgetUnavailable=False``).
+
+        A final run is released on its final history only when this pass read it from the
+        server and the run ended between rounds
+        (:func:`fedrun_core.budgets.final_history_is_whole`); otherwise (it failed, possibly
+        mid-round; the server could not be read; the release is retried on a later pass)
+        it ended unseen, and stays Unsettled. One that ended on its first pass created
+        nothing: its reservations are withdrawn.
+        """
         uid = run.metadata.uid or run.name
         status = decision.status
         final = status.get("phase") in FINAL_PHASES
         if final and budgets.released(status):
             return  # released on an earlier pass
         spent = {name: [list(e) for e in h] for name, h in decision.histories.items()}
-        nxt = budgets.next_rounds(planned)
-        end: budgets.End = "seen" if final else None
-        key = json.dumps([spent, nxt, end], sort_keys=True)
-        if self._charged.get(uid) != key and (spent or nxt or end):
-            await self.budgets.settle(run, spent, nxt, now, end)
+        end: budgets.End = None
+        if final:
+            whole = obs.server is not None and final_history_is_whole(status)
+            end = "withdrawn" if first else "seen" if whole else "unseen"
+        key = json.dumps([spent, end], sort_keys=True)
+        if self._charged.get(uid) != key and (spent or end):
+            if not await self.budgets.settle(run, spent, now, end):
+                return  # tried again on the next pass; the status keeps the rows it had
             self._charged[uid] = key
-        status["budgets"] = budgets.budget_rows(run, "Released" if final else "Reserved")
+        state = "Reserved" if not final else "Unsettled" if end == "unseen" else "Released"
+        status["budgets"] = budgets.budget_rows(run, state)
         names = ", ".join(sorted(set(budgets.refs(run).values())))
-        message = (
-            f"reserved ε={run.spec.privacy.target_epsilon:g} at PrivacyBudget {names}"
-            if not final
-            else f"released the unspent part of the reservation at PrivacyBudget {names}"
-        )
+        message = {
+            "Reserved": f"reserved ε={run.spec.privacy.target_epsilon:g} at PrivacyBudget {names}",
+            "Released": f"released the unspent part of the reservation at PrivacyBudget {names}",
+            "Unsettled": (
+                f"the run ended without a final history from its server: its whole reservation "
+                f"stays spent at PrivacyBudget {names}"
+            ),
+        }[state]
         held = condition(
             ConditionType.BUDGET_UNAVAILABLE,
             False,
@@ -639,7 +669,7 @@ class Reconciler:
             message,
             rfc3339(now),
             run.metadata.generation,
-            status.get("conditions", []),
+            prev.get("conditions", []),
         )
         status["conditions"] = [
             *(x for x in status.get("conditions", []) if x.get("type") != held["type"]),
@@ -648,9 +678,22 @@ class Reconciler:
         if admitted_now:
             outcome.events.append(Event("Normal", Reason.BUDGET_RESERVED, message))
 
+    async def _refuse_changed_terms(
+        self, body: Mapping[str, Any], run: FederatedRun, prev: Obj, why: str, now: datetime
+    ) -> Outcome:
+        """The run's spec names budget terms other than those it was admitted on: it fails
+        (InvalidSpec), and the budgets it was admitted at keep what it may have spent
+        (Unsettled: the run may have trained, and its server is not read here)."""
+        names = budgets.recorded(prev)
+        if names and not await self.budgets.settle(run, {}, now, "unseen", names=names):
+            raise RuntimeError(f"cannot settle the PrivacyBudgets of run {run.name}; retrying")
+        rows = [{**r, "state": "Unsettled"} for r in prev.get("budgets") or []]
+        return await self._refuse(body, prev, SpecError([why]), now, {"budgets": rows})
+
     async def settle_deleted(self, body: Mapping[str, Any]) -> None:
-        """A deleted run: release what it still holds at its budgets. A run deleted before
-        it ended is charged one more round at its plan (it may have been mid-round)."""
+        """A deleted run: what it still holds at its budgets. A run that waited takes back
+        any half-made reservation; one that was admitted and had not been released ended
+        unseen (Unsettled: its history may lag what it spent)."""
         status = dict(body.get("status") or {})
         if not status.get("budgets") or budgets.released(status):
             return
@@ -658,11 +701,13 @@ class Reconciler:
             run = parse_run(_clean_run(body))
         except SpecError:
             return
-        if not budgets.admitted(status):  # it waited: take back any half-made reservation
-            await self.budgets.withdraw(run)
-            return
-        end: budgets.End = "seen" if status.get("phase") in FINAL_PHASES else "unseen"
-        await self.budgets.settle(run, {}, {}, datetime.now(UTC), end)
+        uid = run.metadata.uid or run.name
+        async with self._locks.setdefault(uid, asyncio.Lock()):
+            names = budgets.recorded(status)
+            if not budgets.admitted(status):
+                await self.budgets.settle(run, {}, datetime.now(UTC), "withdrawn", names=names)
+                return
+            await self.budgets.settle(run, {}, datetime.now(UTC), "unseen", names=names)
 
     async def _fetch(
         self, ns: str, manifests: list[Obj], known: dict[tuple[str, str], Obj | None]
@@ -758,15 +803,19 @@ class Reconciler:
         """Name the material set the Secrets about to be created belong to, and record it in
         the run's status before any of them exists (see the module docstring).
 
-        The run's very first pass takes the empty set (names without a suffix); any later
-        one, or a first pass repeated after a failure, a new random suffix, so a set is
-        always made whole from one material and never mixed with Secrets left by an earlier
-        pass. An insecure run has no Secrets: its set stays as it is.
+        A set this process made whole itself is kept (its Secrets are checked again by
+        :meth:`_create_secrets`). Otherwise the run's very first pass takes the empty set
+        (names without a suffix); any later one, or a first pass repeated after a failure,
+        a new random suffix, so a set is always made whole from one material and never
+        mixed with Secrets left by an earlier pass. An insecure run has no Secrets: its set
+        stays as it is.
         """
         uid = run.metadata.uid or run.name
         current = self._secret_sets.get(uid, prev.get("secretSet") or "")
         if security.is_insecure(run):
             return current
+        if uid in self._complete_sets:  # a whole set this process made: build on it
+            return self._complete_sets[uid]
         earlier = not first or "secretSet" in prev or uid in self._secret_sets
         new = secrets.token_hex(3) if earlier else ""
         await self.kube.patch_status(
@@ -781,10 +830,15 @@ class Reconciler:
         """Create the run's Secrets of the set ``secret_set``: the server's, then each
         hospital's, all from one new material.
 
-        The set is new (:meth:`_new_secret_set`), so none of its Secrets exists unless this
-        pass's own create was retried after a lost answer: that one (409) holds this same
-        material and is kept. Secrets are immutable and never read back by the operator.
+        Every create answered 201 makes the set whole. Every one answered 409 for a set
+        this process made whole before means it is intact and kept. Anything else means the
+        set holds Secrets of material this pass did not make (an earlier pass stopped
+        half-way, a deleted run of the same name not yet collected, a Secret deleted by
+        hand, or this pass's own create retried after a lost answer: the operator may not
+        read Secrets, so it cannot tell which): the set is abandoned with
+        :class:`SecretSetTakenError`, and the next pass makes a new one under new names.
         """
+        uid = run.metadata.uid or run.name
         material = pki.generate(
             run.name,
             ns,
@@ -792,12 +846,27 @@ class Reconciler:
             now=now,
             valid_for=pki.lifetime(run.spec.active_deadline_seconds),
         )
+        made: list[str] = []
+        kept: list[str] = []
         for secret in security.secret_manifests(run, material, secret_set):
+            name = secret["metadata"]["name"]
             try:
                 await self.kube.create(secret)
             except ConflictError:
+                kept.append(name)
                 continue
-            outcome.created.append(f"Secret/{secret['metadata']['name']}")
+            made.append(name)
+            outcome.created.append(f"Secret/{name}")
+        whole_before = self._complete_sets.get(uid) == secret_set
+        if not kept or (whole_before and not made):
+            self._complete_sets[uid] = secret_set
+            return
+        self._complete_sets.pop(uid, None)
+        raise SecretSetTakenError(
+            f"run {run.name}: Secrets {', '.join(kept)} existed and "
+            f"{', '.join(made) or 'none'} were made now; they may hold other material, so the "
+            "next pass makes a new set"
+        )
 
     async def _stop(
         self, ns: str, run: FederatedRun, actual: dict[tuple[str, str], Obj | None], first: bool
@@ -822,9 +891,15 @@ class Reconciler:
                 await self.kube.patch("batch/v1", "Job", ns, name, {"spec": {"suspend": True}})
 
     async def _refuse(
-        self, body: Mapping[str, Any], prev: Obj, err: SpecError, now: datetime
+        self,
+        body: Mapping[str, Any],
+        prev: Obj,
+        err: SpecError,
+        now: datetime,
+        extra: Obj | None = None,
     ) -> Outcome:
-        """A stored spec the models refuse (the CRD should have): fail the run, say why."""
+        """A stored spec the models refuse (the CRD should have): fail the run, say why
+        (``extra``: more of the status, written with it)."""
         meta = body["metadata"]
         message = f"invalid spec: {err}"
         generation = meta.get("generation")
@@ -842,7 +917,7 @@ class Reconciler:
             ),
             "completionTime": rfc3339(now),
         }
-        status = {k: v for k, v in status.items() if v is not None}
+        status = {k: v for k, v in status.items() if v is not None} | (extra or {})
         outcome = Outcome(status=status)
         if prev.get("phase") in FINAL_PHASES:
             return outcome
