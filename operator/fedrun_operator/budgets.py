@@ -284,6 +284,10 @@ class BudgetKeeper:
         for hospital, name in ordered:
             seen = await self.update(ns, name, _trial(run, hospital, now))
             if seen is not None:
+                # An earlier pass may have reserved at another budget and stopped before
+                # it could withdraw: take that back (no write where nothing is held).
+                for other in {n for _, n in ordered} - {name}:
+                    await self.update(ns, other, lambda _b, ch: withdraw(ch, uid))
                 return [Refusal(hospital, name, seen)]
         done: list[str] = []
         for hospital, name in ordered:

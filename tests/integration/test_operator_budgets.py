@@ -295,3 +295,46 @@ def test_a_run_refused_by_one_budget_holds_nothing_at_another(cluster: EmulatedC
         assert not roomy_status
         assert "the run needs ε=1 but the budget has 0.5 of 0.5 left" in waiting["message"]
         assert [r["state"] for r in waiting["budgets"]] == ["Waiting", "Waiting"]
+
+
+def test_a_reservation_left_by_a_stopped_pass_is_taken_back_while_the_run_waits(
+    cluster: EmulatedCluster,
+) -> None:
+    """An operator that stopped between reserving at one budget and being refused at the
+    next left a reservation for a run that cannot start: the next pass takes it back."""
+    roomy = budget_doc(5.0)
+    roomy["metadata"]["name"] = "a-roomy"
+    roomy["spec"]["hospital"] = HOSPITALS[0]
+    cluster.create(roomy)
+    cluster.create(budget_doc(0.5))
+    doc = budgeted_run("left")
+    doc["spec"]["hospitals"][0]["budgetRef"] = "a-roomy"
+    run = cluster.create(doc)
+    stored = cluster.get(API, BUDGETS, cluster.namespace, "a-roomy")
+    stored["status"] = {
+        "charges": [
+            {
+                "run": "left",
+                "namespace": cluster.namespace,
+                "uid": run["metadata"]["uid"],
+                "state": "Reserved",
+                "reserved": 1.0,
+                "delta": 1e-5,
+            }
+        ],
+        "reserved": 1.0,
+        "committed": 1.0,
+        "remaining": 4.0,
+        "runs": 1,
+    }
+    cluster.replace(stored, subresource="status")
+    with running_operator(cluster.kubeconfig):
+        wait_budget_state(cluster, "left", "Waiting")
+        cluster.wait_for(
+            lambda: (
+                not (cluster.get(API, BUDGETS, cluster.namespace, "a-roomy")["status"]["charges"])
+            ),
+            timeout=30,
+            what="the left reservation taken back",
+        )
+    assert cluster.get(API, BUDGETS, cluster.namespace, "a-roomy")["status"]["reserved"] == 0
