@@ -102,6 +102,7 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     CHILD_CONFLICT = "ChildConflict"
     CERTIFICATE_INVALID = "CertificateInvalid"
+    CHECKPOINT_INVALID = "CheckpointInvalid"
     # BudgetExhausted
     BUDGET_EXHAUSTED = "BudgetExhausted"
     BUDGET_EXCEEDED = "BudgetExceeded"

@@ -46,6 +46,9 @@ from fedrun_render.workloads import render_run
 
 log = logging.getLogger("fedrun.local")
 
+#: How often the runner starts a server process again after it died before the run ended.
+MAX_SERVER_RESTARTS = 5
+
 
 @dataclass(frozen=True)
 class LocalOptions:
@@ -411,10 +414,21 @@ class LocalCluster:
                     on_status(status)
                 if status.get("phase") in FINAL_PHASES:
                     return self._merge_pods(status)
+            elif not self.server.running and self.server.starts <= MAX_SERVER_RESTARTS:
+                # As a Deployment would: a new server process on the same state directory,
+                # which resumes from the run's checkpoint there.
+                log.warning(
+                    "the server exited with status %s; restarting it (restart %d of %d)",
+                    self.server.exit_code,
+                    self.server.starts,
+                    MAX_SERVER_RESTARTS,
+                )
+                time.sleep(min(10.0, 2.0 ** (self.server.starts - 1)))  # kubelet's back-off
+                self.server.start()
             elif not self.server.running:
                 message = (
-                    f"the server exited with status {self.server.exit_code}: "
-                    f"{self.server.termination_message()}"
+                    f"the server exited with status {self.server.exit_code} and was restarted "
+                    f"{MAX_SERVER_RESTARTS} times: {self.server.termination_message()}"
                 )
                 return self._merge_pods(
                     failed_status(last, Reason.SERVER_ERROR, message, now_rfc3339())

@@ -129,3 +129,21 @@ def test_failed_upload_is_recorded_logging_stops_but_the_run_is_closed(store: Pa
     tracker.finish("Succeeded")  # still closes the run: it is not left RUNNING
     assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
     assert tracker.error.startswith("MLflow log_artifact failed:")  # the first error is kept
+
+
+def test_a_resumed_server_logs_to_the_same_mlflow_run(store: Path) -> None:
+    """One FederatedRun stays one MLflow run across a server restart; a run the store no
+    longer has is replaced by a new one."""
+    uri = default_tracking_uri(store)
+    first = Tracker(uri, "fedrun-resume", store / "mlartifacts")
+    run_id = first.start("stroke-demo", PARAMS, {"fedrun.run": "stroke-demo"})
+    first.log_metrics(1, {"eval_auroc": 0.7})
+    again = Tracker(uri, "fedrun-resume", store / "mlartifacts")
+    assert again.start("stroke-demo", PARAMS, {}, existing=run_id) == run_id
+    again.log_metrics(2, {"eval_auroc": 0.75})
+    again.finish("Succeeded")
+    history = mlflow.MlflowClient(uri).get_metric_history(str(run_id), "eval_auroc")
+    assert [(m.step, m.value) for m in history] == [(1, 0.7), (2, 0.75)]
+    other = Tracker(uri, "fedrun-resume", store / "mlartifacts")
+    fresh = other.start("stroke-demo", PARAMS, {}, existing="0123456789abcdef0123456789abcdef")
+    assert fresh is not None and fresh != run_id and other.error is None

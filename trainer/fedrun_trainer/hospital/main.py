@@ -51,6 +51,8 @@ STARTED_MARKER = "supernode.started"
 # a restarted hospital retries that long, and more.
 REJOIN_WAIT_S = 60.0
 REJOIN_RETRY_S = 5.0
+#: How many times a hospital joins a restarted server again before it gives up.
+MAX_REJOINS = 20
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,24 @@ def _start_flower(
     return _Flower(supernode, OutputTail(supernode), executor)
 
 
+def _wait_for_server(opts: ClientOptions, stop: threading.Event) -> int | None:
+    """Wait until the server's fleet port accepts connections; None then, else the exit
+    status (after :func:`_finish`) when it did not within the server-lost timeout or the
+    wrapper was told to stop."""
+    waited = time.monotonic()
+    while not reachable(opts.server, timeout_s=1.0):
+        if time.monotonic() - waited > opts.server_lost_timeout_s:
+            return _finish(
+                opts,
+                EXIT_SERVER_LOST,
+                f"hospital {opts.hospital}: server {opts.server} not reachable within "
+                f"{opts.server_lost_timeout_s:.0f}s",
+            )
+        if stop.wait(0.3):
+            return _finish(opts, 143, f"hospital {opts.hospital}: terminated")
+    return None
+
+
 def run_client(opts: ClientOptions) -> int:
     """Run the SuperNode until the run ends for this hospital; returns the exit status."""
     settings = RunSettings.load(opts.config)
@@ -292,17 +312,9 @@ def run_client(opts: ClientOptions) -> int:
     # Wait for the server's fleet port before starting Flower: it opens once the server has
     # registered the hospitals' keys, and a SuperNode that finds it closed backs off for
     # seconds at a time.
-    waited = time.monotonic()
-    while not reachable(opts.server, timeout_s=1.0):
-        if time.monotonic() - waited > opts.server_lost_timeout_s:
-            return _finish(
-                opts,
-                EXIT_SERVER_LOST,
-                f"hospital {opts.hospital}: server {opts.server} not reachable within "
-                f"{opts.server_lost_timeout_s:.0f}s",
-            )
-        if stop.wait(0.3):
-            return _finish(opts, 143, f"hospital {opts.hospital}: terminated")
+    code = _wait_for_server(opts, stop)
+    if code is not None:
+        return code
 
     env = flwr_env.environment(state_dir / "flwr-home")
     # A restarted container (same pod, same state dir) rejoins with the same node key, which
@@ -315,6 +327,7 @@ def run_client(opts: ClientOptions) -> int:
     last_seen = time.monotonic()
     last_probe = 0.0
     failure_written = False
+    rejoins = 0
     try:
         while not stop.is_set():
             done = state_dir / DONE_MARKER
@@ -334,6 +347,25 @@ def run_client(opts: ClientOptions) -> int:
             if done.exists():
                 return _finish(opts, EXIT_DONE, f"hospital {opts.hospital}: run finished")
             supernode = flower.supernode
+            if supernode.poll() is not None and supernode.returncode == 0 and rejoins < MAX_REJOINS:
+                # Flower's SuperNode leaves with status 0 when the server no longer knows
+                # its node (a restarted server): the run is not over for this hospital
+                # (no marker says so), so it joins the new server on the same key.
+                rejoins += 1
+                log.warning(
+                    "hospital %s: the SuperNode left before the run ended (the server "
+                    "restarted?); rejoining (%d of at most %d)",
+                    opts.hospital,
+                    rejoins,
+                    MAX_REJOINS,
+                )
+                flower.stop()
+                code = _wait_for_server(opts, stop)
+                if code is not None:
+                    return code
+                flower = _start_flower(opts, env, state_dir, transport, incarnation)
+                last_seen = time.monotonic()
+                continue
             if supernode.poll() is not None:
                 lines = flower.output.join()
                 if (

@@ -31,6 +31,7 @@ from fedrun_trainer.common.privacy import (
 )
 from fedrun_trainer.common.protocol import Outcome
 from fedrun_trainer.common.settings import HospitalConfigError, RunSettings
+from fedrun_trainer.hospital import kept_update
 from fedrun_trainer.hospital.train import EvalResult, evaluate, train_round
 
 __all__ = ["HospitalConfigError", "HospitalSession", "LedgerRefused", "TrainOutcome"]
@@ -196,6 +197,7 @@ class HospitalSession:
         spec = self.settings.run.spec
         uri = self.ledger_uri()
         ledger = self.open_ledger()
+        record: list[tuple[float, float, int]] = []
         if ledger is not None:
             record = checked_history(server_history or [], "the server's record of spent steps")
             ledger = resume_from_server(ledger, record)
@@ -220,7 +222,21 @@ class HospitalSession:
                 privacy=self._privacy(ledger.epsilon, ledger, steps=0),
                 scores=scores,
             )
-        if result.ledger is not None and not result.skipped:
+        if result.skipped:
+            assert ledger is not None
+            return self._retried(weights, server_round, ledger, record, evaluation, scores)
+        if result.ledger is not None:
+            kept_update.save(
+                self.state_dir,
+                kept_update.KeptUpdate(
+                    run_uid=self.settings.run_uid,
+                    server_round=server_round,
+                    start_digest=kept_update.digest(weights),
+                    weights=list(result.weights),
+                    num_examples=result.num_examples,
+                    loss=result.loss,
+                ),
+            )
             save_ledger(uri, result.ledger)
         return TrainOutcome(
             Outcome.OK,
@@ -228,6 +244,49 @@ class HospitalSession:
             metrics={"num_examples": float(result.num_examples), "loss": result.loss},
             evaluation=evaluation,
             privacy=self._privacy(result.epsilon, result.ledger, steps=result.steps),
+            scores=scores,
+        )
+
+    def _retried(
+        self,
+        weights: Weights,
+        server_round: int,
+        ledger: PrivacyLedger,
+        server_record: list[tuple[float, float, int]],
+        evaluation: dict[str, float],
+        scores: dict[str, list[int]],
+    ) -> TrainOutcome:
+        """The answer to a round the ledger shows as trained: nothing is trained or charged.
+
+        The server is told the steps its record lacks (those of the round it lost), so its
+        account agrees with the ledger again; the update is the one sent the first time
+        when it was kept (:mod:`~fedrun_trainer.hospital.kept_update`), else the global
+        model with no examples (no weight in the average).
+        """
+        missing = max(0, ledger.steps - sum(n for _, _, n in server_record))
+        privacy = self._privacy(ledger.epsilon, ledger, steps=missing)
+        kept = kept_update.load(self.state_dir, self.settings.run_uid, server_round, weights)
+        log.warning(
+            "hospital %s: round %d was already trained (the server lost it); answering with %s",
+            self.name,
+            server_round,
+            "the update kept from then" if kept is not None else "no update (none was kept)",
+        )
+        if kept is None:
+            return TrainOutcome(
+                Outcome.OK,
+                weights=[np.asarray(w, dtype=np.float32).copy() for w in weights],
+                metrics={"num_examples": 0.0, "loss": float("nan")},
+                evaluation=evaluation,
+                privacy=privacy,
+                scores=scores,
+            )
+        return TrainOutcome(
+            Outcome.OK,
+            weights=list(kept.weights),
+            metrics={"num_examples": float(kept.num_examples), "loss": kept.loss},
+            evaluation=evaluation,
+            privacy=privacy,
             scores=scores,
         )
 

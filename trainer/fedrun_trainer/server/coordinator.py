@@ -181,11 +181,14 @@ class Coordinator:
         on_round: Callable[[RunState, RoundRecord], None] | None = None,
         round_cost: Callable[[int], RoundCost] | None = None,
         registered: dict[int, str] | None = None,
+        on_checkpoint: Callable[[RunState, Weights], None] | None = None,
     ) -> None:
         """``round_cost(n_train)`` is what a round costs a hospital with ``n_train`` rows
         under the spec (its plan); with privacy on and no way to tell, no round is sent.
         ``registered`` maps each registered node id to its hospital (node authentication);
-        None when the run has no node authentication.
+        None when the run has no node authentication. ``on_checkpoint(state, weights)`` is
+        called after every aggregated round with the new global weights, before the next
+        round starts.
         """
         self.grid = grid
         self.state = state
@@ -196,6 +199,7 @@ class Coordinator:
         self.on_round = on_round
         self.round_cost = round_cost
         self.registered = dict(registered) if registered is not None else None
+        self.on_checkpoint = on_checkpoint
         self._node_hospital: dict[int, str] = {}
         self._dead_nodes: set[int] = set()
         self._hello_pending: dict[int, str] = {}
@@ -495,15 +499,25 @@ class Coordinator:
                 time.sleep(POLL_S)
         return replies
 
-    def run(self, make_initial: Callable[[int], Weights]) -> Weights | None:
+    def run(
+        self, make_initial: Callable[[int], Weights], resume: Weights | None = None
+    ) -> Weights | None:
         """Run every round; returns the final global weights. The outcome is in ``state``.
 
         ``make_initial`` builds the round-0 model for the number of features the hospitals
-        reported when they joined (they must agree).
+        reported when they joined (they must agree). ``resume`` is the global model after
+        ``state.current_round`` rounds, from a checkpoint that already restored ``state``:
+        the hospitals rejoin and training goes on at the next round (a run whose restored
+        state is final is only published again). Its shapes must be those ``make_initial``
+        gives, or the run fails with ``CheckpointInvalid``.
         """
         st, cfg = self.state, self.settings
+        if resume is not None and st.final:
+            self.publish(st)
+            return resume
+        if resume is None:
+            st.start_time = now_rfc3339()
         st.phase, st.reason = Phase.RUNNING, Reason.WAITING_FOR_HOSPITALS
-        st.start_time = now_rfc3339()
         self.publish(st)
         if not self.wait_for_hospitals():
             st.finish(Phase.FAILED, Reason.TOO_FEW_HOSPITALS, self.join_failure())
@@ -521,11 +535,26 @@ class Coordinator:
             self.publish(st)
             return None
         weights = make_initial(next(iter(sizes.values())))
-        for server_round in range(1, cfg.rounds + 1):
+        if resume is not None:
+            shapes = [np.shape(w) for w in weights]
+            if [np.shape(w) for w in resume] != shapes:
+                st.finish(
+                    Phase.FAILED,
+                    Reason.CHECKPOINT_INVALID,
+                    f"the checkpoint's model has shapes {[np.shape(w) for w in resume]}, "
+                    f"this run's model {shapes}",
+                )
+                self.publish(st)
+                return None
+            weights = [np.asarray(w, dtype=np.float32) for w in resume]
+            log.info("resuming after round %d of %d", st.current_round, cfg.rounds)
+        for server_round in range(st.current_round + 1, cfg.rounds + 1):
             outcome = self._round(server_round, weights)
             if outcome is None:
                 return weights
             weights = outcome
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(st, weights)
         self._final_evaluation(weights)
         st.finish(
             Phase.SUCCEEDED,
@@ -632,7 +661,10 @@ class Coordinator:
                 )
             self.publish(st)
             return None
-        new_weights = self.aggregate(weights, results)
+        # Hospitals that only answered a round they had trained before (its update lost)
+        # add no examples: with nothing new, the global model stays as it was.
+        fresh = any(n > 0 for _, n in results)
+        new_weights = self.aggregate(weights, results) if fresh else weights
         record.train_loss = weighted_mean(losses)
         record.duration_s = time.monotonic() - t0
         st.rounds.append(record)

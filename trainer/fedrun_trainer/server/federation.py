@@ -11,10 +11,10 @@ import importlib
 import json
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from flwr.app import Context
@@ -24,8 +24,16 @@ from fedrun_core.schema import table_schema
 from fedrun_core.states import Phase, Reason
 from fedrun_trainer.common import files
 from fedrun_trainer.common.settings import RunSettings
+from fedrun_trainer.server import checkpoint
 from fedrun_trainer.server.coordinator import Coordinator, CoordinatorSettings, RoundCost, Weights
-from fedrun_trainer.server.run_state import RoundRecord, RunState, to_history, to_status
+from fedrun_trainer.server.run_state import (
+    RoundRecord,
+    RunState,
+    restore_state,
+    state_to_json,
+    to_history,
+    to_status,
+)
 from fedrun_trainer.server.tracking import Tracker, default_tracking_uri
 
 log = logging.getLogger("fedrun.server")
@@ -37,6 +45,9 @@ MODEL_FILE = "model.npz"
 #: written by ``fedrun server`` before the run is submitted.
 NODES_FILE = "nodes.json"
 JOIN_GRACE_S = 20.0
+#: Where the checkpoint lives when the run names no other place: inside the state directory,
+#: which a restarted container of the same pod keeps (an emptyDir).
+CHECKPOINT_DIR = "checkpoint"
 
 
 #: What the rounds need and waiting for hospitals does not (seconds of imports on a small
@@ -110,22 +121,35 @@ def new_run_state(settings: RunSettings) -> RunState:
     )
 
 
-def make_aggregator(settings: RunSettings) -> Any:
-    """The server-side update rule for the run's strategy."""
-    from fedrun_trainer.server.strategy import FedAdam, aggregate_fedavg
+class Aggregator:
+    """The server-side update rule for the run's strategy, with what it carries between
+    rounds (FedAdam's moments) for the checkpoint."""
 
-    if settings.strategy == "FedAdam":
-        adam = FedAdam(learning_rate=settings.server_learning_rate)
+    def __init__(self, settings: RunSettings) -> None:
+        from fedrun_trainer.server.strategy import FedAdam
 
-        def fedadam(current: Weights, results: list[tuple[Weights, int]]) -> Weights:
-            return adam.step(current, aggregate_fedavg(results))
+        self.adam = (
+            FedAdam(learning_rate=settings.server_learning_rate)
+            if settings.strategy == "FedAdam"
+            else None
+        )
 
-        return fedadam
+    def __call__(self, current: Weights, results: list[tuple[Weights, int]]) -> Weights:
+        from fedrun_trainer.server.strategy import aggregate_fedavg
 
-    def fedavg(current: Weights, results: list[tuple[Weights, int]]) -> Weights:
-        return aggregate_fedavg(results)
+        mean = aggregate_fedavg(results)
+        return mean if self.adam is None else self.adam.step(current, mean)
 
-    return fedavg
+    def state_arrays(self) -> dict[str, list[np.ndarray]]:
+        """The strategy's state for a checkpoint (empty for FedAvg and FedProx)."""
+        return {} if self.adam is None else dict(self.adam.state_arrays())
+
+    def load_arrays(self, arrays: dict[str, list[np.ndarray]]) -> None:
+        """Take back :meth:`state_arrays`; ValueError when they do not fit the strategy."""
+        if self.adam is not None:
+            self.adam.load_arrays(arrays)
+        elif arrays:
+            raise ValueError(f"strategy state {sorted(arrays)} for a strategy that has none")
 
 
 def initial_weights(settings: RunSettings, n_features: int) -> Weights:
@@ -135,11 +159,91 @@ def initial_weights(settings: RunSettings, n_features: int) -> Weights:
     return get_weights(build_model(settings.model_spec(), n_features, seed=settings.seed))
 
 
+def load_checkpoint(
+    settings: RunSettings, directory: Path, state: RunState, aggregator: Aggregator
+) -> Weights | None:
+    """Put the run's checkpoint in ``directory`` back into ``state`` and ``aggregator``;
+    the global weights it holds, or None (and a new lineage) when there is none.
+
+    Raises :class:`~fedrun_trainer.server.checkpoint.CheckpointInvalid` for a checkpoint
+    that is damaged, another run's, or does not fit this run.
+    """
+    cp = checkpoint.read(directory)
+    if cp is None:
+        state.lineage = checkpoint.new_lineage()
+        return None
+    checkpoint.check_owner(cp, settings.run, str(directory / checkpoint.FILE))
+    try:
+        restore_state(state, cp.state)
+        aggregator.load_arrays(cp.strategy)
+    except (KeyError, TypeError, ValueError) as err:
+        raise checkpoint.CheckpointInvalid(
+            f"{directory / checkpoint.FILE}: its state does not fit this run ({err})"
+        ) from None
+    if cp.round != state.current_round:
+        raise checkpoint.CheckpointInvalid(
+            f"{directory / checkpoint.FILE}: round {cp.round} but a state after round "
+            f"{state.current_round}"
+        )
+    state.lineage, state.resumed_after = cp.lineage, cp.round
+    if not state.final:
+        state.message = f"resumed after round {cp.round}/{state.total_rounds} from its checkpoint"
+    log.info("checkpoint of round %d found (lineage %s)", cp.round, cp.lineage)
+    return list(cp.weights)
+
+
 def run_federation(grid: Grid, context: Context) -> None:
     """Entry point of the ServerApp: never raises; the outcome is in the status file."""
     state_dir = Path(str(context.run_config["state-dir"]))
+    checkpoint_dir = Path(
+        str(context.run_config.get("checkpoint-dir") or state_dir / CHECKPOINT_DIR)
+    )
     settings = RunSettings.load(str(context.run_config["fedrun-config"]))
     state = new_run_state(settings)
+    aggregator = Aggregator(settings)
+    try:
+        resume = load_checkpoint(settings, checkpoint_dir, state, aggregator)
+    except checkpoint.CheckpointInvalid as err:
+        log.error("checkpoint refused: %s", err)
+        state.finish(Phase.FAILED, Reason.CHECKPOINT_INVALID, f"checkpoint refused: {err}")
+        files.write_json_atomic(state_dir / STATUS_FILE, to_status(state))
+        files.write_json_atomic(state_dir / HISTORY_FILE, to_history(state))
+        return
+    if resume is not None and state.final:
+        # Restarted after the run ended: publish the outcome again, train nothing.
+        files.write_json_atomic(state_dir / STATUS_FILE, to_status(state))
+        files.write_json_atomic(state_dir / HISTORY_FILE, to_history(state))
+        return
+    fingerprint = checkpoint.spec_fingerprint(settings.run)
+    last_weights: list[Weights] = [resume] if resume is not None else []
+
+    def save_checkpoint(st: RunState, weights: Weights) -> None:
+        last_weights[:] = [weights]
+        started = time.monotonic()
+        try:
+            size = checkpoint.write(
+                checkpoint_dir,
+                checkpoint.Checkpoint(
+                    run_name=settings.run_name,
+                    run_uid=settings.run_uid,
+                    spec_fingerprint=fingerprint,
+                    lineage=st.lineage,
+                    round=st.current_round,
+                    weights=weights,
+                    state=state_to_json(st),
+                    strategy=aggregator.state_arrays(),
+                ),
+            )
+        except OSError as err:  # training goes on; a restart would go back further
+            log.error("could not write the checkpoint of round %d: %s", st.current_round, err)
+            return
+        log.info(
+            "checkpoint of round %d written (%d bytes, %.3f s)",
+            st.current_round,
+            size,
+            time.monotonic() - started,
+        )
+
     tracker = Tracker(
         settings.mlflow_tracking_uri or default_tracking_uri(state_dir),
         settings.mlflow_experiment,
@@ -178,11 +282,12 @@ def run_federation(grid: Grid, context: Context) -> None:
             delta=settings.delta,
             accountant=settings.accountant,
         ),
-        aggregate=make_aggregator(settings),
+        aggregate=aggregator,
         epsilon_of=lambda history: epsilon_of(history, settings.delta, settings.accountant),
         publish=publish,
         on_round=on_round,
         round_cost=round_cost_of(settings) if settings.privacy_enabled else None,
+        on_checkpoint=save_checkpoint,
     )
     try:
         coordinator.registered = read_registered_nodes(state_dir, settings)
@@ -194,10 +299,13 @@ def run_federation(grid: Grid, context: Context) -> None:
     # MLflow starts, and what the rounds need is imported, while the hospitals join.
     prefetch()
     tracker.start_in_background(
-        settings.run_name, settings.mlflow_params(), {"fedrun.run": settings.run_name}
+        settings.run_name,
+        settings.mlflow_params(),
+        {"fedrun.run": settings.run_name},
+        existing=state.mlflow_run_id,
     )
     try:
-        weights = coordinator.run(lambda n: initial_weights(settings, n))
+        weights = coordinator.run(lambda n: initial_weights(settings, n), resume)
         if weights is not None:
             path = state_dir / MODEL_FILE
             np.savez(path, *weights)
@@ -214,6 +322,9 @@ def run_federation(grid: Grid, context: Context) -> None:
     finally:
         state.mlflow_run_id = tracker.started()
         publish(state)
+        if state.final and last_weights:
+            # A server restarted after the end finds the outcome, not rounds to train.
+            save_checkpoint(state, last_weights[0])
         tracker.log_artifact(state_dir / HISTORY_FILE)
         tracker.finish(state.phase)
         try:

@@ -27,17 +27,21 @@ from fedrun_core.states import FINAL_PHASES, Phase, Reason, failed_status
 from fedrun_core.times import now_rfc3339
 from fedrun_trainer.common import files
 from fedrun_trainer.common.settings import RunSettings
+from fedrun_trainer.server.checkpoint import CheckpointInvalid
 from fedrun_trainer.server.control import ControlClient, ControlError, build_fab
 from fedrun_trainer.server.federation import (
+    CHECKPOINT_DIR,
     HISTORY_FILE,
     NODES_FILE,
     STATUS_FILE,
+    Aggregator,
+    load_checkpoint,
     new_run_state,
     write_registered_nodes,
 )
 from fedrun_trainer.server.fleet_proxy import DEFAULT_MAX_BODY_BYTES
 from fedrun_trainer.server.metrics import render_metrics
-from fedrun_trainer.server.run_state import to_status
+from fedrun_trainer.server.run_state import RunState, to_status
 from fedrun_trainer.server.superlink import (
     FlowerServer,
     MaterialError,
@@ -129,6 +133,24 @@ def app_fab() -> tuple[bytes, str]:
     return build_fab(source.read_bytes())
 
 
+def _initial_state(settings: RunSettings, state_dir: Path) -> RunState:
+    """What ``/status`` shows until the ServerApp runs: the run as its checkpoint left it
+    (rounds and ε so far) when there is one, so a restart never shows the run back at
+    round 0; a fresh run otherwise (the ServerApp reports a checkpoint it refuses)."""
+    state = new_run_state(settings)
+    try:
+        load_checkpoint(settings, state_dir / CHECKPOINT_DIR, state, Aggregator(settings))
+    except CheckpointInvalid:
+        return new_run_state(settings)
+    if state.resumed_after is None:
+        return new_run_state(settings)  # the ServerApp mints the lineage
+    if not state.final:
+        state.message = (
+            f"restarting: resuming after round {state.resumed_after}/{state.total_rounds}"
+        )
+    return state
+
+
 def run_server(opts: ServerOptions) -> int:
     """Run the server until terminated; returns the process exit status."""
     settings = RunSettings.load(opts.config)
@@ -136,8 +158,7 @@ def run_server(opts: ServerOptions) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     for stale in (STATUS_FILE, HISTORY_FILE, NODES_FILE):
         (state_dir / stale).unlink(missing_ok=True)
-    initial = new_run_state(settings)
-    files.write_json_atomic(state_dir / STATUS_FILE, to_status(initial))
+    files.write_json_atomic(state_dir / STATUS_FILE, to_status(_initial_state(settings, state_dir)))
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -213,7 +234,11 @@ def _submit_and_follow(
     control: ControlClient,
     stop: threading.Event,
 ) -> int:
-    config = {"fedrun-config": str(Path(opts.config).resolve()), "state-dir": str(state_dir)}
+    config = {
+        "fedrun-config": str(Path(opts.config).resolve()),
+        "state-dir": str(state_dir),
+        "checkpoint-dir": str(state_dir / CHECKPOINT_DIR),
+    }
     run_id = control.start_run(*fab, config)
     log.info("submitted Flower run %s", run_id)
     deadline = time.monotonic() + run_deadline_s(settings)

@@ -98,6 +98,11 @@ class RunState:
     #: The table's columns (target, then features): the only names a hospital's data
     #: counts may use.
     columns: tuple[str, ...] = ()
+    #: The chain of server incarnations this training belongs to (see
+    #: :class:`fedrun_trainer.server.checkpoint.Checkpoint`); empty before it is known.
+    lineage: str = ""
+    #: The round a restarted server resumed after (from its checkpoint); None if it did not.
+    resumed_after: int | None = None
 
     @classmethod
     def new(
@@ -226,6 +231,15 @@ def to_status(state: RunState) -> dict[str, Any]:
         }
     if state.mlflow_run_id:
         status["mlflowRunId"] = state.mlflow_run_id
+    if state.lineage:
+        status["checkpoint"] = {
+            "lineage": state.lineage,
+            **(
+                {"resumedAfterRound": state.resumed_after}
+                if state.resumed_after is not None
+                else {}
+            ),
+        }
     return status
 
 
@@ -251,3 +265,109 @@ def to_history(state: RunState) -> dict[str, Any]:
             for r in state.rounds
         ],
     }
+
+
+#: The hospital fields a checkpoint keeps (the node it was on is not: it must rejoin).
+_KEPT = (
+    "state",
+    "incarnation",
+    "restarts",
+    "message",
+    "epsilon_reported",
+    "epsilon_accounted",
+    "noise_multiplier",
+    "sample_rate",
+    "steps_per_round",
+    "rounds_trained",
+    "budget_exhausted",
+    "num_train",
+    "num_test",
+    "num_features",
+)
+
+
+def state_to_json(state: RunState) -> dict[str, Any]:
+    """What a checkpoint keeps of ``state``, JSON-ready (see :func:`restore_state`)."""
+    return {
+        "phase": state.phase,
+        "reason": state.reason,
+        "message": state.message,
+        "currentRound": state.current_round,
+        "startTime": state.start_time,
+        "completionTime": state.completion_time,
+        "mlflowRunId": state.mlflow_run_id,
+        "hospitals": {
+            h.name: {
+                **{key: getattr(h, key) for key in _KEPT},
+                "history": [[s, q, n] for s, q, n in h.history],
+                "data": h.data.to_metrics() if h.data is not None else None,
+            }
+            for h in state.hospitals.values()
+        },
+        "rounds": [
+            {
+                "round": r.round,
+                "durationS": r.duration_s,
+                "hospitalsTrained": list(r.hospitals_trained),
+                "trainLoss": r.train_loss,
+                "evaluation": dict(r.evaluation),
+                "perHospitalEval": {k: dict(v) for k, v in r.per_hospital_eval.items()},
+                "epsilon": dict(r.epsilon),
+            }
+            for r in state.rounds
+        ],
+    }
+
+
+def restore_state(fresh: RunState, saved: dict[str, Any]) -> RunState:
+    """``fresh`` (the run's state as the spec makes it) with a checkpoint's state put back.
+
+    Every hospital waits to rejoin (no node is known to a new server) unless it had
+    finished (Done, Failed). Raises ValueError (or KeyError, TypeError) when ``saved`` does
+    not fit the run: a hospital the spec does not have, a round past the total.
+    """
+    current = int(saved["currentRound"])
+    if not 0 <= current <= fresh.total_rounds:
+        raise ValueError(f"round {current} is outside 0..{fresh.total_rounds}")
+    hospitals = dict(saved["hospitals"])
+    if set(hospitals) != set(fresh.hospitals):
+        raise ValueError(
+            f"hospitals {sorted(hospitals)} are not the spec's {sorted(fresh.hospitals)}"
+        )
+    for name, kept in hospitals.items():
+        h = fresh.hospitals[name]
+        for key in _KEPT:
+            default = getattr(h, key)
+            value = kept[key]
+            setattr(h, key, type(default)(value) if default is not None else value)
+        h.history = [(float(s), float(q), int(n)) for s, q, n in kept["history"]]
+        data = kept.get("data")
+        h.data = DataCounts.from_metrics(dict(data), list(fresh.columns)) if data else None
+        if h.state not in (HospitalState.DONE, HospitalState.FAILED, HospitalState.NOT_JOINED):
+            h.state = HospitalState.PENDING
+            h.message = "waiting for the hospital to rejoin the restarted server"
+    fresh.rounds = [
+        RoundRecord(
+            round=int(r["round"]),
+            duration_s=float(r["durationS"]),
+            hospitals_trained=[str(n) for n in r["hospitalsTrained"]],
+            train_loss=None if r["trainLoss"] is None else float(r["trainLoss"]),
+            evaluation={
+                str(k): None if v is None else float(v) for k, v in dict(r["evaluation"]).items()
+            },
+            per_hospital_eval={
+                str(n): {str(k): float(v) for k, v in dict(ev).items()}
+                for n, ev in dict(r["perHospitalEval"]).items()
+            },
+            epsilon={str(k): float(v) for k, v in dict(r["epsilon"]).items()},
+        )
+        for r in saved["rounds"]
+    ]
+    fresh.current_round = current
+    fresh.start_time = saved.get("startTime") or None
+    fresh.mlflow_run_id = saved.get("mlflowRunId") or None
+    fresh.phase = str(saved["phase"])
+    fresh.reason = str(saved["reason"])
+    fresh.message = str(saved["message"])
+    fresh.completion_time = saved.get("completionTime") or None
+    return fresh

@@ -88,3 +88,15 @@ class FedAdam:
             )
             out.append(new.astype(np.float32))
         return out
+
+    def state_arrays(self) -> dict[str, list[npt.NDArray[np.float64]]]:
+        """The moments, for a checkpoint (empty before the first step)."""
+        return {"m": list(self.m), "v": list(self.v)} if self.m else {}
+
+    def load_arrays(self, arrays: dict[str, list[npt.NDArray[Any]]]) -> None:
+        """Take back moments :meth:`state_arrays` gave; ValueError when they do not pair up."""
+        m, v = arrays.get("m", []), arrays.get("v", [])
+        if len(m) != len(v) or any(np.shape(a) != np.shape(b) for a, b in zip(m, v, strict=True)):
+            raise ValueError("FedAdam's moments m and v do not pair up")
+        self.m = [np.asarray(a, dtype=np.float64) for a in m]
+        self.v = [np.asarray(a, dtype=np.float64) for a in v]

@@ -49,8 +49,18 @@ class Tracker:
             log.warning("%s", self.error)
             return None
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
-        """Start the MLflow run and log the parameters; returns its run id."""
+    def start(
+        self,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        existing: str | None = None,
+    ) -> str | None:
+        """Start the MLflow run and log the parameters; returns its run id.
+
+        ``existing`` is the run a resumed server logged to before its restart: it is used
+        again when the store still has it, so one FederatedRun stays one MLflow run.
+        """
 
         def _start() -> str:
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -70,6 +80,11 @@ class Tracker:
                 exp_id = client.create_experiment(self.experiment, artifact_location=location)
             else:
                 exp_id = exp.experiment_id
+            if existing:
+                try:
+                    return str(client.get_run(existing).info.run_id)
+                except Exception as err:
+                    log.warning("MLflow run %s not found (%s); starting a new one", existing, err)
             run = client.create_run(exp_id, run_name=run_name, tags=tags)
             for key, value in sorted(params.items()):
                 client.log_param(run.info.run_id, key, value)
@@ -79,7 +94,11 @@ class Tracker:
         return self.run_id
 
     def start_in_background(
-        self, run_name: str, params: dict[str, Any], tags: dict[str, str]
+        self,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        existing: str | None = None,
     ) -> None:
         """:meth:`start` on a thread of its own; every later call waits for it.
 
@@ -87,7 +106,10 @@ class Tracker:
         run spends waiting for its hospitals anyway.
         """
         self._starting = threading.Thread(
-            target=self.start, args=(run_name, params, tags), name="mlflow-start", daemon=True
+            target=self.start,
+            args=(run_name, params, tags, existing),
+            name="mlflow-start",
+            daemon=True,
         )
         self._starting.start()
 
