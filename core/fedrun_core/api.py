@@ -1936,6 +1936,13 @@ class CarriedPrivacy(_Status):
     history: History = Field(
         default_factory=list, description="[[σ, q, steps], ...] spent before the resume."
     )
+    lineage: str | None = Field(
+        None,
+        description=(
+            "The server lineage that spent it (a server resumed from its checkpoint keeps "
+            "its lineage; one that started over has a new one). Absent: from before lineages."
+        ),
+    )
 
 
 class PrivacyStatus(_Status):
@@ -1952,8 +1959,15 @@ class PrivacyStatus(_Status):
     carried: list[CarriedPrivacy] = Field(
         default_factory=list,
         description=(
-            "What earlier server incarnations spent (kept across suspend and resume): it "
-            "counts against the budget together with what the current server reports."
+            "What earlier server lineages spent (kept across restarts, suspend and resume): "
+            "it counts against the budget together with what the current server reports."
+        ),
+    )
+    lineage: str | None = Field(
+        None,
+        description=(
+            "The lineage of the server whose history hospitals[].history shows: the chain "
+            "of server incarnations that resumed one another from the run's checkpoint."
         ),
     )
 

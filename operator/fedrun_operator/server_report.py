@@ -176,6 +176,13 @@ class ReportedPrivacyBlock(_Report):
     )
 
 
+class ReportedCheckpoint(_Report):
+    """Which chain of server incarnations the reported history belongs to."""
+
+    lineage: Annotated[str, Field(max_length=64, pattern=r"^[0-9a-f]+$")]
+    resumed_after_round: Annotated[int, Field(ge=0, le=100_000)] | None = None
+
+
 class ServerReport(_Report):
     """The parts of a server's ``/status`` the operator reads, each bounded and typed."""
 
@@ -191,6 +198,7 @@ class ServerReport(_Report):
         default_factory=list
     )
     privacy: ReportedPrivacyBlock | None = None
+    checkpoint: ReportedCheckpoint | None = None
     metrics: Annotated[dict[str, Metric], Field(max_length=_MAX_METRICS)] | None = None
     mlflow_run_id: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9_-]*$")] | None = None
 

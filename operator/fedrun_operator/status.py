@@ -126,12 +126,69 @@ def _history(entry: Obj) -> list[tuple[float, float, int]]:
     return []
 
 
-def _carried(prev: Obj) -> dict[str, list[tuple[float, float, int]]]:
-    """Histories spent by earlier server incarnations (kept across suspend/resume)."""
+def _carried(prev: Obj, skip_lineage: str = "") -> dict[str, list[tuple[float, float, int]]]:
+    """Histories spent by earlier server incarnations, per hospital, all lineages together
+    but ``skip_lineage`` (the current server's, which its own history already holds)."""
     out: dict[str, list[tuple[float, float, int]]] = {}
     for entry in (prev.get("privacy") or {}).get("carried", []):
-        out[entry["name"]] = [(float(s), float(q), int(n)) for s, q, n in entry["history"]]
+        if skip_lineage and entry.get("lineage") == skip_lineage:
+            continue
+        history = [(float(s), float(q), int(n)) for s, q, n in entry["history"]]
+        out[entry["name"]] = out.get(entry["name"], []) + history
     return out
+
+
+def _steps(history: list[tuple[float, float, int]]) -> int:
+    return sum(n for _, _, n in history)
+
+
+def _carry_lineage(entries: list[Obj], lineage: str, rows: dict[str, Obj]) -> list[Obj]:
+    """``entries`` with each hospital's history of ``lineage`` (from the status ``rows``)
+    carried: added, or replacing a shorter record of the same lineage (never both)."""
+    out = [dict(e) for e in entries]
+    for name, row in sorted(rows.items()):
+        history = _history({"history": row.get("history")})
+        if not history:
+            continue
+        same = next((e for e in out if e["name"] == name and e.get("lineage") == lineage), None)
+        if same is None:
+            out.append({"name": name, "lineage": lineage, "history": [list(h) for h in history]})
+        elif _steps(history) > _steps(_history({"history": same["history"]})):
+            same["history"] = [list(h) for h in history]
+    return out
+
+
+def _own_histories(
+    run: FederatedRun, prev: Obj, server: Obj | None
+) -> tuple[str, list[Obj], dict[str, list[tuple[float, float, int]]]]:
+    """The current lineage, the carried entries, and each hospital's history in the
+    current server incarnation.
+
+    A server names the chain of incarnations its history belongs to (``checkpoint.lineage``):
+    one resumed from its checkpoint keeps its lineage and reports the whole history again;
+    one that started over (its checkpoint lost with its pod) has a new lineage, and what the
+    previous lineage spent is carried, so it keeps counting. While the server says no
+    lineage (it is starting, or unreachable) the previous figures stand.
+    """
+    block = prev.get("privacy") or {}
+    prev_lineage = str(block.get("lineage") or "")
+    prev_rows = {h["name"]: h for h in block.get("hospitals", [])}
+    server_lineage = str(((server or {}).get("checkpoint") or {}).get("lineage") or "")
+    reported = {h["name"]: h for h in ((server or {}).get("privacy") or {}).get("hospitals", [])}
+    entries = list(block.get("carried", []))
+    if server_lineage and prev_lineage and server_lineage != prev_lineage:
+        entries = _carry_lineage(entries, prev_lineage, prev_rows)
+    lineage = server_lineage or prev_lineage
+    own: dict[str, list[tuple[float, float, int]]] = {}
+    for h in run.spec.hospitals:
+        mine = _history(reported.get(h.name, {}))
+        before = _history({"history": prev_rows.get(h.name, {}).get("history")})
+        if not server_lineage and prev_lineage:
+            mine = before
+        elif server_lineage and server_lineage == prev_lineage and _steps(before) > _steps(mine):
+            mine = before  # a server resumed from an older checkpoint: the round it lost counts
+        own[h.name] = mine
+    return lineage, entries, own
 
 
 @dataclass(frozen=True)
@@ -191,7 +248,8 @@ def privacy_status(
     if not p.enabled:
         return PrivacyView(None)
     planned = planned or {}
-    carried = _carried(prev)
+    lineage, entries, own_histories = _own_histories(run, prev, server)
+    carried = _carried({"privacy": {"carried": entries}}, skip_lineage=lineage)
     reported = {h["name"]: h for h in ((server or {}).get("privacy") or {}).get("hospitals", [])}
     previous = {h["name"]: h for h in (prev.get("privacy") or {}).get("hospitals", [])}
     view = PrivacyView(None)
@@ -199,7 +257,7 @@ def privacy_status(
     rdp = p.accountant == "rdp"
     for h in run.spec.hospitals:
         entry = reported.get(h.name, {})
-        own_history = _history(entry)
+        own_history = own_histories[h.name]
         history = carried.get(h.name, []) + own_history
         steps = sum(n for _, _, n in history)
         plan = planned.get(h.name)
@@ -230,8 +288,8 @@ def privacy_status(
         for key in ("noiseMultiplier", "sampleRate", "steps", "stepsPerRound", "numTrain"):
             if entry.get(key) is not None:
                 row[key] = entry[key]
-        if entry.get("history") is not None:
-            row["history"] = entry["history"]  # this server incarnation's own
+        if own_history:
+            row["history"] = [list(e) for e in own_history]  # this server lineage's own
         if history:
             row["steps"] = steps
         if plan is not None:
@@ -249,8 +307,10 @@ def privacy_status(
         "delta": p.delta,
         "hospitals": rows,
     }
-    if prev.get("privacy", {}).get("carried"):
-        block["carried"] = prev["privacy"]["carried"]
+    if lineage:
+        block["lineage"] = lineage
+    if entries:
+        block["carried"] = entries
     return PrivacyView(block, view.spent, view.after_next, view.mismatches, view.histories)
 
 
@@ -451,8 +511,8 @@ def decide(
         phase, reason = Phase.SUSPENDED, Reason.SUSPENDED
         message = (
             f"suspended at round {rnd['current']}/{spec.rounds}; on resume the server restarts "
-            "training from round 0 (it keeps no checkpoint) and the ε already spent keeps "
-            "counting against the budget"
+            "training from round 0 (its checkpoint is on the server pod's own volume, which "
+            "goes with the pod) and the ε already spent keeps counting against the budget"
         )
     elif spec.active_deadline_seconds is not None and now >= _deadline(
         start, spec.active_deadline_seconds
@@ -527,8 +587,9 @@ def decide(
         "message": message,
     }
     if privacy is not None:
-        if phase == Phase.SUSPENDED and prev_phase != Phase.SUSPENDED:
-            # The server's state goes with its pod: keep what it spent in the status.
+        if phase == Phase.SUSPENDED and prev_phase != Phase.SUSPENDED and "lineage" not in privacy:
+            # A server that names no lineage: what it spent is carried at the suspend (with
+            # a lineage, the resumed server's new or same lineage decides, see above).
             privacy["carried"] = _carry_over(privacy, prev, server)
         status["privacy"] = privacy
     metrics_block = (server or {}).get("metrics") or prev.get("metrics")

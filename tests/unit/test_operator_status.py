@@ -301,6 +301,71 @@ def test_suspend_carries_spent_privacy_over_and_resume_says_it_restarts() -> Non
     assert r.status["privacy"]["epsilonSpent"] > spent_before
 
 
+def with_lineage(status: dict[str, Any], lineage: str) -> dict[str, Any]:
+    return {**status, "checkpoint": {"lineage": lineage}}
+
+
+def spent(decision: Decision) -> float:
+    return float(decision.status["privacy"]["epsilonSpent"])
+
+
+def test_a_server_that_started_over_has_what_its_lineage_spent_carried() -> None:
+    """A server whose checkpoint was lost (a new pod) reports a new lineage from zero steps:
+    what the old lineage spent keeps counting, and is carried once, however often it is seen."""
+    run = make_run()
+    delta = run.spec.privacy.delta
+    first = look(run, created(run), with_lineage(server_status(run, current=2, steps=20), "aa"))
+    assert first.status["privacy"]["lineage"] == "aa"
+    assert "carried" not in first.status["privacy"]
+    # Restarting: the new server has not said its lineage yet; the old figures stand.
+    starting = look(run, first.status, server_status(run, phase="Pending", current=0, steps=0))
+    assert starting.status["privacy"]["lineage"] == "aa"
+    assert spent(starting) == pytest.approx(spent(first))
+    over = look(run, starting.status, with_lineage(server_status(run, current=1, steps=10), "bb"))
+    again = look(run, over.status, with_lineage(server_status(run, current=1, steps=10), "bb"))
+    for d in (over, again):
+        carried = d.status["privacy"]["carried"]
+        assert {(c["name"], c["lineage"]) for c in carried} == {
+            (h.name, "aa") for h in run.spec.hospitals
+        }
+        assert all(c["history"] == [[4.0, 0.1, 20]] for c in carried)
+        assert d.status["privacy"]["lineage"] == "bb"
+        assert spent(d) == pytest.approx(epsilon([(4.0, 0.1, 30)], delta), rel=1e-5)
+        assert d.histories["hospital-a"] == [(4.0, 0.1, 20), (4.0, 0.1, 10)]
+
+
+def test_a_server_resumed_from_its_checkpoint_is_not_counted_twice() -> None:
+    """Same lineage: the resumed server's history already holds what was spent before."""
+    run = make_run()
+    delta = run.spec.privacy.delta
+    before = look(run, created(run), with_lineage(server_status(run, current=3, steps=30), "aa"))
+    # Resumed from the checkpoint of round 2 (round 3's was not written yet): the round it
+    # lost still counts until the server's own record has it again.
+    behind = look(run, before.status, with_lineage(server_status(run, current=2, steps=20), "aa"))
+    assert spent(behind) == pytest.approx(epsilon([(4.0, 0.1, 30)], delta), rel=1e-5)
+    ahead = look(run, behind.status, with_lineage(server_status(run, current=4, steps=40), "aa"))
+    assert "carried" not in ahead.status["privacy"]
+    assert spent(ahead) == pytest.approx(epsilon([(4.0, 0.1, 40)], delta), rel=1e-5)
+
+
+def test_suspend_with_a_lineage_carries_once_whether_the_resumed_server_kept_it_or_not() -> None:
+    run = make_run()
+    delta = run.spec.privacy.delta
+    running = look(run, created(run), with_lineage(server_status(run, current=2, steps=20), "aa"))
+    suspended = decide(
+        make_run(suspend=True),
+        running.status,
+        Observation(now=T0, server=with_lineage(server_status(run, current=2, steps=20), "aa")),
+        epsilon,
+    )
+    assert suspended.status["phase"] == "Suspended"
+    resumed = decide(run, suspended.status, Observation(now=T0, hospitals=jobs(run)), epsilon)
+    kept = look(run, resumed.status, with_lineage(server_status(run, current=3, steps=30), "aa"))
+    assert spent(kept) == pytest.approx(epsilon([(4.0, 0.1, 30)], delta), rel=1e-5)
+    lost = look(run, resumed.status, with_lineage(server_status(run, current=1, steps=10), "cc"))
+    assert spent(lost) == pytest.approx(epsilon([(4.0, 0.1, 30)], delta), rel=1e-5)
+
+
 def test_epsilon_never_goes_down_when_the_server_restarts() -> None:
     run = make_run()
     prev = created(run)
