@@ -14,7 +14,7 @@ from dataclasses import dataclass
 __all__ = ["PART_ORDER", "Section", "document", "fmt", "merge", "table"]
 
 #: The parts, in report order.
-PART_ORDER = ("start", "overhead", "scale", "dp", "auroc", "messy", "operator")
+PART_ORDER = ("start", "overhead", "recovery", "scale", "dp", "auroc", "messy", "operator")
 
 _TITLE = "# fedrun benchmarks"
 _INTRO = (

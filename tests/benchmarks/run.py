@@ -5,7 +5,8 @@ Parts: ``start`` (the server's start and stop), ``overhead`` (round overhead of
 ``auroc`` (quality on the real stroke data; skipped, with the reason in the report, when
 the data is absent), ``messy`` (the real data with injected export defects under
 declared policies, against the same rows clean), ``operator`` (the operator under load),
-``scale`` (how cost grows with hospitals, rows and model size). ``--only PART`` runs one
+``scale`` (how cost grows with hospitals, rows and model size), ``recovery`` (the server
+killed mid-run: time to recover, the checkpoint's cost per round). ``--only PART`` runs one
 part and replaces only its section of an existing report; ``--quick`` is a smoke test.
 """
 
@@ -39,12 +40,14 @@ def _parts() -> dict[str, Part]:
     from tests.benchmarks.messy import measure_messy
     from tests.benchmarks.operator_scale import measure_operator
     from tests.benchmarks.overhead import measure_overhead
+    from tests.benchmarks.recovery import measure_recovery
     from tests.benchmarks.scaling import measure_scaling
     from tests.benchmarks.startstop import measure_start_stop
 
     return {
         "start": measure_start_stop,
         "overhead": measure_overhead,
+        "recovery": measure_recovery,
         "dp": measure_dp_step,
         "auroc": measure_auroc,
         "messy": measure_messy,

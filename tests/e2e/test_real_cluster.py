@@ -13,6 +13,7 @@ this file; it writes out/e2e/federatedrun.json and out/e2e/kubectl-get-federated
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,61 @@ def test_a_killed_hospital_is_restarted_and_its_epsilon_never_goes_down(
     assert restarted["restartCount"] >= 1
     row = next(h for h in status["hospitals"] if h["name"] == "hospital-b")
     assert row["restarts"] >= 1
+    real_cluster.kubectl("delete", PLURAL, name, "-n", NS, "--wait=true")
+
+
+def test_a_killed_server_container_resumes_from_its_checkpoint_on_the_real_control_plane(
+    real_cluster: RealCluster, node: NodeAgent, operator: dict[str, Any], tmp_path: Path
+) -> None:
+    """The server's container is SIGKILLed mid-run (an OOM kill, a crash); the kubelet
+    restarts it in the same Pod, whose state volume holds the checkpoint: the run goes on
+    from the last completed round, under the same lineage, and ends Succeeded."""
+    name = "stroke-server-restart"
+    rounds = 4
+    _apply(real_cluster, _run_doc(tmp_path, name, rounds=rounds, seed=13), tmp_path)
+    seen: list[tuple[int, float]] = []
+
+    def observe() -> dict[str, Any]:
+        obj = real_cluster.get(API, PLURAL, NS, name)
+        status = obj.get("status") or {}
+        privacy = status.get("privacy") or {}
+        seen.append(
+            (int((status.get("round") or {}).get("current") or 0), privacy.get("epsilonSpent", 0))
+        )
+        return obj
+
+    def round_two_done() -> dict[str, Any] | None:
+        obj = observe()
+        return obj if seen[-1][0] >= 2 else None
+
+    before = real_cluster.wait_for(round_two_done, timeout=400, interval=0.5, what="round 2")
+    lineage = before["status"]["privacy"]["lineage"]
+    pod = next(
+        p["metadata"]["name"]
+        for p in real_cluster.list(
+            "v1", "pods", NS, label_selector=f"fedrun.io/run={name},fedrun.io/component=server"
+        )
+    )
+    server_log_path = node.sandbox(NS, pod).log_path  # kept after the Pod is gone
+    node.kill(NS, pod, signal.SIGKILL)
+
+    def final() -> dict[str, Any] | None:
+        obj = observe()
+        return obj if (obj.get("status") or {}).get("phase") in FINAL else None
+
+    obj = real_cluster.wait_for(final, timeout=600, interval=1.0, what="run final")
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", (status.get("message"), _pod_logs(node, NS))
+    assert status["round"]["current"] == rounds
+    assert [r for r, _ in seen] == sorted(r for r, _ in seen)  # never back to round 0
+    assert [e for _, e in seen] == sorted(e for _, e in seen)
+    privacy = status["privacy"]
+    assert privacy["lineage"] == lineage and "carried" not in privacy
+    assert 0 < privacy["epsilonSpent"] <= 1.0
+    restarted = real_cluster.get("v1", "pods", NS, pod)["status"]["containerStatuses"][0]
+    assert restarted["restartCount"] >= 1
+    server_log = server_log_path.read_text(encoding="utf-8", errors="replace")
+    assert re.search(r"checkpoint of round \d+ found", server_log), server_log[-3000:]
     real_cluster.kubectl("delete", PLURAL, name, "-n", NS, "--wait=true")
 
 
