@@ -1624,11 +1624,34 @@ class MlflowSpec(_Spec):
     )
 
 
+class CheckpointVolume(_Spec):
+    """A PersistentVolumeClaim the operator creates for the server's checkpoint."""
+
+    size: Annotated[str, Field(pattern=r"^[1-9][0-9]*(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")] = Field(
+        "1Gi", description="Storage the claim requests: a whole number and a unit, e.g. 1Gi."
+    )
+    storage_class_name: (
+        Annotated[str, Field(min_length=1, max_length=MAX_PVC_CLAIM, pattern=rf"^{PVC_CLAIM}$")]
+        | None
+    ) = Field(None, description="StorageClass of the claim; unset: the cluster's default.")
+
+
 class ServerSpec(PodSettings):
     """The run's server (Flower SuperLink and fedrun's run driver) and its pod's settings."""
 
     RULES = PodSettings.RULES
     model_config = ConfigDict(json_schema_extra=rules_schema(RULES))
+
+    checkpoint_volume: CheckpointVolume | None = Field(
+        None,
+        description=(
+            "Keep the server's per-round checkpoint on a PersistentVolumeClaim "
+            "`<run>-checkpoint` that the operator creates (ReadWriteOnce, owned by the run, "
+            "deleted with it), so a replaced server Pod (eviction, drain, suspend and "
+            "resume) goes on after the last completed round. Unset: the checkpoint is on "
+            "the Pod's own volume and survives container restarts only."
+        ),
+    )
 
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
         "ClusterIP",

@@ -59,6 +59,11 @@ TMP_DIR: Final = "/tmp"
 # `<run>-<hospital>-auth` in that hospital's pod (file names: CA_FILE and the others below).
 SECRETS_DIR: Final = "/var/run/secrets/fedrun"
 SECRETS_VOLUME: Final = "tls"
+# The server's checkpoint volume (spec.server.checkpointVolume: PersistentVolumeClaim
+# `<run>-checkpoint`) is mounted here; without one the checkpoint is under STATE_DIR.
+CHECKPOINT_DIR: Final = "/var/lib/fedrun-checkpoint"
+CHECKPOINT_VOLUME: Final = "checkpoint"
+CHECKPOINT_SUFFIX: Final = "-checkpoint"
 # A hospital's pvc://<claim>/<path> data is mounted at <PVC_MOUNT_ROOT>/<claim>.
 PVC_MOUNT_ROOT: Final = "/data"
 
@@ -126,10 +131,11 @@ POD_ENV: Final = (
     "MLFLOW_DISABLE_TELEMETRY",
     "HOME",
 )
-POD_VOLUMES: Final = ("config", "state", "tmp", SECRETS_VOLUME, "data", "ledger")
+POD_VOLUMES: Final = ("config", "state", "tmp", SECRETS_VOLUME, "data", "ledger", CHECKPOINT_VOLUME)
 POD_MOUNT_PATHS: Final = (
     CONFIG_DIR,
     STATE_DIR,
+    CHECKPOINT_DIR,
     TMP_DIR,
     SECRETS_DIR,
     PVC_MOUNT_ROOT,

@@ -74,6 +74,7 @@ def _server(args: argparse.Namespace) -> int:
         ServerOptions(
             config=args.config,
             state_dir=Path(args.state_dir),
+            checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
             fleet_port=args.fleet_port,
             status_port=args.status_port,
             host=args.host,
@@ -247,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("server", help="the server pod: Flower SuperLink + run driver")
     p.add_argument("--config", required=True, help="the run's config.json (from its ConfigMap)")
     p.add_argument("--state-dir", default=c.STATE_DIR)
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where the per-round checkpoint is kept (default: STATE_DIR/checkpoint); a "
+        "restarted server resumes from it (docs/reliability.md)",
+    )
     p.add_argument("--fleet-port", type=int, default=c.FLEET_PORT)
     p.add_argument("--status-port", type=int, default=c.STATUS_PORT)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")

@@ -67,8 +67,16 @@ def drifted_paths(actual: Any, desired: Any, path: tuple[str, ...] = ()) -> list
     return [] if covers(actual, desired) else [path]
 
 
+#: Kinds that are only ever created (when missing), never set back: a PersistentVolumeClaim's
+#: spec is immutable once bound (and the API server rewrites its quantities), replacing the
+#: claim would delete the checkpoint it holds, and the operator needs no patch on claims.
+_CREATE_ONLY = frozenset({"PersistentVolumeClaim"})
+
+
 def _owned(obj: Obj) -> Obj:
     """The parts of a rendered child the operator keeps in shape."""
+    if obj.get("kind") in _CREATE_ONLY:
+        return {}
     meta = obj.get("metadata", {})
     owned: Obj = {"metadata": {k: meta[k] for k in _OWNED_METADATA if k in meta}}
     for key, value in obj.items():

@@ -41,6 +41,7 @@ _PLURALS = {
     "Deployment": "deployments",
     "Job": "jobs",
     "NetworkPolicy": "networkpolicies",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
     c.KIND: c.PLURAL,
     c.BUDGET_KIND: c.BUDGET_PLURAL,
 }

@@ -59,6 +59,11 @@ def hospital_auth_secret_name(
     return _in_set(f"{hospital_name(run, hospital)}-auth", secret_set)
 
 
+def checkpoint_claim_name(run: FederatedRun) -> str:
+    """The PersistentVolumeClaim of the server's checkpoint: `<run>-checkpoint`."""
+    return f"{run.name}{c.CHECKPOINT_SUFFIX}"
+
+
 def server_address(run: FederatedRun) -> str:
     """Where hospitals reach the server's fleet port (a Service name inside the namespace)."""
     return f"{server_name(run)}:{c.FLEET_PORT}"

@@ -15,6 +15,7 @@ import yaml
 
 from fedrun_core import names as c
 from fedrun_core.api import (
+    CheckpointVolume,
     FederatedRun,
     Hospital,
     PodDefaults,
@@ -25,6 +26,7 @@ from fedrun_core.api import (
     pvc_mount_path,
 )
 from fedrun_render.identity import (
+    checkpoint_claim_name,
     config_name,
     hospital_auth_secret_name,
     hospital_name,
@@ -354,6 +356,22 @@ def _server_deployment(
         "periodSeconds": 10,
         "failureThreshold": 6,
     }
+    volume = _checkpoint_volume(run)
+    if volume is not None:
+        container["args"] += ["--checkpoint-dir", c.CHECKPOINT_DIR]
+        container["volumeMounts"].append(
+            {"name": c.CHECKPOINT_VOLUME, "mountPath": c.CHECKPOINT_DIR}
+        )
+    pod = _with_settings(
+        _pod_spec(run, container, server_tls_secret_name(run, secret_set)), settings
+    )
+    if volume is not None:
+        pod["volumes"].append(
+            {
+                "name": c.CHECKPOINT_VOLUME,
+                "persistentVolumeClaim": {"claimName": checkpoint_claim_name(run)},
+            }
+        )
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -370,11 +388,37 @@ def _server_deployment(
                 "metadata": _template_metadata(
                     settings, labels(run, c.COMPONENT_SERVER), config, pod_defaults
                 ),
-                "spec": _with_settings(
-                    _pod_spec(run, container, server_tls_secret_name(run, secret_set)), settings
-                ),
+                "spec": pod,
             },
         },
+    }
+
+
+def _checkpoint_volume(run: FederatedRun) -> CheckpointVolume | None:
+    server = run.spec.server
+    return server.checkpoint_volume if server is not None else None
+
+
+def _checkpoint_claim(run: FederatedRun) -> Manifest | None:
+    """The server checkpoint's PersistentVolumeClaim, when the spec asks for one.
+
+    Owned by the run (deleted with it); ReadWriteOnce, which the server Deployment's
+    Recreate strategy suits: the old pod lets go of the volume before the new one mounts it.
+    """
+    volume = _checkpoint_volume(run)
+    if volume is None:
+        return None
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": volume.size}},
+    }
+    if volume.storage_class_name:
+        spec["storageClassName"] = volume.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata(run, checkpoint_claim_name(run), c.COMPONENT_SERVER),
+        "spec": spec,
     }
 
 
@@ -509,9 +553,10 @@ def render_run(
 ) -> list[Manifest]:
     """Every child object of `run`, in apply order.
 
-    ConfigMap `<run>-config`, Deployment and Service `<run>-server`, then for each hospital
-    (in spec order) ServiceAccount and Job `<run>-<hospital>`, then the run's NetworkPolicies
-    (default deny; the server's and the hospitals' rules, see
+    ConfigMap `<run>-config`, the checkpoint's PersistentVolumeClaim `<run>-checkpoint` when
+    `spec.server.checkpointVolume` asks for one, Deployment and Service `<run>-server`, then
+    for each hospital (in spec order) ServiceAccount and Job `<run>-<hospital>`, then the
+    run's NetworkPolicies (default deny; the server's and the hospitals' rules, see
     :func:`fedrun_render.security.network_policies`). Equal arguments give equal output.
 
     `operator_namespace` is the namespace the operator's pod runs in: the server's status
@@ -529,8 +574,10 @@ def render_run(
     set (:func:`fedrun_render.security.secret_manifests` with the same `secret_set`).
     """
     config = config_json(run)
+    claim = _checkpoint_claim(run)
     manifests = [
         _config_map(run, config),
+        *([claim] if claim is not None else []),
         _server_deployment(
             run, config, server_pod_settings(run, pod_defaults), pod_defaults, secret_set
         ),

@@ -284,6 +284,7 @@ RUN_RULES = {
     ("apps", "deployments"): ["get", "create", "patch"],
     ("batch", "jobs"): ["get", "create", "patch", "delete"],
     ("networking.k8s.io", "networkpolicies"): ["get", "create", "patch"],
+    ("", "persistentvolumeclaims"): ["get", "create"],
     ("", "secrets"): ["create"],
     ("", "pods"): ["list"],
     ("", "events"): ["create"],

@@ -8,7 +8,8 @@ loopback, kube-proxy) for one Node:
 - it runs the container of every Pod the scheduler binds to it as a process group: the
   image's entrypoint is fedrun's ``tini``, so the Pod's ``args`` (``fedrun ...``) are the
   command, with ``fedrun`` the one beside this interpreter. Mounted ConfigMaps, Secrets
-  (with the Pod's ``defaultMode``) and emptyDirs become directories of the Pod's sandbox;
+  (with the Pod's ``defaultMode``) and emptyDirs become directories of the Pod's sandbox; a
+  bound PersistentVolumeClaim is its hostPath PersistentVolume's directory;
   every argument or environment value under a mount path is rewritten to that directory;
   ``env`` values, ``fieldRef``, ``secretKeyRef`` and ``configMapKeyRef`` are resolved;
   a ServiceAccount token volume becomes a kubeconfig (``KUBECONFIG``) with a token of the
@@ -439,12 +440,28 @@ class NodeAgent:
         for mount in container.get("volumeMounts", []):
             volume = volumes[mount["name"]]
             local = root / mount["name"]
-            if not local.exists():
+            if "persistentVolumeClaim" in volume:
+                local = self._claim_dir(box.namespace, volume["persistentVolumeClaim"])
+            elif not local.exists():
                 local.mkdir(parents=True)
                 self._fill(box, volume, local)
             sub = mount.get("subPath")
             mounts[mount["mountPath"]] = local / sub if sub else local
         return mounts
+
+    def _claim_dir(self, namespace: str, source: Obj) -> Path:
+        """The directory of a bound PersistentVolumeClaim: its PersistentVolume's
+        ``hostPath`` (the only kind of volume here), which outlives the Pods that mount it."""
+        claim = self.cluster.get("v1", "persistentvolumeclaims", namespace, source["claimName"])
+        volume_name = (claim.get("spec") or {}).get("volumeName")
+        if not volume_name or (claim.get("status") or {}).get("phase") != "Bound":
+            raise ValueError(f"PersistentVolumeClaim {source['claimName']} is not bound")
+        pv = self.cluster.get("v1", "persistentvolumes", None, volume_name)
+        path = Path((pv["spec"].get("hostPath") or {}).get("path") or "")
+        if not path.is_absolute():
+            raise ValueError(f"PersistentVolume {volume_name}: only hostPath volumes here")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _fill(self, box: Sandbox, volume: Obj, local: Path) -> None:
         ns = box.namespace

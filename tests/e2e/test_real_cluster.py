@@ -291,6 +291,94 @@ def test_a_killed_server_container_resumes_from_its_checkpoint_on_the_real_contr
     real_cluster.kubectl("delete", PLURAL, name, "-n", NS, "--wait=true")
 
 
+def test_suspend_and_resume_continue_from_the_checkpoint_volume(
+    real_cluster: RealCluster, node: NodeAgent, operator: dict[str, Any], tmp_path: Path
+) -> None:
+    """With `spec.server.checkpointVolume` the operator creates the claim `<run>-checkpoint`;
+    a suspend deletes the server Pod, and the resumed server finds the checkpoint on the
+    claim and goes on after the round it had done: no round 0, same lineage, Succeeded."""
+    name = "stroke-suspend"
+    rounds = 4
+    doc = _run_doc(tmp_path, name, rounds=rounds, seed=14)
+    doc["spec"]["server"] = {
+        "checkpointVolume": {"size": "64Mi", "storageClassName": "fedrun-e2e-manual"}
+    }
+    # No provisioner here: a hostPath volume bound in advance to the claim the operator makes.
+    real_cluster.create(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": f"{name}-checkpoint-pv"},
+            "spec": {
+                "capacity": {"storage": "64Mi"},
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "fedrun-e2e-manual",
+                "hostPath": {"path": str(tmp_path / "checkpoint-volume")},
+                "claimRef": {"namespace": NS, "name": f"{name}-checkpoint"},
+            },
+        }
+    )
+    try:
+        _apply(real_cluster, doc, tmp_path)
+        seen: list[int] = []
+
+        def at(predicate: Any) -> Any:
+            def check() -> dict[str, Any] | None:
+                obj = real_cluster.get(API, PLURAL, NS, name)
+                status = obj.get("status") or {}
+                seen.append(int((status.get("round") or {}).get("current") or 0))
+                return obj if predicate(status) else None
+
+            return check
+
+        real_cluster.wait_for(
+            at(lambda s: (s.get("round") or {}).get("current", 0) >= 2), 400, 0.5, "round 2"
+        )
+        real_cluster.patch(API, PLURAL, NS, name, {"spec": {"suspend": True}})
+        suspended = real_cluster.wait_for(
+            at(lambda s: s.get("phase") == "Suspended"), 120, 0.5, "Suspended"
+        )
+        done = suspended["status"]["round"]["current"]
+        lineage = suspended["status"]["privacy"]["lineage"]
+        claim = real_cluster.get("v1", "persistentvolumeclaims", NS, f"{name}-checkpoint")
+        assert claim["metadata"]["ownerReferences"][0]["name"] == name
+        real_cluster.wait_for(
+            lambda: (
+                not real_cluster.list(
+                    "v1",
+                    "pods",
+                    NS,
+                    label_selector=f"fedrun.io/run={name},fedrun.io/component=server",
+                )
+            ),
+            timeout=120,
+            what="the server Pod gone",
+        )
+        real_cluster.patch(API, PLURAL, NS, name, {"spec": {"suspend": False}})
+        after = len(seen)
+        final = real_cluster.wait_for(at(lambda s: s.get("phase") in FINAL), 600, 1.0, "run final")
+        status = final["status"]
+        assert status["phase"] == "Succeeded", (status.get("message"), _pod_logs(node, NS))
+        assert status["round"]["current"] == rounds
+        assert min(seen[after:]) >= done, seen  # it went on; it never went back to round 0
+        assert status["privacy"]["lineage"] == lineage
+        assert "carried" not in status["privacy"]
+        assert 0 < status["privacy"]["epsilonSpent"] <= 1.0
+        logs = "".join(
+            p.read_text(encoding="utf-8", errors="replace")
+            for p in node.directory.glob("**/container.log")
+            if name in str(p) and "server" in str(p)
+        )
+        # The round the suspended server had checkpointed last (it may have finished one more
+        # after the status was read): the resumed server went on from there.
+        found = [int(r) for r in re.findall(r"checkpoint of round (\d+) found", logs)]
+        assert found and min(found) >= done, logs[-2000:]
+        real_cluster.kubectl("delete", PLURAL, name, "-n", NS, "--wait=true")
+    finally:
+        real_cluster.delete("v1", "persistentvolumes", None, f"{name}-checkpoint-pv")
+
+
 def test_the_operator_logs_in_as_its_service_account(
     real_cluster: RealCluster, operator: dict[str, Any]
 ) -> None:

@@ -77,3 +77,22 @@ def test_covers_distinguishes_booleans_from_numbers_and_list_lengths() -> None:
     assert not covers({"a": True}, {"a": 1})
     assert not covers({"a": [1, 2]}, {"a": [1]})
     assert covers({"a": [{"x": 1, "y": 2}]}, {"a": [{"x": 1}]})
+
+
+def test_a_checkpoint_claim_is_only_ever_created_never_set_back() -> None:
+    """A claim's spec is immutable once bound, and replacing it would lose the checkpoint."""
+    desired = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "stroke-checkpoint", "labels": {"fedrun.io/run": "stroke"}},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": "1536Mi"}},
+        },
+    }
+    assert plan_child(desired, None).action == Action.CREATE
+    bound = copy.deepcopy(desired)
+    bound["metadata"]["labels"] = {}
+    bound["spec"]["resources"]["requests"]["storage"] = "1.5Gi"
+    bound["spec"]["volumeName"] = "pv-1"
+    assert plan_child(desired, bound).action == Action.NONE

@@ -12,6 +12,7 @@ import pytest
 
 from fedrun_core import names as c
 from fedrun_core.api import FederatedRun, load_run
+from fedrun_core.api import parse_run as load_run_from
 from fedrun_local.runner import LocalCluster, Pod, default_timeout, free_port, override_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +80,19 @@ def test_state_dirs_are_per_pod_under_out(cluster: LocalCluster, run: FederatedR
         assert pod.env["HOME"] == str(cluster.out / "pods" / pod_name / "home")
         seen.add(state_dir)
     assert len(seen) == len(pods)  # no two pods share an emptyDir
+
+
+def test_a_checkpoint_volume_is_a_directory_of_the_server_pod(
+    run: FederatedRun, tmp_path: Path
+) -> None:
+    with_volume = run.model_copy(deep=True)
+    body = with_volume.model_dump(mode="json", by_alias=True, exclude_none=True)
+    body["spec"]["server"] = {"checkpointVolume": {"size": "1Gi"}}
+    cluster = LocalCluster.create(load_run_from(body), tmp_path / "out")
+    assert cluster.server is not None
+    checkpoint_dir = Path(arg(cluster.server, "--checkpoint-dir"))
+    assert checkpoint_dir == cluster.out / "pods" / f"{run.name}-server" / "checkpoint"
+    assert checkpoint_dir.is_dir()
 
 
 def test_server_address_is_loopback_on_the_servers_fleet_port(cluster: LocalCluster) -> None:

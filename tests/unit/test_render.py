@@ -191,6 +191,47 @@ def test_service_type_follows_the_spec() -> None:
     )
 
 
+def test_no_checkpoint_claim_unless_the_spec_asks(children: dict[Any, Manifest]) -> None:
+    assert not [k for k in children if k[0] == "PersistentVolumeClaim"]
+    pod = children[("Deployment", "stroke-server")]["spec"]["template"]["spec"]
+    assert "--checkpoint-dir" not in pod["containers"][0]["args"]
+
+
+@pytest.mark.parametrize("storage_class", [None, "gp3"])
+def test_a_checkpoint_volume_is_a_claim_the_server_mounts(storage_class: str | None) -> None:
+    volume: dict[str, Any] = {"size": "2Gi"}
+    if storage_class:
+        volume["storageClassName"] = storage_class
+    manifests = render_run(make_run(server={"checkpointVolume": volume}))
+    kinds = [m["kind"] for m in manifests]
+    assert kinds.index("PersistentVolumeClaim") < kinds.index("Deployment")  # before its user
+    claim = by_kind_name(manifests)[("PersistentVolumeClaim", "stroke-checkpoint")]
+    assert claim["metadata"]["ownerReferences"][0]["controller"] is True
+    expected: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "2Gi"}},
+    }
+    if storage_class:
+        expected["storageClassName"] = storage_class
+    assert claim["spec"] == expected
+    deployment = by_kind_name(manifests)[("Deployment", "stroke-server")]["spec"]
+    assert deployment["strategy"] == {"type": "Recreate"}  # the old pod lets go of the volume
+    pod = deployment["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][-2:] == ["--checkpoint-dir", c.CHECKPOINT_DIR]
+    assert {"name": "checkpoint", "mountPath": c.CHECKPOINT_DIR} in container["volumeMounts"]
+    assert {
+        "name": "checkpoint",
+        "persistentVolumeClaim": {"claimName": "stroke-checkpoint"},
+    } in pod["volumes"]
+
+
+def test_a_checkpoint_volume_size_must_be_a_quantity() -> None:
+    for size in ("lots", "0", "-1Gi", "0Gi"):
+        with pytest.raises(ValueError, match=r"checkpointVolume\.size"):
+            make_run(server={"checkpointVolume": {"size": size}})
+
+
 def test_service_accounts_and_irsa(children: dict[Any, Manifest]) -> None:
     a = children[("ServiceAccount", "stroke-hospital-a")]
     b = children[("ServiceAccount", "stroke-hospital-b")]

@@ -63,6 +63,7 @@ class ServerOptions:
 
     config: str
     state_dir: Path
+    checkpoint_dir: Path | None = None  # None: <state_dir>/checkpoint
     fleet_port: int = c.FLEET_PORT
     status_port: int = c.STATUS_PORT
     host: str = "0.0.0.0"
@@ -133,13 +134,18 @@ def app_fab() -> tuple[bytes, str]:
     return build_fab(source.read_bytes())
 
 
-def _initial_state(settings: RunSettings, state_dir: Path) -> RunState:
+def checkpoint_dir_of(opts: ServerOptions) -> Path:
+    """Where this server keeps its checkpoint: ``--checkpoint-dir``, else in its state dir."""
+    return (opts.checkpoint_dir or opts.state_dir / CHECKPOINT_DIR).resolve()
+
+
+def _initial_state(settings: RunSettings, checkpoint_dir: Path) -> RunState:
     """What ``/status`` shows until the ServerApp runs: the run as its checkpoint left it
     (rounds and ε so far) when there is one, so a restart never shows the run back at
     round 0; a fresh run otherwise (the ServerApp reports a checkpoint it refuses)."""
     state = new_run_state(settings)
     try:
-        load_checkpoint(settings, state_dir / CHECKPOINT_DIR, state, Aggregator(settings))
+        load_checkpoint(settings, checkpoint_dir, state, Aggregator(settings))
     except CheckpointInvalid:
         return new_run_state(settings)
     if state.resumed_after is None:
@@ -158,7 +164,10 @@ def run_server(opts: ServerOptions) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     for stale in (STATUS_FILE, HISTORY_FILE, NODES_FILE):
         (state_dir / stale).unlink(missing_ok=True)
-    files.write_json_atomic(state_dir / STATUS_FILE, to_status(_initial_state(settings, state_dir)))
+    checkpoint_dir = checkpoint_dir_of(opts)
+    files.write_json_atomic(
+        state_dir / STATUS_FILE, to_status(_initial_state(settings, checkpoint_dir))
+    )
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -237,7 +246,7 @@ def _submit_and_follow(
     config = {
         "fedrun-config": str(Path(opts.config).resolve()),
         "state-dir": str(state_dir),
-        "checkpoint-dir": str(state_dir / CHECKPOINT_DIR),
+        "checkpoint-dir": str(checkpoint_dir_of(opts)),
     }
     run_id = control.start_run(*fab, config)
     log.info("submitted Flower run %s", run_id)
