@@ -69,3 +69,16 @@ def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def setup_app_logging(level: int = logging.INFO) -> None:
+    """Give fedrun's loggers a JSON handler of their own in a process Flower started (the
+    ServerApp), whose root logger is Flower's and lets only warnings through; idempotent."""
+    logger = logging.getLogger("fedrun")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False

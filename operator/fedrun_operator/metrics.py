@@ -268,10 +268,10 @@ def projected_epsilon(spec: dict[str, Any], status: dict[str, Any]) -> float | N
     remaining = max(
         0, int(spec.get("rounds") or 0) - int((status.get("round") or {}).get("current") or 0)
     )
-    carried = {
-        str(c.get("name")): [_entry(e) for e in c.get("history") or []]
-        for c in privacy.get("carried") or []
-    }
+    carried: dict[str, list[tuple[float, float, int]]] = {}
+    for entry in privacy.get("carried") or []:  # one per hospital and earlier lineage
+        name = str(entry.get("name"))
+        carried[name] = carried.get(name, []) + [_entry(e) for e in entry.get("history") or []]
     local_epochs = int((spec.get("training") or {}).get("localEpochs") or 1)
     best: float | None = None
     for h in privacy.get("hospitals") or []:

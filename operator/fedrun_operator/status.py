@@ -46,6 +46,7 @@ from fedrun_core.states import (
 from fedrun_core.times import parse_time, rfc3339
 from fedrun_operator.server_report import clip
 from fedrun_render import security
+from fedrun_render.identity import checkpoint_claim_name
 
 Obj = dict[str, Any]
 
@@ -176,7 +177,8 @@ def _own_histories(
     server_lineage = str(((server or {}).get("checkpoint") or {}).get("lineage") or "")
     reported = {h["name"]: h for h in ((server or {}).get("privacy") or {}).get("hospitals", [])}
     entries = list(block.get("carried", []))
-    if server_lineage and prev_lineage and server_lineage != prev_lineage:
+    if server_lineage and server_lineage != prev_lineage:
+        # (An empty previous lineage: a server from before lineages, or an upgrade mid-run.)
         entries = _carry_lineage(entries, prev_lineage, prev_rows)
     lineage = server_lineage or prev_lineage
     own: dict[str, list[tuple[float, float, int]]] = {}
@@ -497,7 +499,12 @@ def decide(
     message = clip(message)
     if server is None and prev_phase == Phase.SUSPENDED and not spec.suspend:
         reason = Reason.RESUMED
-        message = "resumed: the server restarts training from round 0; ε spent so far still counts"
+        message = (
+            "resumed: the server goes on after the last round in its checkpoint on claim "
+            f"{checkpoint_claim_name(run)}"
+            if _keeps_checkpoint(run)
+            else "resumed: the server restarts training from round 0; ε spent so far still counts"
+        )
 
     start = prev.get("startTime") or (server or {}).get("startTime") or rfc3339(now)
 
@@ -510,9 +517,13 @@ def decide(
     elif spec.suspend:
         phase, reason = Phase.SUSPENDED, Reason.SUSPENDED
         message = (
-            f"suspended at round {rnd['current']}/{spec.rounds}; on resume the server restarts "
-            "training from round 0 (its checkpoint is on the server pod's own volume, which "
-            "goes with the pod) and the ε already spent keeps counting against the budget"
+            f"suspended at round {rnd['current']}/{spec.rounds}; on resume the server goes on "
+            "after the last round in its checkpoint on claim "
+            f"{checkpoint_claim_name(run)}"
+            if _keeps_checkpoint(run)
+            else f"suspended at round {rnd['current']}/{spec.rounds}; on resume the server "
+            "restarts training from round 0 (its checkpoint is on the server pod's own volume, "
+            "which goes with the pod) and the ε already spent keeps counting against the budget"
         )
     elif spec.active_deadline_seconds is not None and now >= _deadline(
         start, spec.active_deadline_seconds
@@ -608,6 +619,11 @@ def decide(
         phase == Phase.SUSPENDED
     )
     return Decision(status=status, events=events, stop=stop, histories=pv.histories)
+
+
+def _keeps_checkpoint(run: FederatedRun) -> bool:
+    """Whether the run's checkpoint outlives its server Pod (spec.server.checkpointVolume)."""
+    return run.spec.server is not None and run.spec.server.checkpoint_volume is not None
 
 
 def _mismatch_condition(prev: Obj, message: str, now: datetime, generation: int | None) -> Obj:

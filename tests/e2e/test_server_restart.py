@@ -39,15 +39,16 @@ def _privacy(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize(
-    ("rounds", "kill_when"),
+    ("rounds", "kill_when", "with_hospital"),
     [
-        (5, "round 4/5: training"),  # round 4 in flight: the "killed at round 3 of 5"
-        (3, "round 2/3 done"),  # between rounds
+        (5, "round 4/5: training", None),  # round 4 in flight: "killed at round 3 of 5"
+        (3, "round 2/3 done", None),  # between rounds
+        (3, "round 2/3: training", "hospital-b"),  # the server and a hospital together
     ],
-    ids=["mid-round", "between-rounds"],
+    ids=["mid-round", "between-rounds", "with-a-hospital"],
 )
 def test_a_killed_server_resumes_from_its_checkpoint_and_the_run_succeeds(
-    tmp_path: Path, cluster_factory: Any, rounds: int, kill_when: str
+    tmp_path: Path, cluster_factory: Any, rounds: int, kill_when: str, with_hospital: str | None
 ) -> None:
     cluster = _cluster(tmp_path, cluster_factory, rounds)
     cluster.start()
@@ -59,6 +60,9 @@ def test_a_killed_server_resumes_from_its_checkpoint_and_the_run_succeeds(
         if not killed and kill_when in status.get("message", ""):
             killed.append(status["round"]["current"])
             cluster.server.kill(signal.SIGKILL)  # the whole process group, like a lost pod
+            if with_hospital is not None:
+                cluster.kill_hospital(with_hospital)
+                cluster.restart_hospital(with_hospital)  # as its Job would, same state dir
 
     status = cluster.wait(timeout_s=600, on_status=on_status, poll_s=0.3)
 
@@ -68,6 +72,9 @@ def test_a_killed_server_resumes_from_its_checkpoint_and_the_run_succeeds(
     assert status["phase"] == "Succeeded", status.get("message")
     assert status["round"] == {"current": rounds, "total": rounds}
     assert status["checkpoint"]["resumedAfterRound"] == done_before_kill
+    if with_hospital is not None:
+        row = next(h for h in status["hospitals"] if h["name"] == with_hospital)
+        assert row["restarts"] >= 1 and row["state"] == "Done"
     history = cluster.history()
     assert history is not None
     assert [r["round"] for r in history["rounds"]] == list(range(1, rounds + 1))

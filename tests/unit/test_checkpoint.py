@@ -51,7 +51,10 @@ def a_checkpoint(run: FederatedRun, round_: int = 2, **changes: Any) -> Checkpoi
         "round": round_,
         "weights": [np.arange(6, dtype=np.float32).reshape(1, 6), np.ones(1, np.float32)],
         "state": state_to_json(state),
-        "strategy": {"m": [np.full(3, 0.5)], "v": [np.full(3, 0.25)]},
+        "strategy": {
+            "m": [np.full((1, 6), 0.5), np.full(1, 0.5)],
+            "v": [np.full((1, 6), 0.25), np.full(1, 0.25)],
+        },
     }
     fields.update(changes)
     return Checkpoint(**fields)
@@ -75,7 +78,7 @@ def test_a_checkpoint_reads_back_as_written(tmp_path: Path) -> None:
     assert back.spec_fingerprint == cp.spec_fingerprint
     assert [w.tolist() for w in back.weights] == [w.tolist() for w in cp.weights]
     assert back.weights[0].dtype == np.float32
-    assert back.strategy["m"][0].tolist() == [0.5] * 3
+    assert back.strategy["m"][0].tolist() == [[0.5] * 6]
     assert back.state == cp.state
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILE]  # no temporary left
 
@@ -115,9 +118,15 @@ def test_a_checkpoint_over_the_size_limit_is_not_read(
         checkpoint.read(tmp_path)
 
 
+def test_a_lineage_that_is_not_an_id_is_refused() -> None:
+    cp = a_checkpoint(run_of(), lineage="../../etc")
+    with pytest.raises(CheckpointInvalid, match="lineage is not an id"):
+        checkpoint.decode(checkpoint.encode(cp))
+
+
 def test_weights_that_are_not_finite_are_refused() -> None:
     cp = a_checkpoint(run_of(), weights=[np.array([np.nan], np.float32)])
-    with pytest.raises(CheckpointInvalid, match="not finite"):
+    with pytest.raises(CheckpointInvalid, match="not finite floats"):
         checkpoint.decode(checkpoint.encode(cp))
 
 
@@ -125,16 +134,18 @@ def test_only_the_run_that_wrote_it_takes_it_back() -> None:
     run = run_of()
     cp = a_checkpoint(run)
     checkpoint.check_owner(cp, run)
-    # Suspending is the one change a training run may see: the checkpoint stays its own.
+    # Suspending, and what may change while suspended (pod settings, image), keep it its own.
     checkpoint.check_owner(cp, run_of(suspend=True))
+    checkpoint.check_owner(cp, run_of(server={"resources": {"limits": {"memory": "4Gi"}}}))
     with pytest.raises(CheckpointInvalid, match="uid other-uid"):
         checkpoint.check_owner(cp, run_of(uid="other-uid"))
     other_name = copy.deepcopy(run)
     other_name.metadata.name = "another-run"
     with pytest.raises(CheckpointInvalid, match="belongs to run 'stroke-demo'"):
         checkpoint.check_owner(cp, other_name)
-    with pytest.raises(CheckpointInvalid, match="another spec"):
-        checkpoint.check_owner(cp, run_of(rounds=9))
+    for changed in ({"rounds": 9}, {"privacy": {"enabled": True, "targetEpsilon": 2.0}}):
+        with pytest.raises(CheckpointInvalid, match="another spec"):
+            checkpoint.check_owner(cp, run_of(**changed))
 
 
 # --------------------------------------------------------------------------- the state
@@ -169,8 +180,10 @@ def test_a_restored_hospital_waits_to_rejoin_unless_it_had_finished() -> None:
         (lambda s: s["hospitals"].pop("hospital-c"), "not the spec's"),
         (lambda s: s.update(currentRound=7), "outside 0..2"),
         (lambda s: s["hospitals"]["hospital-a"].pop("history"), "history"),
+        (lambda s: s["hospitals"]["hospital-a"].update(history=[[1.0, 0.1, -5]]), "whole"),
+        (lambda s: s["hospitals"]["hospital-a"].update(history=[[1.0, 1.5, 5]]), "q ≤ 1"),
     ],
-    ids=["hospital-missing", "round-past-total", "field-missing"],
+    ids=["hospital-missing", "round-past-total", "field-missing", "negative-steps", "bad-q"],
 )
 def test_a_state_that_does_not_fit_the_run_is_refused(change: Any, why: str) -> None:
     h = harness(three(), rounds=2)
@@ -206,11 +219,15 @@ def test_load_checkpoint_mints_a_lineage_or_takes_the_run_back(tmp_path: Path) -
     assert weights is not None and weights[0].shape == (1, 6)
     assert (state.lineage, state.resumed_after, state.current_round) == ("abc123", 2, 2)
     assert state.hospitals["hospital-a"].history == [(1.5, 0.1, 14)]
-    assert aggregator.adam is not None and aggregator.adam.m[0].tolist() == [0.5] * 3
+    assert aggregator.adam is not None and aggregator.adam.m[0].tolist() == [[0.5] * 6]
     assert "resumed after round 2/5" in state.message
 
     checkpoint.write(tmp_path, dataclasses.replace(a_checkpoint(run), round=3))
     with pytest.raises(CheckpointInvalid, match="round 3 but a state after round 2"):
+        load_checkpoint(settings, tmp_path, new_run_state(settings), Aggregator(settings))
+    odd = {"m": [np.zeros(3)], "v": [np.zeros(3)]}
+    checkpoint.write(tmp_path, dataclasses.replace(a_checkpoint(run), strategy=odd))
+    with pytest.raises(CheckpointInvalid, match="not have the model's shapes"):
         load_checkpoint(settings, tmp_path, new_run_state(settings), Aggregator(settings))
     fedavg = RunSettings(run_of())
     checkpoint.write(tmp_path, a_checkpoint(fedavg.run))

@@ -334,6 +334,19 @@ def test_a_server_that_started_over_has_what_its_lineage_spent_carried() -> None
         assert d.histories["hospital-a"] == [(4.0, 0.1, 20), (4.0, 0.1, 10)]
 
 
+def test_a_server_from_before_lineages_replaced_by_one_with_a_lineage_is_carried() -> None:
+    """An upgrade mid-run: the old server named no lineage; what it spent still counts."""
+    run = make_run()
+    old = look(run, created(run), server_status(run, current=2, steps=20))
+    assert "lineage" not in old.status["privacy"]
+    new = look(run, old.status, with_lineage(server_status(run, current=1, steps=10), "bb"))
+    assert {(c["name"], c["lineage"]) for c in new.status["privacy"]["carried"]} == {
+        (h.name, "") for h in run.spec.hospitals
+    }
+    expected = epsilon([(4.0, 0.1, 30)], run.spec.privacy.delta)
+    assert spent(new) == pytest.approx(expected, rel=1e-5)
+
+
 def test_a_server_resumed_from_its_checkpoint_is_not_counted_twice() -> None:
     """Same lineage: the resumed server's history already holds what was spent before."""
     run = make_run()
@@ -364,6 +377,23 @@ def test_suspend_with_a_lineage_carries_once_whether_the_resumed_server_kept_it_
     assert spent(kept) == pytest.approx(epsilon([(4.0, 0.1, 30)], delta), rel=1e-5)
     lost = look(run, resumed.status, with_lineage(server_status(run, current=1, steps=10), "cc"))
     assert spent(lost) == pytest.approx(epsilon([(4.0, 0.1, 30)], delta), rel=1e-5)
+
+
+def test_suspend_and_resume_say_where_training_goes_on() -> None:
+    run = make_run(server={"checkpointVolume": {"size": "1Gi"}})
+    running = look(run, created(run), with_lineage(server_status(run, current=2, steps=20), "aa"))
+    suspended = decide(
+        make_run(suspend=True, server={"checkpointVolume": {"size": "1Gi"}}),
+        running.status,
+        Observation(now=T0),
+        epsilon,
+    )
+    assert (
+        "goes on after the last round in its checkpoint on claim stroke-demo-checkpoint"
+        in (suspended.status["message"])
+    )
+    resumed = decide(run, suspended.status, Observation(now=T0, hospitals=jobs(run)), epsilon)
+    assert "goes on after the last round" in resumed.status["message"]
 
 
 def test_epsilon_never_goes_down_when_the_server_restarts() -> None:

@@ -285,6 +285,8 @@ class LedgerRecord:
     target_epsilon: float
     history: list[HistoryEntry] = field(default_factory=list)
     rounds_trained: list[int] = field(default_factory=list)
+    lineage: str = ""
+    lineage_steps: int = 0
 
     @property
     def epsilon(self) -> float:
@@ -311,6 +313,8 @@ class LedgerRecord:
             "targetEpsilon": self.target_epsilon,
             "history": [list(h) for h in self.history],
             "roundsTrained": list(self.rounds_trained),
+            "lineage": self.lineage,
+            "lineageSteps": self.lineage_steps,
             "steps": self.steps,
             "epsilon": self.epsilon,
         }
@@ -343,10 +347,20 @@ class LedgerRecord:
                 target_epsilon=_finite(data, "targetEpsilon"),
                 history=checked_history(data.get("history", []), source),
                 rounds_trained=sorted(int(r) for r in rounds),
+                lineage=str(data.get("lineage") or ""),
+                lineage_steps=_whole(data.get("lineageSteps", 0)),
             )
+            if len(record.lineage) > 64 or not record.lineage_steps <= record.steps:
+                raise ValueError("lineage must be an id and lineageSteps at most the steps")
         except (TypeError, ValueError) as err:
             raise LedgerRefused(f"{source}: not a valid fedrun ledger: {err}") from None
         return record
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("lineageSteps must be a whole number")
+    return value
 
 
 def _text(data: dict[str, Any], key: str) -> str:
@@ -370,8 +384,10 @@ class PrivacyLedger:
     """A hospital's privacy spend so far under its plan; persisted with :func:`save_ledger`.
 
     ``plan`` comes from the spec; ``history`` is the Opacus accountant history spent so far;
-    ``rounds_trained`` the server rounds already trained (a retried round is not trained
-    again); ``run_uid`` the run the spend belongs to.
+    ``rounds_trained`` the server rounds already trained in the current server ``lineage``
+    (a retried round is not trained again); ``lineage_steps`` the steps spent before that
+    lineage began (a server that started over without its checkpoint counts rounds from 1
+    again, and those are new rounds); ``run_uid`` the run the spend belongs to.
     """
 
     hospital: str
@@ -379,6 +395,8 @@ class PrivacyLedger:
     plan: PrivacyPlan
     history: list[HistoryEntry] = field(default_factory=list)
     rounds_trained: list[int] = field(default_factory=list)
+    lineage: str = ""
+    lineage_steps: int = 0
 
     @property
     def accountant(self) -> str:
@@ -448,6 +466,18 @@ class PrivacyLedger:
             rounds_trained=sorted({*self.rounds_trained, int(server_round)}),
         )
 
+    @property
+    def lineage_steps_spent(self) -> int:
+        """Steps spent in the current server lineage."""
+        return self.steps - self.lineage_steps
+
+    def for_lineage(self, lineage: str) -> PrivacyLedger:
+        """This ledger for server lineage ``lineage``: itself when it is the current one;
+        else one whose rounds start afresh (all it spent stays in its history)."""
+        if lineage == self.lineage:
+            return self
+        return replace(self, lineage=lineage, lineage_steps=self.steps, rounds_trained=[])
+
     def with_history(self, history: Sequence[HistoryEntry]) -> PrivacyLedger:
         """A copy that has spent ``history`` (a longer record of this hospital's steps)."""
         return replace(self, history=list(history))
@@ -462,6 +492,8 @@ class PrivacyLedger:
             target_epsilon=self.target_epsilon,
             history=list(self.history),
             rounds_trained=list(self.rounds_trained),
+            lineage=self.lineage,
+            lineage_steps=self.lineage_steps,
         )
 
     def to_json(self) -> str:
@@ -635,4 +667,10 @@ def open_ledger(
     if stored is None:
         return fresh
     check_record(stored, fresh, uri)
-    return replace(fresh, history=list(stored.history), rounds_trained=list(stored.rounds_trained))
+    return replace(
+        fresh,
+        history=list(stored.history),
+        rounds_trained=list(stored.rounds_trained),
+        lineage=stored.lineage,
+        lineage_steps=stored.lineage_steps,
+    )

@@ -150,6 +150,7 @@ def _guarded(kind: str, msg: Message, context: Context) -> Message:
             server_round=int(cfg["server_round"]),  # type: ignore[arg-type]
             evaluate_first=bool(cfg["evaluate_first"]),
             server_history=server_history(cfg),
+            lineage=str(cfg.get("lineage", "")),
         )
         return _reply(
             msg,

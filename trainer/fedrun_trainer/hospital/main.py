@@ -51,8 +51,10 @@ STARTED_MARKER = "supernode.started"
 # a restarted hospital retries that long, and more.
 REJOIN_WAIT_S = 60.0
 REJOIN_RETRY_S = 5.0
-#: How many times a hospital joins a restarted server again before it gives up.
+#: How many times a hospital joins a restarted server again before it gives up, and the
+#: pause before each (times the rejoins so far).
 MAX_REJOINS = 20
+REJOIN_BACKOFF_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -352,14 +354,18 @@ def run_client(opts: ClientOptions) -> int:
                 # its node (a restarted server): the run is not over for this hospital
                 # (no marker says so), so it joins the new server on the same key.
                 rejoins += 1
+                tail = " | ".join(line.strip() for line in flower.output.join()[-3:])
                 log.warning(
                     "hospital %s: the SuperNode left before the run ended (the server "
-                    "restarted?); rejoining (%d of at most %d)",
+                    "restarted?); rejoining (%d of at most %d); its last words: %s",
                     opts.hospital,
                     rejoins,
                     MAX_REJOINS,
+                    tail,
                 )
                 flower.stop()
+                if stop.wait(REJOIN_BACKOFF_S * rejoins):
+                    break
                 code = _wait_for_server(opts, stop)
                 if code is not None:
                     return code

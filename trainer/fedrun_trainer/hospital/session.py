@@ -87,12 +87,16 @@ def resume_from_server(
 ) -> PrivacyLedger:
     """The ledger, or the server's record of this hospital's steps when that is longer.
 
-    Only the record of what was spent is taken from the server (a longer one can only
-    raise ε); the σ and q of the next steps stay the plan's, from the spec.
+    The server's record covers its own lineage (``ledger.lineage``); when it knows more
+    steps than the ledger has spent in that lineage (the ledger was lost with a pod), the
+    difference is added (a ledger that knows nothing before this lineage takes the
+    server's record as it is). Only the record of what was spent is taken from the server
+    (a longer one can only raise ε); the σ and q of the next steps stay the plan's.
     ``server_history`` must have passed :func:`~fedrun_trainer.common.privacy.checked_history`.
     """
     server_steps = sum(n for _, _, n in server_history)
-    if server_steps <= ledger.steps:
+    spent = ledger.lineage_steps_spent
+    if server_steps <= spent:
         return ledger
     log.warning(
         "hospital %s: the local ledger knows %d DP steps, the server %d; resuming from the "
@@ -101,7 +105,10 @@ def resume_from_server(
         ledger.steps,
         server_steps,
     )
-    return ledger.with_history(server_history)
+    if ledger.lineage_steps == 0:
+        return ledger.with_history(server_history)
+    sigma, q, _ = server_history[-1]
+    return ledger.with_history([*ledger.history, (sigma, q, server_steps - spent)])
 
 
 #: Sessions opened by :func:`prepare` in this process, by (config, hospital, state dir).
@@ -186,21 +193,28 @@ class HospitalSession:
         server_round: int,
         evaluate_first: bool,
         server_history: list[tuple[float, float, int]] | None = None,
+        lineage: str = "",
     ) -> TrainOutcome:
         """Evaluate the incoming model if asked, then train one round within the budget.
 
         ``server_history`` is the server's record of this hospital's DP steps; when the
         local ledger knows fewer steps (it was lost with a pod), training resumes from the
-        server's record, so ε is never counted from zero again.
+        server's record, so ε is never counted from zero again. ``lineage`` is the server's
+        (see :meth:`~fedrun_trainer.common.privacy.PrivacyLedger.for_lineage`). Every reply
+        also reports the steps this lineage spent that the server's record lacks (a round
+        whose reply the server never got), so its account catches up with the ledger.
         """
         evaluation, scores = self.evaluate(weights) if evaluate_first else ({}, {})
         spec = self.settings.run.spec
         uri = self.ledger_uri()
         ledger = self.open_ledger()
         record: list[tuple[float, float, int]] = []
+        behind = 0
         if ledger is not None:
+            ledger = ledger.for_lineage(lineage)
             record = checked_history(server_history or [], "the server's record of spent steps")
             ledger = resume_from_server(ledger, record)
+            behind = max(0, ledger.lineage_steps_spent - sum(n for _, _, n in record))
         try:
             result = train_round(
                 self._model(),
@@ -219,12 +233,12 @@ class HospitalSession:
                 Outcome.BUDGET,
                 str(err),
                 evaluation=evaluation,
-                privacy=self._privacy(ledger.epsilon, ledger, steps=0),
+                privacy=self._privacy(ledger.epsilon, ledger, steps=behind),
                 scores=scores,
             )
         if result.skipped:
             assert ledger is not None
-            return self._retried(weights, server_round, ledger, record, evaluation, scores)
+            return self._retried(weights, server_round, ledger, behind, evaluation, scores)
         if result.ledger is not None:
             kept_update.save(
                 self.state_dir,
@@ -243,7 +257,7 @@ class HospitalSession:
             weights=list(result.weights),
             metrics={"num_examples": float(result.num_examples), "loss": result.loss},
             evaluation=evaluation,
-            privacy=self._privacy(result.epsilon, result.ledger, steps=result.steps),
+            privacy=self._privacy(result.epsilon, result.ledger, steps=result.steps + behind),
             scores=scores,
         )
 
@@ -252,7 +266,7 @@ class HospitalSession:
         weights: Weights,
         server_round: int,
         ledger: PrivacyLedger,
-        server_record: list[tuple[float, float, int]],
+        missing: int,
         evaluation: dict[str, float],
         scores: dict[str, list[int]],
     ) -> TrainOutcome:
@@ -263,7 +277,6 @@ class HospitalSession:
         when it was kept (:mod:`~fedrun_trainer.hospital.kept_update`), else the global
         model with no examples (no weight in the average).
         """
-        missing = max(0, ledger.steps - sum(n for _, _, n in server_record))
         privacy = self._privacy(ledger.epsilon, ledger, steps=missing)
         kept = kept_update.load(self.state_dir, self.settings.run_uid, server_round, weights)
         log.warning(

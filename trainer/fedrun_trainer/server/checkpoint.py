@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -74,14 +75,19 @@ def new_lineage() -> str:
     return uuid.uuid4().hex
 
 
-def spec_fingerprint(run: FederatedRun) -> str:
-    """SHA-256 of the spec's terms of training: every field but ``suspend``.
+#: The parts of a spec that decide what the rounds train: a checkpoint written under other
+#: values of any of them is foreign. The rest (pod settings, image, deadlines, MLflow,
+#: suspend) may change while a run is suspended without making its checkpoint so.
+TRAINING_TERMS = ("rounds", "strategy", "training", "data", "privacy")
 
-    ``suspend`` is the one field that may change while a run trains; any other change
-    (rounds, model, privacy, hospitals) makes an older checkpoint foreign.
-    """
-    spec = run.spec.model_dump(mode="json", by_alias=True, exclude={"suspend"})
-    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+def spec_fingerprint(run: FederatedRun) -> str:
+    """SHA-256 of the spec's terms of training (:data:`TRAINING_TERMS`, and each hospital's
+    name and data): what a checkpoint's rounds were trained under."""
+    spec = run.spec.model_dump(mode="json", by_alias=True)
+    terms = {key: spec.get(key) for key in TRAINING_TERMS}
+    terms["hospitals"] = [[h["name"], h["dataUri"]] for h in spec["hospitals"]]
+    text = json.dumps(terms, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -142,10 +148,16 @@ def decode(data: bytes, source: str = FILE) -> Checkpoint:
             state=dict(meta["state"]),
             strategy=strategy,
         )
+        arrays_ok = all(
+            np.issubdtype(a.dtype, np.floating) and bool(np.all(np.isfinite(a)))
+            for a in [*weights, *(a for values in strategy.values() for a in values)]
+        )
     except (KeyError, TypeError, ValueError, OSError) as err:
         raise CheckpointInvalid(f"{source}: unreadable payload ({type(err).__name__})") from None
-    if cp.round < 0 or any(not np.all(np.isfinite(w)) for w in cp.weights):
-        raise CheckpointInvalid(f"{source}: a negative round or weights that are not finite")
+    if cp.round < 0 or not arrays_ok:
+        raise CheckpointInvalid(f"{source}: a negative round, or arrays that are not finite floats")
+    if not re.fullmatch(r"[0-9a-f]{1,64}", cp.lineage):
+        raise CheckpointInvalid(f"{source}: its lineage is not an id")
     return cp
 
 
@@ -200,7 +212,11 @@ def read(directory: Path) -> Checkpoint | None:
         return None
     if size > MAX_BYTES:
         raise CheckpointInvalid(f"{path}: {size} bytes, over the {MAX_BYTES}-byte limit")
-    return decode(path.read_bytes(), str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointInvalid(f"{path}: cannot be read ({err.strerror or err})") from None
+    return decode(data, str(path))
 
 
 def _sha256(data: bytes) -> str:

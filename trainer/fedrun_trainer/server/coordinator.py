@@ -187,8 +187,8 @@ class Coordinator:
         under the spec (its plan); with privacy on and no way to tell, no round is sent.
         ``registered`` maps each registered node id to its hospital (node authentication);
         None when the run has no node authentication. ``on_checkpoint(state, weights)`` is
-        called after every aggregated round with the new global weights, before the next
-        round starts.
+        called after every aggregated round with the new global weights, before the round
+        is published as done.
         """
         self.grid = grid
         self.state = state
@@ -417,7 +417,10 @@ class Coordinator:
         sigma, q = privacy.get("noise_multiplier", 0.0), privacy.get("sample_rate", 0.0)
         steps = int(privacy.get("steps", 0))
         if steps > 0 and sigma > 0:
-            h.noise_multiplier, h.sample_rate, h.steps_per_round = sigma, q, steps
+            # A reply's steps may include a catch-up of steps the server's record lacked;
+            # one round's steps are the hospital's own figure.
+            per_round = int(privacy.get("steps_per_round", 0)) or steps
+            h.noise_multiplier, h.sample_rate, h.steps_per_round = sigma, q, per_round
             h.history.append((sigma, q, steps))
             h.epsilon_accounted = self.epsilon_of(h.history)
         elif sigma > 0:
@@ -429,7 +432,13 @@ class Coordinator:
     def _train_content(
         self, name: str, weights: Weights, server_round: int, evaluate_first: bool
     ) -> RecordDict:
-        config: dict[str, Any] = {"server_round": server_round, "evaluate_first": evaluate_first}
+        config: dict[str, Any] = {
+            "server_round": server_round,
+            "evaluate_first": evaluate_first,
+            # Round numbers count within a lineage: a hospital's ledger tells a retried
+            # round of this lineage from a round of an earlier server that started over.
+            "lineage": self.state.lineage,
+        }
         history = self.state.hospitals[name].history
         if history:
             # The server's own record of this hospital's spend: a hospital whose ledger was
@@ -553,8 +562,6 @@ class Coordinator:
             if outcome is None:
                 return weights
             weights = outcome
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(st, weights)
         self._final_evaluation(weights)
         st.finish(
             Phase.SUCCEEDED,
@@ -670,6 +677,10 @@ class Coordinator:
         st.rounds.append(record)
         st.current_round = server_round
         st.message = f"round {server_round}/{cfg.rounds} done; ε spent {self._epsilon_text()}"
+        if self.on_checkpoint is not None:
+            # Before the round is published as done: a status that says round k is done
+            # always has a checkpoint of round k behind it.
+            self.on_checkpoint(st, new_weights)
         self.publish(st)
         if self.on_round is not None and prev is not None:
             self.on_round(st, prev)  # complete now: it has its global model's evaluation

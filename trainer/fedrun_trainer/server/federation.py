@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid
 
+from fedrun_core.logs import setup_app_logging
 from fedrun_core.schema import table_schema
 from fedrun_core.states import Phase, Reason
 from fedrun_trainer.common import files
@@ -175,6 +176,9 @@ def load_checkpoint(
     checkpoint.check_owner(cp, settings.run, str(directory / checkpoint.FILE))
     try:
         restore_state(state, cp.state)
+        shapes = [np.shape(w) for w in cp.weights]
+        if any([np.shape(a) for a in arrays] != shapes for arrays in cp.strategy.values()):
+            raise ValueError("the strategy's state does not have the model's shapes")
         aggregator.load_arrays(cp.strategy)
     except (KeyError, TypeError, ValueError) as err:
         raise checkpoint.CheckpointInvalid(
@@ -194,6 +198,7 @@ def load_checkpoint(
 
 def run_federation(grid: Grid, context: Context) -> None:
     """Entry point of the ServerApp: never raises; the outcome is in the status file."""
+    setup_app_logging()
     state_dir = Path(str(context.run_config["state-dir"]))
     checkpoint_dir = Path(
         str(context.run_config.get("checkpoint-dir") or state_dir / CHECKPOINT_DIR)

@@ -7,6 +7,7 @@ The ServerApp mutates a :class:`RunState` as replies arrive and writes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -319,6 +320,16 @@ def state_to_json(state: RunState) -> dict[str, Any]:
     }
 
 
+def _entry(entry: Any) -> tuple[float, float, int]:
+    """One accountant history entry (σ, q, steps) as a checkpoint holds it, checked."""
+    sigma, q, steps = entry
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"history entry {entry!r}: steps must be a whole number")
+    if not (math.isfinite(sigma) and sigma > 0 and 0 < q <= 1):
+        raise ValueError(f"history entry {entry!r}: σ must be > 0 and 0 < q ≤ 1")
+    return float(sigma), float(q), steps
+
+
 def restore_state(fresh: RunState, saved: dict[str, Any]) -> RunState:
     """``fresh`` (the run's state as the spec makes it) with a checkpoint's state put back.
 
@@ -340,7 +351,7 @@ def restore_state(fresh: RunState, saved: dict[str, Any]) -> RunState:
             default = getattr(h, key)
             value = kept[key]
             setattr(h, key, type(default)(value) if default is not None else value)
-        h.history = [(float(s), float(q), int(n)) for s, q, n in kept["history"]]
+        h.history = [_entry(e) for e in kept["history"]]
         data = kept.get("data")
         h.data = DataCounts.from_metrics(dict(data), list(fresh.columns)) if data else None
         if h.state not in (HospitalState.DONE, HospitalState.FAILED, HospitalState.NOT_JOINED):
