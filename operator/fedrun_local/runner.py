@@ -235,8 +235,20 @@ class LocalCluster:
             raise ClusterOnlyError("\n".join(problems))
         run = with_uid(run)
         cluster = cls(run=run, out=out.resolve(), manifests=render_run(run) + run_secrets(run))
+        cluster._forget_checkpoints()
         cluster._prepare()
         return cluster
+
+    def _forget_checkpoints(self) -> None:
+        """Remove the server checkpoint an earlier ``fedrun local`` left in ``out``.
+
+        Every invocation is a new run (a new uid), which never resumes an earlier one's
+        checkpoint (its server would refuse it as another run's); restarts within this
+        invocation resume from the checkpoint it writes.
+        """
+        pod_dir = self.out / "pods" / f"{self.run.name}{c.SERVER_SUFFIX}"
+        for stale in (pod_dir / "state" / "checkpoint", pod_dir / c.CHECKPOINT_VOLUME):
+            shutil.rmtree(stale, ignore_errors=True)
 
     # -- kubelet ----------------------------------------------------------------------
     def _by_kind(self, kind: str) -> list[dict[str, Any]]:

@@ -95,6 +95,22 @@ def test_a_checkpoint_volume_is_a_directory_of_the_server_pod(
     assert checkpoint_dir.is_dir()
 
 
+def test_a_new_invocation_does_not_find_an_earlier_runs_checkpoint(
+    run: FederatedRun, tmp_path: Path
+) -> None:
+    """Each `fedrun local` is a new run (a new uid): `make demo` twice must not meet the
+    first demo's checkpoint, which its server would refuse as another run's."""
+    first = LocalCluster.create(run, tmp_path / "out")
+    state = Path(arg(first.server, "--state-dir"))  # type: ignore[arg-type]
+    (state / "checkpoint").mkdir()
+    (state / "checkpoint" / "checkpoint.bin").write_bytes(b"the first run's")
+    (state / "mlflow.db").write_bytes(b"kept")
+    second = LocalCluster.create(run, tmp_path / "out")
+    assert second.run.metadata.uid != first.run.metadata.uid
+    assert not (state / "checkpoint").exists()
+    assert (state / "mlflow.db").read_bytes() == b"kept"  # the MLflow store stays
+
+
 def test_server_address_is_loopback_on_the_servers_fleet_port(cluster: LocalCluster) -> None:
     server = cluster.server
     assert server is not None
