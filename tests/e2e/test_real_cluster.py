@@ -239,9 +239,10 @@ def test_a_killed_hospital_is_restarted_and_its_epsilon_never_goes_down(
 def test_a_killed_server_container_resumes_from_its_checkpoint_on_the_real_control_plane(
     real_cluster: RealCluster, node: NodeAgent, operator: dict[str, Any], tmp_path: Path
 ) -> None:
-    """The server's container is SIGKILLed mid-run (an OOM kill, a crash); the kubelet
-    restarts it in the same Pod, whose state volume holds the checkpoint: the run goes on
-    from the last completed round, under the same lineage, and ends Succeeded."""
+    """The server's container is SIGKILLed mid-run (an OOM kill, a crash), and the
+    operator's with it; the kubelet restarts both in their Pods. The server's state volume
+    holds the checkpoint: the run goes on from the last completed round, under the same
+    lineage, and ends Succeeded; the restarted operator follows it there."""
     name = "stroke-server-restart"
     rounds = 4
     _apply(real_cluster, _run_doc(tmp_path, name, rounds=rounds, seed=13), tmp_path)
@@ -270,6 +271,7 @@ def test_a_killed_server_container_resumes_from_its_checkpoint_on_the_real_contr
     )
     server_log_path = node.sandbox(NS, pod).log_path  # kept after the Pod is gone
     node.kill(NS, pod, signal.SIGKILL)
+    node.kill(RELEASE_NS, operator["metadata"]["name"], signal.SIGKILL)
 
     def final() -> dict[str, Any] | None:
         obj = observe()
@@ -286,6 +288,8 @@ def test_a_killed_server_container_resumes_from_its_checkpoint_on_the_real_contr
     assert 0 < privacy["epsilonSpent"] <= 1.0
     restarted = real_cluster.get("v1", "pods", NS, pod)["status"]["containerStatuses"][0]
     assert restarted["restartCount"] >= 1
+    op = real_cluster.get("v1", "pods", RELEASE_NS, operator["metadata"]["name"])
+    assert op["status"]["containerStatuses"][0]["restartCount"] >= 1
     server_log = server_log_path.read_text(encoding="utf-8", errors="replace")
     assert re.search(r"checkpoint of round \d+ found", server_log), server_log[-3000:]
     real_cluster.kubectl("delete", PLURAL, name, "-n", NS, "--wait=true")
