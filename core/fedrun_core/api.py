@@ -1923,6 +1923,14 @@ class HospitalPrivacyStatus(_Status):
             "q the spec implies from it."
         ),
     )
+    ledger_steps: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "DP steps the hospital's own ledger holds (every server lineage): the operator "
+            "counts at least these, at the spec's σ and q, where no server recorded them."
+        ),
+    )
     planned_noise_multiplier: float | None = Field(
         None,
         ge=0,

@@ -233,17 +233,20 @@ class LocalCluster:
         problems = cluster_only(run)
         if problems:
             raise ClusterOnlyError("\n".join(problems))
+        new_run = run.metadata.uid is None
         run = with_uid(run)
         cluster = cls(run=run, out=out.resolve(), manifests=render_run(run) + run_secrets(run))
-        cluster._forget_checkpoints()
+        if new_run:
+            cluster._forget_checkpoints()
         cluster._prepare()
         return cluster
 
     def _forget_checkpoints(self) -> None:
         """Remove the server checkpoint an earlier ``fedrun local`` left in ``out``.
 
-        Every invocation is a new run (a new uid), which never resumes an earlier one's
-        checkpoint (its server would refuse it as another run's); restarts within this
+        Called when this invocation made the run's uid: a new run, which never resumes an
+        earlier one's checkpoint (its server would refuse it as another run's). A run file
+        that names its uid keeps its checkpoint, and goes on from it; restarts within this
         invocation resume from the checkpoint it writes.
         """
         pod_dir = self.out / "pods" / f"{self.run.name}{c.SERVER_SUFFIX}"

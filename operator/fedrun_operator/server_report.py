@@ -148,6 +148,7 @@ class ReportedPrivacy(_Report):
     steps: Steps = 0
     steps_per_round: Steps = 0
     num_train: Annotated[int, Field(ge=0, le=_MAX_ROWS)] = 0
+    ledger_steps: Steps = 0
     history: Annotated[list[list[float]], Field(max_length=_MAX_HISTORY)] = Field(
         default_factory=list
     )

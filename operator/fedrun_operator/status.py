@@ -261,8 +261,14 @@ def privacy_status(
         entry = reported.get(h.name, {})
         own_history = own_histories[h.name]
         history = carried.get(h.name, []) + own_history
-        steps = sum(n for _, _, n in history)
         plan = planned.get(h.name)
+        # The hospital's ledger may hold steps no server recorded (a reply lost with a
+        # server that started over): the account is topped up to what the ledger holds.
+        deficit = int(entry.get("ledgerSteps") or 0) - _steps(history)
+        if deficit > 0 and (plan is not None or history):
+            sigma, q = (plan[0], plan[1]) if plan is not None else history[-1][:2]
+            history = [*history, (sigma, q, deficit)]
+        steps = sum(n for _, _, n in history)
         own = epsilon(history, p.delta) if history else 0.0
         charged = history
         if plan is not None and steps:
@@ -287,7 +293,14 @@ def privacy_status(
             if projections:
                 view.after_next[h.name] = max(projections)
         row: Obj = {"name": h.name, "epsilon": round(eps, 6), "epsilonOperator": round(own, 6)}
-        for key in ("noiseMultiplier", "sampleRate", "steps", "stepsPerRound", "numTrain"):
+        for key in (
+            "noiseMultiplier",
+            "sampleRate",
+            "steps",
+            "stepsPerRound",
+            "numTrain",
+            "ledgerSteps",
+        ):
             if entry.get(key) is not None:
                 row[key] = entry[key]
         if own_history:

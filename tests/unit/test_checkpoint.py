@@ -251,11 +251,12 @@ def test_a_resumed_run_trains_only_the_rounds_left_and_ends_where_an_unbroken_on
     whole = harness(three(), rounds=3)
     saved = checkpointed(whole)
     expected = whole.run()
-    assert [s["currentRound"] for s, _ in saved] == [1, 2, 3]
+    # Round 0 too (the model the hospitals joined for), then after every round.
+    assert [s["currentRound"] for s, _ in saved] == [0, 1, 2, 3]
 
     resumed = harness(three(), rounds=3)
-    restore_state(resumed.state, copy.deepcopy(saved[0][0]))
-    weights = resumed.coordinator.run(initial, resume=saved[0][1])
+    restore_state(resumed.state, copy.deepcopy(saved[1][0]))
+    weights = resumed.coordinator.run(initial, resume=saved[1][1])
 
     assert resumed.grid.trains(1) == []
     assert len(resumed.grid.trains(2)) == len(resumed.grid.trains(3)) == 3

@@ -347,6 +347,23 @@ def test_a_server_from_before_lineages_replaced_by_one_with_a_lineage_is_carried
     assert spent(new) == pytest.approx(expected, rel=1e-5)
 
 
+def test_steps_a_hospital_ledger_holds_and_no_server_recorded_still_count() -> None:
+    """A reply lost with a server that started over: the ledger says 40 steps, the servers
+    recorded 20 (lineage aa) and 10 (lineage bb); the account is topped up to 40."""
+    run = make_run()
+    first = look(run, created(run), with_lineage(server_status(run, current=2, steps=20), "aa"))
+    report = with_lineage(server_status(run, current=1, steps=10), "bb")
+    for row in report["privacy"]["hospitals"]:
+        row["ledgerSteps"] = 40
+    after = look(run, first.status, report)
+    assert spent(after) == pytest.approx(epsilon([(4.0, 0.1, 40)], run.spec.privacy.delta))
+    assert sum(n for _, _, n in after.histories["hospital-a"]) == 40
+    for row in report["privacy"]["hospitals"]:
+        row["ledgerSteps"] = 25  # fewer than recorded: nothing is taken away
+    fewer = look(run, first.status, report)
+    assert sum(n for _, _, n in fewer.histories["hospital-a"]) == 30
+
+
 def test_a_server_resumed_from_its_checkpoint_is_not_counted_twice() -> None:
     """Same lineage: the resumed server's history already holds what was spent before."""
     run = make_run()

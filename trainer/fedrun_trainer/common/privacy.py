@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -350,7 +351,9 @@ class LedgerRecord:
                 lineage=str(data.get("lineage") or ""),
                 lineage_steps=_whole(data.get("lineageSteps", 0)),
             )
-            if len(record.lineage) > 64 or not record.lineage_steps <= record.steps:
+            if not re.fullmatch(r"[0-9a-f]{0,64}", record.lineage) or not (
+                record.lineage_steps <= record.steps
+            ):
                 raise ValueError("lineage must be an id and lineageSteps at most the steps")
         except (TypeError, ValueError) as err:
             raise LedgerRefused(f"{source}: not a valid fedrun ledger: {err}") from None

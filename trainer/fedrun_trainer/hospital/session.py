@@ -8,6 +8,7 @@ privacy ledger (read, checked, trained, written back before replying).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from fedrun_trainer.hospital.train import EvalResult, evaluate, train_round
 __all__ = ["HospitalConfigError", "HospitalSession", "LedgerRefused", "TrainOutcome"]
 
 Weights = list[np.ndarray]
+#: A server lineage as the server mints it (a uuid4's hex), or empty (an older server).
+LINEAGE = re.compile(r"[0-9a-f]{0,64}")
 log = logging.getLogger("fedrun.hospital")
 
 
@@ -210,6 +213,10 @@ class HospitalSession:
         ledger = self.open_ledger()
         record: list[tuple[float, float, int]] = []
         behind = 0
+        if not LINEAGE.fullmatch(lineage):
+            raise HospitalConfigError(
+                f"the server sent a lineage that is not an id ({lineage[:80]!r}): refused"
+            )
         if ledger is not None:
             ledger = ledger.for_lineage(lineage)
             record = checked_history(server_history or [], "the server's record of spent steps")

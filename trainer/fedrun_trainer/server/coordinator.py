@@ -41,6 +41,8 @@ Weights = list[np.ndarray]
 POLL_S = 0.05
 NODE_REFRESH_S = 1.0
 TRAIN_TTL_S = 3600.0
+#: The most steps a hospital's ledger may claim (a larger figure is ignored, not trusted).
+MAX_LEDGER_STEPS = 10**9
 
 
 #: What one more round costs a hospital: (σ, q, steps), from the spec and its row count.
@@ -414,6 +416,9 @@ class Coordinator:
         if not privacy:
             return
         h.epsilon_reported = max(h.epsilon_reported, privacy.get("epsilon", 0.0))
+        total = privacy.get("total_steps", 0.0)
+        if math.isfinite(total) and 0 <= total <= MAX_LEDGER_STEPS:
+            h.ledger_steps = max(h.ledger_steps, int(total))
         sigma, q = privacy.get("noise_multiplier", 0.0), privacy.get("sample_rate", 0.0)
         steps = int(privacy.get("steps", 0))
         if steps > 0 and sigma > 0:
@@ -557,6 +562,10 @@ class Coordinator:
                 return None
             weights = [np.asarray(w, dtype=np.float32) for w in resume]
             log.info("resuming after round %d of %d", st.current_round, cfg.rounds)
+        elif self.on_checkpoint is not None:
+            # Round 0 too: a server lost during round 1 comes back in this lineage, so the
+            # hospitals' round 1 is a retried round (answered, not trained again).
+            self.on_checkpoint(st, weights)
         for server_round in range(st.current_round + 1, cfg.rounds + 1):
             outcome = self._round(server_round, weights)
             if outcome is None:

@@ -44,6 +44,9 @@ class HospitalProgress:
     steps_per_round: int = 0
     history: list[tuple[float, float, int]] = field(default_factory=list)
     rounds_trained: int = 0
+    #: The most steps the hospital's own ledger said it holds (all server lineages): the
+    #: operator tops its account up to it.
+    ledger_steps: int = 0
     budget_exhausted: bool = False
     num_train: int = 0
     num_test: int = 0
@@ -219,6 +222,9 @@ def to_status(state: RunState) -> dict[str, Any]:
                     "stepsPerRound": h.steps_per_round,
                     # A count: the operator derives the spec's σ and q from it on its own.
                     "numTrain": h.num_train,
+                    # What the hospital's ledger holds (every server lineage): the operator
+                    # counts at least this many steps.
+                    "ledgerSteps": h.ledger_steps,
                     "history": [[s, q, n] for s, q, n in collapse(h.history)],
                 }
                 for h in hospitals
@@ -280,6 +286,7 @@ _KEPT = (
     "sample_rate",
     "steps_per_round",
     "rounds_trained",
+    "ledger_steps",
     "budget_exhausted",
     "num_train",
     "num_test",
