@@ -230,6 +230,8 @@ def test_a_checkpoint_volume_size_must_be_a_quantity() -> None:
     for size in ("lots", "0", "-1Gi", "0Gi"):
         with pytest.raises(ValueError, match=r"checkpointVolume\.size"):
             make_run(server={"checkpointVolume": {"size": size}})
+    with pytest.raises(ValueError, match=r"checkpointVolume\.storageClassName"):
+        make_run(server={"checkpointVolume": {"storageClassName": "Not A Class"}})
 
 
 def test_service_accounts_and_irsa(children: dict[Any, Manifest]) -> None:

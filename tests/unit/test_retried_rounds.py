@@ -19,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedrun_cli.demo_data import synthetic_stroke
 from fedrun_trainer.common import protocol
 from fedrun_trainer.common.model import build_model, get_weights
-from fedrun_trainer.common.privacy import load_ledger
+from fedrun_trainer.common.privacy import LedgerRefused, load_ledger
 from fedrun_trainer.common.settings import RunSettings
 from fedrun_trainer.hospital import handlers as hospital
 
@@ -71,10 +71,22 @@ class Site:
         msg.metadata.__dict__["_message_id"] = f"m-{kind}"
         return msg
 
-    def train(
+    def reply(
+        self,
+        server_round: int,
+        lineage: str,
+        record: list[tuple[float, float, int]],
+        content: RecordDict | None = None,
+    ) -> RecordDict:
+        """The content of the hospital's reply to a train request."""
+        if content is None:
+            content = self.request(server_round, lineage, record)
+        return hospital.train(self._message(protocol.TRAIN, content), self.context).content
+
+    def request(
         self, server_round: int, lineage: str, record: list[tuple[float, float, int]]
-    ) -> tuple[list[np.ndarray], dict[str, float], float]:
-        """(update, privacy figures, examples) of the reply to a train request."""
+    ) -> RecordDict:
+        """A train request as the coordinator sends it."""
         config: dict[str, Any] = {
             "server_round": server_round,
             "evaluate_first": False,
@@ -84,10 +96,15 @@ class Site:
             config["spent_sigma"] = [s for s, _, _ in record]
             config["spent_q"] = [q for _, q, _ in record]
             config["spent_steps"] = [n for _, _, n in record]
-        content = RecordDict(
+        return RecordDict(
             {protocol.WEIGHTS: ArrayRecord(self.start), protocol.CONFIG: ConfigRecord(config)}
         )
-        reply = hospital.train(self._message(protocol.TRAIN, content), self.context).content
+
+    def train(
+        self, server_round: int, lineage: str, record: list[tuple[float, float, int]]
+    ) -> tuple[list[np.ndarray], dict[str, float], float]:
+        """(update, privacy figures, examples) of the reply to a train request."""
+        reply = self.reply(server_round, lineage, record)
         info = reply.config_records[protocol.INFO]
         assert info["outcome"] == "ok", info["message"]
         privacy = {k: float(v) for k, v in reply.metric_records[protocol.PRIVACY].items()}  # type: ignore[arg-type]
@@ -144,3 +161,20 @@ def test_a_server_that_started_over_gets_new_rounds_trained_and_charged_once(
     assert (ledger.lineage, ledger.lineage_steps, ledger.rounds_trained) == ("bb", per_round, [1])
     assert privacy["epsilon"] == pytest.approx(ledger.epsilon, rel=1e-6)
     assert not all(np.array_equal(a, b) for a, b in zip(update, site.start, strict=True))
+
+
+def test_a_lineage_that_is_not_an_id_fails_the_hospital_before_it_trains(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    info = site.reply(1, "../../not-an-id", []).config_records[protocol.INFO]
+    assert info["outcome"] == "failed"
+    assert "lineage that is not an id" in str(info["message"])
+    assert load_ledger(site.ledger_path.as_uri()) is None  # nothing was trained or charged
+
+
+def test_a_ledger_whose_lineage_is_not_an_id_is_refused_naming_it(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    site.train(1, "aa", [])
+    text = site.ledger_path.read_text(encoding="utf-8").replace('"aa"', '"../x"')
+    site.ledger_path.write_text(text, encoding="utf-8")
+    with pytest.raises(LedgerRefused, match=str(site.ledger_path.name)):
+        load_ledger(site.ledger_path.as_uri())
