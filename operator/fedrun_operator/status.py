@@ -127,11 +127,13 @@ def _history(entry: Obj) -> list[tuple[float, float, int]]:
     return []
 
 
-def _carried(prev: Obj, skip_lineage: str = "") -> dict[str, list[tuple[float, float, int]]]:
+def _carried(
+    entries: list[Obj], skip_lineage: str = ""
+) -> dict[str, list[tuple[float, float, int]]]:
     """Histories spent by earlier server incarnations, per hospital, all lineages together
     but ``skip_lineage`` (the current server's, which its own history already holds)."""
     out: dict[str, list[tuple[float, float, int]]] = {}
-    for entry in (prev.get("privacy") or {}).get("carried", []):
+    for entry in entries:
         if skip_lineage and entry.get("lineage") == skip_lineage:
             continue
         history = [(float(s), float(q), int(n)) for s, q, n in entry["history"]]
@@ -251,7 +253,7 @@ def privacy_status(
         return PrivacyView(None)
     planned = planned or {}
     lineage, entries, own_histories = _own_histories(run, prev, server)
-    carried = _carried({"privacy": {"carried": entries}}, skip_lineage=lineage)
+    carried = _carried(entries, skip_lineage=lineage)
     reported = {h["name"]: h for h in ((server or {}).get("privacy") or {}).get("hospitals", [])}
     previous = {h["name"]: h for h in (prev.get("privacy") or {}).get("hospitals", [])}
     view = PrivacyView(None)
@@ -426,7 +428,7 @@ def _deadline(start: str, seconds: int) -> datetime:
 
 def _carry_over(privacy: Obj, prev: Obj, server: Obj | None) -> list[Obj]:
     """Histories to carry into the next server incarnation: earlier ones plus this one's."""
-    carried = _carried(prev)
+    carried = _carried((prev.get("privacy") or {}).get("carried", []))
     source = server if server is not None else prev  # the server may be gone already
     reported = {h["name"]: h for h in ((source or {}).get("privacy") or {}).get("hospitals", [])}
     out: list[Obj] = []
